@@ -1,0 +1,290 @@
+//! Typed settings. Every setting is an environment variable and a flag of the
+//! same meaning; a bad value stops the process at start with one line naming it.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use serde::Serialize;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "statehouse",
+    version,
+    about = "Durable-Object-style state for stateless servers: fenced per-object key-value storage on libSQL"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+
+    /// Settings used when no subcommand is given (same as `serve`).
+    #[command(flatten)]
+    pub serve: Settings,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP server (the default).
+    Serve(Settings),
+    /// Apply pending database migrations and exit.
+    Migrate(DatabaseSettings),
+}
+
+/// Where the state lives. Shared by `serve` and `migrate`.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct DatabaseSettings {
+    /// libSQL URL: `file:<path>`, `libsql://...`, `http(s)://...`.
+    #[arg(long = "turso-url", env = "TURSO_URL", default_value = "file:./data/statehouse.db",
+          value_parser = parse_database_url)]
+    pub turso_url: DatabaseUrl,
+
+    /// Auth token for a remote libSQL server (Turso or sqld with JWT auth).
+    #[arg(long = "turso-token", env = "TURSO_TOKEN", hide_env_values = true)]
+    #[serde(serialize_with = "redact")]
+    pub turso_token: Option<String>,
+
+    /// Durability of each commit on a local file: `full` fsyncs every commit.
+    #[arg(long = "sync", env = "STATEHOUSE_SYNC", value_enum, default_value_t = SyncMode::Full)]
+    pub sync: SyncMode,
+}
+
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct Settings {
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub database: DatabaseSettings,
+
+    /// Address to bind the HTTP server to (`0.0.0.0:8080` in container images).
+    #[arg(long = "listen", env = "STATEHOUSE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// URL other replicas use to reach this one; derived from the bound address when unset.
+    #[arg(long = "advertise-url", env = "STATEHOUSE_ADVERTISE_URL", value_parser = parse_http_url)]
+    pub advertise_url: Option<String>,
+
+    /// How long an object lease lasts without renewal, in milliseconds.
+    #[arg(long = "lease-ms", env = "STATEHOUSE_LEASE_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    pub lease_ms: u64,
+
+    /// This replica's identity for its lifetime; a fresh UUID v7 when unset.
+    #[arg(long = "instance-id", env = "STATEHOUSE_INSTANCE_ID", value_parser = parse_instance_id)]
+    pub instance_id: Option<String>,
+
+    /// Largest value accepted by `PUT .../kv/{key}`, in bytes.
+    #[arg(long = "max-value-bytes", env = "STATEHOUSE_MAX_VALUE_BYTES", default_value_t = 2 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1..=(1u64 << 30)))]
+    pub max_value_bytes: u64,
+
+    /// Largest JSON body accepted by the batch endpoint, in bytes.
+    #[arg(long = "max-batch-bytes", env = "STATEHOUSE_MAX_BATCH_BYTES", default_value_t = 16 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1024..=(1u64 << 31)))]
+    pub max_batch_bytes: u64,
+
+    /// Upper bound on the handling time of one request, in milliseconds.
+    #[arg(long = "request-timeout-ms", env = "STATEHOUSE_REQUEST_TIMEOUT_MS", default_value_t = 30_000,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub request_timeout_ms: u64,
+
+    /// How long to wait for the owner replica when forwarding a write, in milliseconds.
+    #[arg(long = "forward-timeout-ms", env = "STATEHOUSE_FORWARD_TIMEOUT_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(50..=600_000))]
+    pub forward_timeout_ms: u64,
+
+    /// Log format: `json` (one object per line) or `text`.
+    #[arg(long = "log-format", env = "STATEHOUSE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+
+    /// Log filter in `tracing` syntax, e.g. `info` or `statehouse=debug`.
+    #[arg(long = "log", env = "STATEHOUSE_LOG", default_value = "info")]
+    pub log_filter: String,
+
+    /// Set by fly.io on every machine; makes writes for objects owned elsewhere answer with `fly-replay`.
+    #[arg(long = "fly-machine-id", env = "FLY_MACHINE_ID")]
+    pub fly_machine_id: Option<String>,
+
+    /// Print the effective settings as JSON (secrets redacted) and exit.
+    #[arg(long = "dump-config")]
+    #[serde(skip)]
+    pub dump_config: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncMode {
+    /// fsync on every commit: an acknowledged write survives power loss.
+    Full,
+    /// WAL without fsync per commit: survives a process crash, not power loss.
+    Normal,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(into = "String")]
+pub enum DatabaseUrl {
+    /// An embedded libSQL file.
+    File(std::path::PathBuf),
+    /// A libSQL server reached over Hrana (Turso, sqld); stored as an http(s) URL.
+    Remote(String),
+}
+
+impl From<DatabaseUrl> for String {
+    fn from(url: DatabaseUrl) -> String {
+        match url {
+            DatabaseUrl::File(path) => format!("file:{}", path.display()),
+            DatabaseUrl::Remote(url) => url,
+        }
+    }
+}
+
+impl DatabaseUrl {
+    pub fn is_remote(&self) -> bool {
+        matches!(self, DatabaseUrl::Remote(_))
+    }
+}
+
+fn parse_database_url(raw: &str) -> Result<DatabaseUrl, String> {
+    if let Some(path) = raw.strip_prefix("file:") {
+        let path = path.strip_prefix("//").unwrap_or(path);
+        if path.is_empty() {
+            return Err("a file: URL needs a path, e.g. file:./data/statehouse.db".into());
+        }
+        return Ok(DatabaseUrl::File(path.into()));
+    }
+    let url = url::Url::parse(raw).map_err(|e| format!("not a URL ({e}); expected file:, libsql://, http:// or https://"))?;
+    if url.host_str().is_none() {
+        return Err("the URL has no host".into());
+    }
+    // The libsql client speaks Hrana over HTTP; `libsql://` is Turso's alias for https.
+    let remote = match url.scheme() {
+        "http" | "https" => raw.to_string(),
+        "libsql" => format!("https://{}", &raw["libsql://".len()..]),
+        other => return Err(format!("unsupported scheme `{other}`; expected file:, libsql://, http:// or https://")),
+    };
+    Ok(DatabaseUrl::Remote(remote))
+}
+
+fn parse_http_url(raw: &str) -> Result<String, String> {
+    let url = url::Url::parse(raw).map_err(|e| format!("not a URL ({e})"))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err("expected an http(s) URL with a host, e.g. http://10.0.0.5:8080".into());
+    }
+    Ok(raw.trim_end_matches('/').to_string())
+}
+
+fn parse_instance_id(raw: &str) -> Result<String, String> {
+    let ok = !raw.is_empty()
+        && raw.len() <= 128
+        && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    if ok {
+        Ok(raw.to_string())
+    } else {
+        Err("1-128 characters of [A-Za-z0-9-_.:]".into())
+    }
+}
+
+fn redact<S: serde::Serializer>(value: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(_) => s.serialize_str("<redacted>"),
+        None => s.serialize_none(),
+    }
+}
+
+impl Settings {
+    pub fn lease(&self) -> Duration {
+        Duration::from_millis(self.lease_ms)
+    }
+
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+
+    pub fn forward_timeout(&self) -> Duration {
+        Duration::from_millis(self.forward_timeout_ms)
+    }
+
+    /// Settings for tests and embedding: the defaults, with the database at `url`.
+    pub fn for_database(url: &str) -> Result<Settings, String> {
+        let cli = Cli::try_parse_from(["statehouse", "--turso-url", url]).map_err(|e| e.to_string())?;
+        Ok(cli.serve)
+    }
+}
+
+impl Cli {
+    /// Parses flags and environment. On a bad value prints one line naming the
+    /// setting (clap's first line names both the flag and the variable) and exits 2.
+    pub fn parse_or_exit() -> Cli {
+        match Cli::try_parse() {
+            Ok(cli) => cli,
+            Err(err) => {
+                use clap::error::ErrorKind;
+                match err.kind() {
+                    ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
+                        err.exit()
+                    }
+                    _ => {
+                        let rendered = err.render().to_string();
+                        let first = rendered.lines().next().unwrap_or("error: invalid settings");
+                        eprintln!("{first}");
+                        std::process::exit(2);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The environment variables the server reads, for docs and the deploy checks.
+pub const ENV_VARS: &[&str] = &[
+    "TURSO_URL",
+    "TURSO_TOKEN",
+    "STATEHOUSE_SYNC",
+    "STATEHOUSE_LISTEN",
+    "STATEHOUSE_ADVERTISE_URL",
+    "STATEHOUSE_LEASE_MS",
+    "STATEHOUSE_INSTANCE_ID",
+    "STATEHOUSE_MAX_VALUE_BYTES",
+    "STATEHOUSE_MAX_BATCH_BYTES",
+    "STATEHOUSE_REQUEST_TIMEOUT_MS",
+    "STATEHOUSE_FORWARD_TIMEOUT_MS",
+    "STATEHOUSE_LOG_FORMAT",
+    "STATEHOUSE_LOG",
+    "FLY_MACHINE_ID",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_urls() {
+        assert_eq!(parse_database_url("file:./x.db").unwrap(), DatabaseUrl::File("./x.db".into()));
+        assert_eq!(
+            parse_database_url("libsql://db.example.turso.io").unwrap(),
+            DatabaseUrl::Remote("https://db.example.turso.io".into())
+        );
+        assert!(parse_database_url("http://127.0.0.1:8081").unwrap().is_remote());
+        assert!(parse_database_url("postgres://x").is_err());
+        assert!(parse_database_url("file:").is_err());
+    }
+
+    #[test]
+    fn every_env_var_is_a_setting() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        let mut declared: Vec<String> = cmd
+            .get_arguments()
+            .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
+            .collect();
+        declared.sort();
+        let mut listed: Vec<String> = ENV_VARS.iter().map(|s| s.to_string()).collect();
+        listed.sort();
+        assert_eq!(declared, listed);
+    }
+}

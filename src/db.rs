@@ -1,0 +1,222 @@
+//! The libSQL database: opening it (embedded file or remote server), the read
+//! connections, migrations, and what its errors mean for a client.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use libsql::{Connection, TransactionBehavior};
+use tokio::sync::{Mutex, MutexGuard};
+
+use crate::config::{DatabaseSettings, DatabaseUrl, SyncMode};
+
+/// How long a local connection waits for another process's write lock
+/// before giving up with SQLITE_BUSY.
+const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+const READ_CONNECTIONS: usize = 4;
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum StoreError {
+    /// The database could not be reached or is busy; nothing was committed and
+    /// the request may be retried.
+    #[error("database unavailable: {0}")]
+    Unavailable(String),
+    /// The database answered with something that is a bug or corruption.
+    #[error("database error: {0}")]
+    Internal(String),
+}
+
+impl From<libsql::Error> for StoreError {
+    fn from(err: libsql::Error) -> Self {
+        classify(err)
+    }
+}
+
+/// SQLite primary result codes that mean "try again later" rather than "bug".
+fn is_transient_sqlite_code(code: i32) -> bool {
+    const BUSY: i32 = 5;
+    const LOCKED: i32 = 6;
+    const NOMEM: i32 = 7;
+    const READONLY: i32 = 8;
+    const INTERRUPT: i32 = 9;
+    const IOERR: i32 = 10;
+    const FULL: i32 = 13;
+    const CANTOPEN: i32 = 14;
+    const PROTOCOL: i32 = 15;
+    matches!(code & 0xff, BUSY | LOCKED | NOMEM | READONLY | INTERRUPT | IOERR | FULL | CANTOPEN | PROTOCOL)
+}
+
+fn classify(err: libsql::Error) -> StoreError {
+    use libsql::Error as E;
+    let text = err.to_string();
+    match &err {
+        E::SqliteFailure(code, _) if is_transient_sqlite_code(*code) => StoreError::Unavailable(text),
+        E::RemoteSqliteFailure(code, ext, _) if is_transient_sqlite_code(*code) || is_transient_sqlite_code(*ext) => {
+            StoreError::Unavailable(text)
+        }
+        // Transport-level failures of the remote protocol (connection refused,
+        // TRANSACTION_TIMEOUT, STREAM_EXPIRED, ...): the server rolled back.
+        E::ConnectionFailed(_) | E::Hrana(_) | E::WriteDelegation(_) => StoreError::Unavailable(text),
+        _ if text.contains("TRANSACTION_TIMEOUT") || text.contains("STREAM_EXPIRED") => StoreError::Unavailable(text),
+        _ => StoreError::Internal(text),
+    }
+}
+
+pub struct Database {
+    inner: libsql::Database,
+    url: DatabaseUrl,
+    sync: SyncMode,
+    readers: Vec<Mutex<Connection>>,
+    next_reader: AtomicUsize,
+}
+
+impl Database {
+    pub async fn open(settings: &DatabaseSettings) -> Result<Database, StoreError> {
+        let inner = match &settings.turso_url {
+            DatabaseUrl::File(path) => {
+                if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(dir)
+                        .map_err(|e| StoreError::Unavailable(format!("cannot create {}: {e}", dir.display())))?;
+                }
+                libsql::Builder::new_local(path).build().await?
+            }
+            DatabaseUrl::Remote(url) => {
+                libsql::Builder::new_remote(url.clone(), settings.turso_token.clone().unwrap_or_default())
+                    .build()
+                    .await?
+            }
+        };
+        let mut db = Database {
+            inner,
+            url: settings.turso_url.clone(),
+            sync: settings.sync,
+            readers: Vec::new(),
+            next_reader: AtomicUsize::new(0),
+        };
+        let first = db.connect().await?;
+        if let DatabaseUrl::File(_) = db.url {
+            // WAL is a property of the file: set once, it lets readers run beside the writer.
+            let mut rows = first.query("PRAGMA journal_mode=WAL", ()).await?;
+            while rows.next().await?.is_some() {}
+        }
+        db.readers.push(Mutex::new(first));
+        for _ in 1..READ_CONNECTIONS {
+            let conn = db.connect().await?;
+            db.readers.push(Mutex::new(conn));
+        }
+        Ok(db)
+    }
+
+    /// A new connection, configured for this database's mode.
+    pub async fn connect(&self) -> Result<Connection, StoreError> {
+        let conn = self.inner.connect()?;
+        if !self.url.is_remote() {
+            conn.busy_timeout(BUSY_TIMEOUT)?;
+            let sync = match self.sync {
+                SyncMode::Full => "PRAGMA synchronous=FULL",
+                SyncMode::Normal => "PRAGMA synchronous=NORMAL",
+            };
+            conn.execute(sync, ()).await?;
+        }
+        Ok(conn)
+    }
+
+    pub fn is_remote(&self) -> bool {
+        self.url.is_remote()
+    }
+
+    /// One of the read connections. Reads never wait behind the writer: a
+    /// local file runs in WAL mode, and a remote server serves reads itself.
+    pub async fn reader(&self) -> MutexGuard<'_, Connection> {
+        let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        for offset in 0..self.readers.len() {
+            if let Ok(guard) = self.readers[(start + offset) % self.readers.len()].try_lock() {
+                return guard;
+            }
+        }
+        self.readers[start % self.readers.len()].lock().await
+    }
+}
+
+pub struct Migration {
+    pub version: i64,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+/// The schema, in order. `migrations/` holds the same files; a test keeps them in step.
+pub const MIGRATIONS: &[Migration] = &[Migration {
+    version: 1,
+    name: "0001_objects_and_kv.sql",
+    sql: include_str!("../migrations/0001_objects_and_kv.sql"),
+}];
+
+pub fn latest_migration() -> i64 {
+    MIGRATIONS.last().map_or(0, |m| m.version)
+}
+
+/// Applies every migration not yet recorded, each exactly once, even when
+/// several replicas start at the same moment (they serialise on the write lock).
+/// Returns the names of the migrations this call applied.
+pub async fn migrate(conn: &Connection) -> Result<Vec<&'static str>, StoreError> {
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS schema_migrations (
+             version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at INTEGER NOT NULL)",
+        (),
+    )
+    .await?;
+    let tx = conn.transaction_with_behavior(TransactionBehavior::Immediate).await?;
+    let mut applied = Vec::new();
+    let mut rows = tx.query("SELECT version FROM schema_migrations", ()).await?;
+    while let Some(row) = rows.next().await? {
+        applied.push(row.get::<i64>(0)?);
+    }
+    drop(rows);
+    if let Some(unknown) = applied.iter().find(|v| **v > latest_migration()) {
+        tx.rollback().await?;
+        return Err(StoreError::Internal(format!(
+            "the database has migration {unknown}, newer than this binary knows (latest {}); upgrade statehouse",
+            latest_migration()
+        )));
+    }
+    let mut done = Vec::new();
+    for migration in MIGRATIONS.iter().filter(|m| !applied.contains(&m.version)) {
+        tx.execute_batch(migration.sql).await?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name, applied_at) VALUES (?1, ?2, ?3)",
+            libsql::params![migration.version, migration.name, crate::clock::now_ms()],
+        )
+        .await?;
+        done.push(migration.name);
+    }
+    tx.commit().await?;
+    Ok(done)
+}
+
+/// The highest migration recorded, or an error when the table is missing or unreachable.
+pub async fn schema_version(conn: &Connection) -> Result<i64, StoreError> {
+    let mut rows = conn.query("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", ()).await?;
+    let row = rows.next().await?.ok_or_else(|| StoreError::Internal("no row from MAX(version)".into()))?;
+    Ok(row.get::<i64>(0)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_match_the_folder() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations");
+        let mut files: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".sql"))
+            .collect();
+        files.sort();
+        let listed: Vec<String> = MIGRATIONS.iter().map(|m| m.name.to_string()).collect();
+        assert_eq!(files, listed, "every file in migrations/ must be listed in db::MIGRATIONS, in order");
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version, i as i64 + 1);
+            assert!(m.name.starts_with(&format!("{:04}_", m.version)));
+        }
+    }
+}

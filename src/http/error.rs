@@ -1,0 +1,137 @@
+//! Every error a client can see, and the one table that maps each kind to a
+//! status code and a stable problem `type` (RFC 9457 problem+json).
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
+
+use crate::db::StoreError;
+use crate::objects::{InvalidName, Rejection};
+
+pub const PROBLEM_BASE: &str = "https://statehouse.dev/problems/";
+
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum ApiError {
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("{detail}")]
+    PreconditionFailed { detail: String, op_index: Option<usize> },
+    #[error("{0}")]
+    Fenced(String),
+    #[error("{0}")]
+    PayloadTooLarge(String),
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    #[error("{detail}")]
+    Unavailable { detail: String, retry_after_secs: Option<u64> },
+    #[error("{0}")]
+    Internal(String),
+}
+
+/// The problem document. `op_index` is present for a failed batch condition.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Problem {
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub title: &'static str,
+    pub status: u16,
+    pub detail: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub op_index: Option<usize>,
+}
+
+impl ApiError {
+    pub fn unavailable(detail: impl Into<String>, retry_after_secs: u64) -> ApiError {
+        ApiError::Unavailable { detail: detail.into(), retry_after_secs: Some(retry_after_secs) }
+    }
+
+    /// The table: status, problem type slug, title.
+    fn kind(&self) -> (StatusCode, &'static str, &'static str) {
+        match self {
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request", "Bad request"),
+            ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found", "Not found"),
+            ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed"),
+            ApiError::PreconditionFailed { .. } => {
+                (StatusCode::PRECONDITION_FAILED, "precondition-failed", "Precondition failed")
+            }
+            ApiError::Fenced(_) => (StatusCode::CONFLICT, "fenced", "Ownership of the object moved"),
+            ApiError::PayloadTooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "payload-too-large", "Payload too large"),
+            ApiError::UnsupportedMediaType(_) => {
+                (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", "Unsupported media type")
+            }
+            ApiError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable"),
+            ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        self.kind().0
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, slug, title) = self.kind();
+        if status.is_server_error() {
+            tracing::warn!(status = status.as_u16(), error = %self, "request failed");
+        }
+        let retry_after = match &self {
+            ApiError::Unavailable { retry_after_secs, .. } => *retry_after_secs,
+            _ => None,
+        };
+        let op_index = match &self {
+            ApiError::PreconditionFailed { op_index, .. } => *op_index,
+            _ => None,
+        };
+        let problem = Problem {
+            kind: format!("{PROBLEM_BASE}{slug}"),
+            title,
+            status: status.as_u16(),
+            detail: self.to_string(),
+            op_index,
+        };
+        let body = serde_json::to_vec(&problem).expect("a problem serialises");
+        let mut response = (status, body).into_response();
+        let headers = response.headers_mut();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        if let Some(secs) = retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Unavailable(detail) => ApiError::unavailable(detail, 1),
+            StoreError::Internal(detail) => ApiError::Internal(detail),
+        }
+    }
+}
+
+impl From<InvalidName> for ApiError {
+    fn from(err: InvalidName) -> Self {
+        ApiError::BadRequest(err.0)
+    }
+}
+
+impl From<Rejection> for ApiError {
+    fn from(rejection: Rejection) -> Self {
+        match rejection {
+            Rejection::Fenced => {
+                ApiError::Fenced("another replica took the object over before this write committed; retry it".into())
+            }
+            Rejection::PreconditionFailed { op_index, key } => ApiError::PreconditionFailed {
+                detail: format!("the condition on key {key:?} (op {op_index}) does not hold"),
+                op_index: Some(op_index),
+            },
+            Rejection::NotFound => ApiError::NotFound("the object was never written".into()),
+        }
+    }
+}

@@ -1,0 +1,179 @@
+//! The HTTP surface: a pure `app(state) -> Router`, its middleware, and the
+//! write path that sends each write to the replica owning the object.
+
+mod error;
+mod extract;
+mod forward;
+mod kv;
+mod objects;
+mod ops;
+mod openapi;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use tower::ServiceBuilder;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
+use tower_http::set_header::SetResponseHeaderLayer;
+use tower_http::trace::{DefaultOnResponse, TraceLayer};
+use tracing::Level;
+
+pub use error::{ApiError, Problem, PROBLEM_BASE};
+pub use openapi::openapi_json;
+
+use crate::config::Settings;
+use crate::db::Database;
+use crate::guard::{Guard, Route};
+use crate::objects::{Committed, Mutation, ObjectRef, WriteJob};
+use crate::telemetry::Metrics;
+use crate::writer::Writer;
+use extract::Replay;
+
+pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub const INSTANCE: HeaderName = HeaderName::from_static("statehouse-instance");
+pub const FENCE: HeaderName = HeaderName::from_static("statehouse-fence");
+/// Marks a request one replica forwarded to the owner (value: the forwarder's id).
+pub const FORWARDED_BY: HeaderName = HeaderName::from_static("statehouse-forwarded-by");
+
+pub struct AppState {
+    pub settings: Settings,
+    pub db: Arc<Database>,
+    pub writer: Writer,
+    pub guard: Arc<Guard>,
+    pub metrics: Arc<Metrics>,
+    pub peers: reqwest::Client,
+}
+
+pub type SharedState = Arc<AppState>;
+
+pub fn app(state: SharedState) -> Router {
+    let value_limit = state.settings.max_value_bytes as usize;
+    let batch_limit = state.settings.max_batch_bytes as usize;
+    let instance = HeaderValue::from_str(&state.guard.me().instance).expect("instance ids are header-safe");
+    let timeout = state.settings.request_timeout();
+
+    let api = Router::new()
+        .route("/v1/objects/{ns}", get(objects::list_objects))
+        .route("/v1/objects/{ns}/{id}", get(objects::get_object).delete(objects::delete_object))
+        .route("/v1/objects/{ns}/{id}/kv", get(kv::list_keys))
+        .route(
+            "/v1/objects/{ns}/{id}/kv/{*key}",
+            get(kv::get_key).put(kv::put_key).delete(kv::delete_key).layer(DefaultBodyLimit::max(value_limit)),
+        )
+        .route("/v1/objects/{ns}/{id}/batch", post(kv::batch).layer(DefaultBodyLimit::max(batch_limit)))
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/openapi.json", get(ops::openapi))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(timeout, enforce_timeout))
+        .layer(middleware::from_fn_with_state(state.clone(), record_metrics));
+
+    api.layer(
+        ServiceBuilder::new()
+            .layer(SetRequestIdLayer::new(REQUEST_ID, NewRequestId))
+            .layer(
+                TraceLayer::new_for_http()
+                    .make_span_with(|req: &Request| {
+                        let request_id = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
+                        tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id)
+                    })
+                    .on_request(())
+                    .on_response(DefaultOnResponse::new().level(Level::INFO)),
+            )
+            .layer(PropagateRequestIdLayer::new(REQUEST_ID))
+            .layer(SetResponseHeaderLayer::if_not_present(INSTANCE, instance))
+            .layer(CatchPanicLayer::custom(|_| ApiError::Internal("the request handler panicked".into()).into_response())),
+    )
+    .with_state(state)
+}
+
+#[derive(Clone)]
+struct NewRequestId;
+
+impl MakeRequestId for NewRequestId {
+    fn make_request_id<B>(&mut self, _: &axum::http::Request<B>) -> Option<RequestId> {
+        HeaderValue::from_str(&uuid::Uuid::now_v7().to_string()).ok().map(RequestId::new)
+    }
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route; see /openapi.json".into())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed("this route does not take that method; see /openapi.json".into())
+}
+
+async fn enforce_timeout(State(timeout): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(timeout, next.run(req)).await {
+        Ok(response) => response,
+        // A write already queued may still commit: the client learns "unknown", never a false success.
+        Err(_) => ApiError::unavailable(format!("the request took longer than {} ms", timeout.as_millis()), 1)
+            .into_response(),
+    }
+}
+
+async fn record_metrics(State(state): State<SharedState>, req: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let route = req.extensions().get::<MatchedPath>().map_or("unmatched", |p| p.as_str()).to_string();
+    let method = req.method().as_str().to_string();
+    let response = next.run(req).await;
+    state.metrics.http_requests.with_label_values(&[&route, &method, response.status().as_str()]).inc();
+    state.metrics.http_duration.with_label_values(&[&route, &method]).observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// A write that was committed here, or the owner's answer to it.
+pub enum Routed {
+    Local(Committed),
+    Forwarded(Response),
+}
+
+/// Commits `mutation` if this replica owns the object (taking the lease if it
+/// is free), or hands the request to the owner. A write refused by the fence
+/// (the lease moved while it queued) is routed once more, to the new owner.
+async fn commit(state: &AppState, object: &ObjectRef, mutation: Mutation, replay: Replay) -> Result<Routed, ApiError> {
+    let mut attempts_left = 2;
+    loop {
+        attempts_left -= 1;
+        match state.guard.route(object).await? {
+            Route::Remote(owner) => return Ok(Routed::Forwarded(forward::forward(state, &owner, replay).await)),
+            Route::Local { fence } => {
+                let job = WriteJob {
+                    object: object.clone(),
+                    fence,
+                    owner: state.guard.me().instance.clone(),
+                    mutation: mutation.clone(),
+                    now_ms: crate::clock::now_ms(),
+                };
+                match state.writer.run(job).await? {
+                    Ok(committed) => return Ok(Routed::Local(committed)),
+                    Err(crate::objects::Rejection::Fenced) => {
+                        state.guard.lost(object, fence);
+                        if attempts_left == 0 {
+                            return Err(crate::objects::Rejection::Fenced.into());
+                        }
+                        state.metrics.transaction_retries.inc();
+                    }
+                    Err(rejection) => return Err(rejection.into()),
+                }
+            }
+        }
+    }
+}
+
+/// A successful write's response: its JSON body, with the fence it committed under.
+fn written(committed: &Committed, status: StatusCode, body: serde_json::Value) -> Response {
+    let mut response = (status, axum::Json(body)).into_response();
+    response.headers_mut().insert(FENCE, HeaderValue::from(committed.fence));
+    response
+}

@@ -1,0 +1,141 @@
+//! Whole objects: their counters and lease, delete-all, and listing a namespace.
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use utoipa::{IntoParams, ToSchema};
+
+use super::error::{ApiError, Problem};
+use super::extract::{ApiQuery, NamespacePath, ObjectPath, Replay};
+use super::{commit, written, Routed, SharedState};
+use crate::clock::{now_ms, rfc3339_ms};
+use crate::objects::{self, validate_id, Mutation, OpResult};
+
+const DEFAULT_LIST_LIMIT: usize = 1000;
+const MAX_LIST_LIMIT: usize = 10_000;
+
+#[derive(Serialize, ToSchema)]
+pub struct ObjectBody {
+    ns: String,
+    id: String,
+    version: i64,
+    keys: i64,
+    /// Bytes of keys and values.
+    bytes: i64,
+    fence: i64,
+    /// The replica holding the write lease, if the lease is live.
+    owner: Option<String>,
+    owner_url: Option<String>,
+    /// RFC 3339; null when no replica holds the lease.
+    lease_expires_at: Option<String>,
+}
+
+/// An object's version, size and lease.
+#[utoipa::path(get, path = "/v1/objects/{ns}/{id}", tag = "objects",
+    params(("ns" = String, Path), ("id" = String, Path)),
+    responses((status = 200, body = ObjectBody), (status = 400, body = Problem), (status = 404, body = Problem)))]
+pub async fn get_object(State(state): State<SharedState>, ObjectPath(object): ObjectPath) -> Result<Response, ApiError> {
+    let info = objects::object_info(&state.db, &object)
+        .await?
+        .ok_or_else(|| ApiError::NotFound(format!("object {object} was never written")))?;
+    let live = info.owner.is_some() && info.lease_expires_at_ms > now_ms();
+    Ok(axum::Json(ObjectBody {
+        ns: object.ns,
+        id: object.id,
+        version: info.version,
+        keys: info.keys,
+        bytes: info.bytes,
+        fence: info.fence,
+        owner: info.owner.filter(|_| live),
+        owner_url: info.owner_url.filter(|_| live),
+        lease_expires_at: live.then(|| rfc3339_ms(info.lease_expires_at_ms)),
+    })
+    .into_response())
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct DeleteAllBody {
+    deleted_keys: i64,
+    version: i64,
+}
+
+/// Delete every key of an object (like `deleteAll`); the version bumps.
+#[utoipa::path(delete, path = "/v1/objects/{ns}/{id}", tag = "objects",
+    params(("ns" = String, Path), ("id" = String, Path)),
+    responses((status = 200, body = DeleteAllBody), (status = 400, body = Problem), (status = 404, body = Problem), (status = 503, body = Problem)))]
+pub async fn delete_object(
+    State(state): State<SharedState>,
+    ObjectPath(object): ObjectPath,
+    replay: Replay,
+) -> Result<Response, ApiError> {
+    if !replay.body.is_empty() {
+        return Err(ApiError::BadRequest("DELETE of an object takes no body".into()));
+    }
+    let committed = match commit(&state, &object, Mutation::DeleteAll, replay).await? {
+        Routed::Forwarded(response) => return Ok(response),
+        Routed::Local(committed) => committed,
+    };
+    let deleted_keys = match committed.results.first() {
+        Some(OpResult::DeleteAll { deleted_keys }) => *deleted_keys,
+        _ => 0,
+    };
+    Ok(written(&committed, StatusCode::OK, json!({ "deleted_keys": deleted_keys, "version": committed.version })))
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct ListObjectsQuery {
+    /// Only ids starting with this.
+    prefix: Option<String>,
+    /// 1-10000, default 1000.
+    limit: Option<usize>,
+    /// From a previous page's `cursor`.
+    cursor: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ObjectSummaryBody {
+    id: String,
+    version: i64,
+    keys: i64,
+    bytes: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ListObjectsBody {
+    items: Vec<ObjectSummaryBody>,
+    cursor: Option<String>,
+}
+
+/// List the objects of a namespace, by id.
+#[utoipa::path(get, path = "/v1/objects/{ns}", tag = "objects",
+    params(("ns" = String, Path), ListObjectsQuery),
+    responses((status = 200, body = ListObjectsBody), (status = 400, body = Problem)))]
+pub async fn list_objects(
+    State(state): State<SharedState>,
+    NamespacePath(ns): NamespacePath,
+    ApiQuery(query): ApiQuery<ListObjectsQuery>,
+) -> Result<Response, ApiError> {
+    let limit = query.limit.unwrap_or(DEFAULT_LIST_LIMIT);
+    if !(1..=MAX_LIST_LIMIT).contains(&limit) {
+        return Err(ApiError::BadRequest(format!("limit must be between 1 and {MAX_LIST_LIMIT}, got {limit}")));
+    }
+    if let Some(prefix) = query.prefix.as_deref().filter(|p| !p.is_empty()) {
+        validate_id(prefix).map_err(|_| ApiError::BadRequest("prefix must be a valid object id prefix".into()))?;
+    }
+    let after = query.cursor.as_deref().map(|c| objects::decode_cursor(c, false)).transpose().map_err(ApiError::BadRequest)?;
+    let after = after
+        .map(String::from_utf8)
+        .transpose()
+        .map_err(|_| ApiError::BadRequest("invalid cursor: not one this server issued".into()))?;
+    let prefix = query.prefix.as_deref().filter(|p| !p.is_empty());
+    let (items, more) = objects::list_objects(&state.db, &ns, prefix, after.as_deref(), limit).await?;
+    let cursor = if more { items.last().map(|o| objects::encode_cursor(o.id.as_bytes(), false)) } else { None };
+    let items = items
+        .into_iter()
+        .map(|o| ObjectSummaryBody { id: o.id, version: o.version, keys: o.keys, bytes: o.bytes })
+        .collect();
+    Ok(axum::Json(ListObjectsBody { items, cursor }).into_response())
+}

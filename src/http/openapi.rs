@@ -1,0 +1,24 @@
+//! The OpenAPI document, generated from the handlers' annotations.
+
+use std::sync::OnceLock;
+
+use utoipa::OpenApi;
+
+use super::{kv, objects, ops, Problem};
+
+#[derive(OpenApi)]
+#[openapi(
+    info(title = "Statehouse", description = "Durable-Object-style state: per-object transactional key-value storage with fenced single writers."),
+    paths(
+        kv::put_key, kv::get_key, kv::delete_key, kv::list_keys, kv::batch,
+        objects::get_object, objects::delete_object, objects::list_objects,
+        ops::healthz, ops::readyz, ops::metrics, ops::openapi,
+    ),
+    components(schemas(Problem))
+)]
+struct ApiDoc;
+
+pub fn openapi_json() -> &'static str {
+    static DOC: OnceLock<String> = OnceLock::new();
+    DOC.get_or_init(|| ApiDoc::openapi().to_pretty_json().expect("the OpenAPI document serialises"))
+}

@@ -1,0 +1,52 @@
+//! Operational endpoints: liveness, readiness, metrics, the API description.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::error::{ApiError, Problem};
+use super::SharedState;
+use crate::db;
+
+/// The process is alive.
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "alive")))]
+pub async fn healthz() -> Response {
+    axum::Json(json!({ "status": "ok" })).into_response()
+}
+
+/// The database is reachable and fully migrated.
+#[utoipa::path(get, path = "/readyz", tag = "operations",
+    responses((status = 200, description = "ready"), (status = 503, body = Problem)))]
+pub async fn readyz(State(state): State<SharedState>) -> Result<Response, ApiError> {
+    let check = async {
+        let conn = state.db.reader().await;
+        db::schema_version(&conn).await
+    };
+    let version = tokio::time::timeout(Duration::from_secs(2), check)
+        .await
+        .map_err(|_| ApiError::unavailable("the database did not answer within 2 s", 1))??;
+    if version != db::latest_migration() {
+        return Err(ApiError::unavailable(
+            format!("database schema is at migration {version}, this binary needs {}", db::latest_migration()),
+            5,
+        ));
+    }
+    Ok(axum::Json(json!({ "status": "ready", "schema_version": version })).into_response())
+}
+
+/// Prometheus metrics.
+#[utoipa::path(get, path = "/metrics", tag = "operations",
+    responses((status = 200, description = "Prometheus text format", content_type = "text/plain")))]
+pub async fn metrics(State(state): State<SharedState>) -> Response {
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], state.metrics.render()).into_response()
+}
+
+/// This document.
+#[utoipa::path(get, path = "/openapi.json", tag = "operations",
+    responses((status = 200, description = "the OpenAPI 3.1 description of this API")))]
+pub async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], super::openapi_json()).into_response()
+}

@@ -1,0 +1,16 @@
+//! Statehouse: Durable-Object-style state for ordinary stateless servers.
+//!
+//! A request reads top to bottom through: `http` (routes, extractors, errors)
+//! → `guard` (who owns the object: lease, fence, or forward to the owner)
+//! → `writer` (the one write path: batched transactions, savepoint per write)
+//! → `objects` (the SQL of a fenced change) → `db` (libSQL, local or remote).
+
+pub mod clock;
+pub mod config;
+pub mod db;
+pub mod guard;
+pub mod http;
+pub mod objects;
+pub mod server;
+pub mod telemetry;
+pub mod writer;

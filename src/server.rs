@@ -1,0 +1,107 @@
+//! Wiring: open the database, migrate, start the writer and the lease
+//! renewer, serve HTTP until the shutdown future resolves, then release every
+//! lease so peers take over at once.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::{DatabaseSettings, Settings, SyncMode};
+use crate::db::{self, Database};
+use crate::guard::{Guard, Replica};
+use crate::http::{self, AppState};
+use crate::telemetry::Metrics;
+use crate::writer::Writer;
+
+/// Opens the database and applies pending migrations; errors name the setting to fix.
+pub async fn open_database(settings: &DatabaseSettings) -> anyhow::Result<Database> {
+    let url = String::from(settings.turso_url.clone());
+    let db = Database::open(settings)
+        .await
+        .with_context(|| format!("cannot open the database at TURSO_URL={url}"))?;
+    let conn = db.connect().await.with_context(|| format!("cannot connect to TURSO_URL={url}"))?;
+    let applied = db::migrate(&conn).await.with_context(|| {
+        if settings.turso_url.is_remote() {
+            format!("cannot migrate the database at TURSO_URL={url} (is the server up, and is TURSO_TOKEN right?)")
+        } else {
+            format!("cannot migrate the database at TURSO_URL={url}")
+        }
+    })?;
+    for name in applied {
+        tracing::info!(migration = name, "applied migration");
+    }
+    Ok(db)
+}
+
+/// Runs the server on `listener` until `shutdown` resolves.
+pub async fn run(settings: Settings, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let addr = listener.local_addr()?;
+    let instance = settings.instance_id.clone().unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+    let advertise_url = settings.advertise_url.clone().unwrap_or_else(|| derive_advertise_url(addr));
+    let sync = match settings.database.sync {
+        SyncMode::Full => "full",
+        SyncMode::Normal => "normal",
+    };
+
+    let db = Arc::new(open_database(&settings.database).await?);
+    let metrics = Arc::new(Metrics::new(&instance, sync));
+    let writer = Writer::spawn(db.clone(), metrics.clone());
+    let me = Replica { instance: instance.clone(), url: advertise_url.clone(), machine: settings.fly_machine_id.clone() };
+    let guard = Arc::new(Guard::new(me, settings.lease(), writer.clone(), metrics.clone()));
+
+    let stop = CancellationToken::new();
+    let renewal = guard.clone().spawn_renewal(stop.child_token());
+    let peers = reqwest::Client::builder()
+        .pool_idle_timeout(std::time::Duration::from_secs(30))
+        .build()
+        .context("cannot build the HTTP client for peer replicas")?;
+    let state = Arc::new(AppState { settings: settings.clone(), db, writer, guard: guard.clone(), metrics, peers });
+
+    tracing::info!(
+        addr = %addr,
+        advertise_url = %advertise_url,
+        instance = %instance,
+        database = %String::from(settings.database.turso_url.clone()),
+        sync,
+        lease_ms = settings.lease_ms,
+        "listening"
+    );
+    let signal = stop.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        signal.cancel();
+    });
+    let serving = axum::serve(listener, http::app(state)).with_graceful_shutdown(stop.clone().cancelled_owned());
+    let served = serving.await;
+
+    stop.cancel();
+    let _ = renewal.await;
+    match guard.release_all().await {
+        Ok(n) => tracing::info!(released = n, "released leases; stopped"),
+        Err(err) => tracing::warn!(error = %err, "could not release leases; peers take over when they expire"),
+    }
+    served.context("the HTTP server failed")
+}
+
+/// Peers reach us at our bound address; a wildcard bind needs a host name instead.
+fn derive_advertise_url(addr: SocketAddr) -> String {
+    if !addr.ip().is_unspecified() {
+        return format!("http://{addr}");
+    }
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty());
+    match host {
+        Some(host) => format!("http://{host}:{}", addr.port()),
+        None => {
+            tracing::warn!("listening on a wildcard address with no host name: set STATEHOUSE_ADVERTISE_URL so peers can forward writes here");
+            format!("http://127.0.0.1:{}", addr.port())
+        }
+    }
+}

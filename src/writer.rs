@@ -1,0 +1,235 @@
+//! The single write path. Every change to the database goes through one
+//! writer task that owns the write connection. While one transaction commits,
+//! new work queues; the next transaction takes everything queued (bounded),
+//! runs each piece inside its own SAVEPOINT (so one failed condition or lost
+//! fence undoes only that piece), commits once, and only then answers each
+//! caller. Nothing is acknowledged before the commit returns.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libsql::{Connection, TransactionBehavior};
+use tokio::sync::{mpsc, oneshot, Mutex};
+
+use crate::db::{Database, StoreError};
+use crate::telemetry::Metrics;
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// Bounds on one transaction, so a burst cannot hold the write lock for long
+/// (a remote server rolls back transactions held for more than 5 s).
+const MAX_JOBS_PER_TRANSACTION: usize = 512;
+const MAX_BYTES_PER_TRANSACTION: usize = 32 * 1024 * 1024;
+const QUEUE_DEPTH: usize = 4096;
+const BEGIN_ATTEMPTS: u32 = 3;
+
+/// A unit of work run inside the writer's transaction.
+pub trait Work: Send + 'static {
+    type Output: Send + 'static;
+
+    /// Roughly how many bytes this work writes, to bound transactions.
+    fn weight(&self) -> usize {
+        0
+    }
+
+    /// Runs inside an open transaction. Errors mean the database failed;
+    /// a refusal the caller should see (a failed condition) is an `Output`.
+    fn apply<'a>(&'a mut self, conn: &'a Connection) -> BoxFuture<'a, Result<Self::Output, StoreError>>;
+
+    /// Whether the changes made by `apply` are kept. Refusals roll back their savepoint.
+    fn keep(output: &Self::Output) -> bool;
+}
+
+/// Object-safe form of a queued `Work` with its reply channel.
+trait Job: Send {
+    fn weight(&self) -> usize;
+    fn apply<'a>(&'a mut self, conn: &'a Connection) -> BoxFuture<'a, Result<bool, StoreError>>;
+    fn finish(self: Box<Self>, fate: Result<(), StoreError>);
+}
+
+struct Pending<W: Work> {
+    work: W,
+    outcome: Option<Result<W::Output, StoreError>>,
+    reply: oneshot::Sender<Result<W::Output, StoreError>>,
+}
+
+impl<W: Work> Job for Pending<W> {
+    fn weight(&self) -> usize {
+        self.work.weight()
+    }
+
+    fn apply<'a>(&'a mut self, conn: &'a Connection) -> BoxFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async move {
+            match self.work.apply(conn).await {
+                Ok(output) => {
+                    let keep = W::keep(&output);
+                    self.outcome = Some(Ok(output));
+                    Ok(keep)
+                }
+                Err(err) => {
+                    self.outcome = Some(Err(err.clone()));
+                    Err(err)
+                }
+            }
+        })
+    }
+
+    fn finish(self: Box<Self>, fate: Result<(), StoreError>) {
+        let answer = match (fate, self.outcome) {
+            (Err(err), _) => Err(err),
+            (Ok(()), Some(outcome)) => outcome,
+            (Ok(()), None) => Err(StoreError::Internal("work finished without running".into())),
+        };
+        // The caller may have gone (timeout, disconnect); the commit stands regardless.
+        let _ = self.reply.send(answer);
+    }
+}
+
+#[derive(Clone)]
+pub struct Writer {
+    queue: mpsc::Sender<Box<dyn Job>>,
+}
+
+impl Writer {
+    /// Starts the writer. On a local file it runs on a thread of its own, so
+    /// fsyncs and lock waits never block the threads that serve requests.
+    pub fn spawn(db: Arc<Database>, metrics: Arc<Metrics>) -> Writer {
+        let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
+        let receiver = Arc::new(Mutex::new(receiver));
+        if db.is_remote() {
+            tokio::spawn(supervise(db, receiver, metrics));
+        } else {
+            std::thread::Builder::new()
+                .name("statehouse-writer".into())
+                .spawn(move || {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("a current-thread runtime for the writer");
+                    runtime.block_on(supervise(db, receiver, metrics));
+                })
+                .expect("spawn the writer thread");
+        }
+        Writer { queue }
+    }
+
+    /// Queues `work` for the next transaction and waits until it committed (or not).
+    pub async fn run<W: Work>(&self, work: W) -> Result<W::Output, StoreError> {
+        let (reply, answer) = oneshot::channel();
+        let job: Box<dyn Job> = Box::new(Pending { work, outcome: None, reply });
+        self.queue
+            .send(job)
+            .await
+            .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
+        answer
+            .await
+            .map_err(|_| StoreError::Unavailable("the writer restarted before committing".into()))?
+    }
+}
+
+/// Restarts the write loop with a fresh connection if it ever panics, so one
+/// bad transaction cannot stop all writes. Ends when every `Writer` is dropped.
+async fn supervise(db: Arc<Database>, receiver: Arc<Mutex<mpsc::Receiver<Box<dyn Job>>>>, metrics: Arc<Metrics>) {
+    loop {
+        let task = tokio::spawn(write_loop(db.clone(), receiver.clone(), metrics.clone()));
+        match task.await {
+            Ok(()) => return,
+            Err(err) => {
+                tracing::error!(error = %err, "writer task failed; restarting it");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn write_loop(db: Arc<Database>, receiver: Arc<Mutex<mpsc::Receiver<Box<dyn Job>>>>, metrics: Arc<Metrics>) {
+    let mut receiver = receiver.lock().await;
+    let mut conn: Option<Connection> = None;
+    while let Some(first) = receiver.recv().await {
+        let mut weight = first.weight();
+        let mut batch = vec![first];
+        while batch.len() < MAX_JOBS_PER_TRANSACTION && weight < MAX_BYTES_PER_TRANSACTION {
+            match receiver.try_recv() {
+                Ok(job) => {
+                    weight += job.weight();
+                    batch.push(job);
+                }
+                Err(_) => break,
+            }
+        }
+        let connection = match &conn {
+            Some(c) => c.clone(),
+            None => match db.connect().await {
+                Ok(c) => {
+                    conn = Some(c.clone());
+                    c
+                }
+                Err(err) => {
+                    tracing::warn!(error = %err, "writer cannot connect to the database");
+                    fail_all(batch, err);
+                    continue;
+                }
+            },
+        };
+        let started = Instant::now();
+        metrics.write_batch_size.observe(batch.len() as f64);
+        if let Err(err) = commit_batch(&connection, &mut batch, &metrics).await {
+            tracing::warn!(error = %err, jobs = batch.len(), "write transaction failed; nothing in it was committed");
+            // A fresh connection next time: the old one may be in a broken state.
+            conn = None;
+            fail_all(batch, err);
+        } else {
+            metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
+            for job in batch {
+                job.finish(Ok(()));
+            }
+        }
+    }
+}
+
+fn fail_all(batch: Vec<Box<dyn Job>>, err: StoreError) {
+    for job in batch {
+        job.finish(Err(err.clone()));
+    }
+}
+
+/// One transaction for the whole batch. Returns an error only when the
+/// transaction as a whole did not commit.
+async fn commit_batch(conn: &Connection, batch: &mut [Box<dyn Job>], metrics: &Metrics) -> Result<(), StoreError> {
+    let tx = begin_immediate(conn, metrics).await?;
+    for job in batch.iter_mut() {
+        tx.execute("SAVEPOINT job", ()).await?;
+        let keep = match job.apply(&tx).await {
+            Ok(keep) => keep,
+            // The job recorded its error; undo only its part and carry on.
+            // If even that fails the transaction is unusable and `?` abandons it.
+            Err(_) => false,
+        };
+        if !keep {
+            tx.execute("ROLLBACK TO job", ()).await?;
+        }
+        tx.execute("RELEASE job", ()).await?;
+    }
+    tx.commit().await?;
+    Ok(())
+}
+
+async fn begin_immediate(conn: &Connection, metrics: &Metrics) -> Result<libsql::Transaction, StoreError> {
+    let mut attempt = 1;
+    loop {
+        match conn.transaction_with_behavior(TransactionBehavior::Immediate).await {
+            Ok(tx) => return Ok(tx),
+            Err(err) => {
+                let err = StoreError::from(err);
+                if attempt >= BEGIN_ATTEMPTS || !matches!(err, StoreError::Unavailable(_)) {
+                    return Err(err);
+                }
+                metrics.transaction_retries.inc();
+                tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+                attempt += 1;
+            }
+        }
+    }
+}
