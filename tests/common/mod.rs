@@ -1,0 +1,212 @@
+//! Test harness: the server in-process on port 0, or the real binary as a
+//! separate process, on a fresh database. Written once for every database
+//! mode: `STATEHOUSE_TEST_TURSO_URL` points the same tests at a libSQL server.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use statehouse::config::Settings;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+
+/// A fresh database for one test: a libSQL file in a temp dir, or the remote
+/// server named by `STATEHOUSE_TEST_TURSO_URL` (tests use unique namespaces,
+/// so they can share it).
+pub struct TestDatabase {
+    pub url: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestDatabase {
+    pub fn new() -> TestDatabase {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let url = match std::env::var("STATEHOUSE_TEST_TURSO_URL") {
+            Ok(url) if !url.is_empty() => url,
+            _ => format!("file:{}", dir.path().join("statehouse.db").display()),
+        };
+        TestDatabase { url, dir }
+    }
+
+    pub fn is_file(&self) -> bool {
+        self.url.starts_with("file:")
+    }
+
+    pub fn file_path(&self) -> Option<std::path::PathBuf> {
+        self.url.strip_prefix("file:").map(Into::into)
+    }
+}
+
+/// A namespace no other test (or earlier run against a shared server) uses.
+pub fn unique_ns(label: &str) -> String {
+    format!("{label}-{}", uuid::Uuid::now_v7().simple())
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub base: String,
+    pub client: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    handle: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl TestApp {
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// Graceful stop: in-flight requests finish, leases are released.
+    pub async fn stop(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(handle) = self.handle.take() {
+            handle.await.expect("server task").expect("server stopped cleanly");
+        }
+    }
+
+    /// Abrupt stop: the listener disappears, nothing is released.
+    pub fn crash(mut self) {
+        if let Some(handle) = self.handle.take() {
+            handle.abort();
+        }
+    }
+}
+
+pub async fn spawn_app(db: &TestDatabase) -> TestApp {
+    spawn_app_with(db, |_| {}).await
+}
+
+pub async fn spawn_app_with(db: &TestDatabase, configure: impl FnOnce(&mut Settings)) -> TestApp {
+    let mut settings = Settings::for_database(&db.url).expect("test settings");
+    configure(&mut settings);
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = oneshot::channel::<()>();
+    let handle = tokio::spawn(statehouse::server::run(settings, listener, async move {
+        let _ = rx.await;
+    }));
+    let app = TestApp {
+        addr,
+        base: format!("http://{addr}"),
+        client: reqwest::Client::new(),
+        shutdown: Some(tx),
+        handle: Some(handle),
+    };
+    wait_ready(&app.client, &app.base).await;
+    app
+}
+
+pub async fn wait_ready(client: &reqwest::Client, base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(r) = client.get(format!("{base}/readyz")).send().await {
+            if r.status() == 200 {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "{base} never became ready");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The real `statehouse` binary in its own process.
+pub struct Process {
+    pub child: Child,
+    pub base: String,
+    pub instance: String,
+    pub port: u16,
+    logs: Arc<Mutex<Vec<String>>>,
+}
+
+impl Process {
+    /// Starts the binary on `db` with extra environment, on `port` (0 = any),
+    /// and waits for its "listening" log line.
+    pub fn start(db_url: &str, port: u16, env: &[(&str, String)]) -> Process {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_statehouse"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("TURSO_URL", db_url)
+            .env("STATEHOUSE_LISTEN", format!("127.0.0.1:{port}"))
+            .env("STATEHOUSE_LOG_FORMAT", "json")
+            .env("STATEHOUSE_LOG", "info,tower_http=warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        if let Ok(token) = std::env::var("STATEHOUSE_TEST_TURSO_TOKEN") {
+            cmd.env("TURSO_TOKEN", token);
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("start the statehouse binary");
+        let stderr = child.stderr.take().unwrap();
+        let logs = Arc::new(Mutex::new(Vec::new()));
+        let (found_tx, found_rx) = std::sync::mpsc::channel();
+        let sink = logs.clone();
+        std::thread::spawn(move || {
+            let mut found_tx = Some(found_tx);
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if event["message"] == "listening" {
+                        if let Some(tx) = found_tx.take() {
+                            let _ = tx.send((event["addr"].as_str().unwrap_or("").to_string(), event["instance"].as_str().unwrap_or("").to_string()));
+                        }
+                    }
+                }
+                sink.lock().unwrap().push(line);
+            }
+        });
+        let (addr, instance) = match found_rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(found) => found,
+            Err(_) => {
+                let _ = child.kill();
+                panic!("statehouse did not start; its log:\n{}", logs.lock().unwrap().join("\n"));
+            }
+        };
+        let port = addr.rsplit(':').next().unwrap().parse().unwrap();
+        Process { child, base: format!("http://{addr}"), instance, port, logs }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        let rc = unsafe { libc::kill(self.pid(), signal) };
+        assert_eq!(rc, 0, "kill({}, {signal})", self.pid());
+    }
+
+    pub fn kill(&mut self) {
+        self.signal(libc::SIGKILL);
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) {
+        self.signal(libc::SIGTERM);
+        let status = self.child.wait().expect("wait for statehouse");
+        assert!(status.success(), "statehouse exited with {status}; log:\n{}", self.log());
+    }
+
+    pub fn log(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// Fails the test if the process logged a panic.
+    pub fn assert_no_panic(&self) {
+        let log = self.log();
+        assert!(!log.contains("panicked"), "statehouse panicked:\n{log}");
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = unsafe { libc::kill(self.pid(), libc::SIGCONT) };
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
