@@ -3,6 +3,8 @@
 //! mode: `STATEHOUSE_TEST_TURSO_URL` points the same tests at a libSQL server.
 #![allow(dead_code)]
 
+pub mod ledger;
+
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::process::{Child, Command, Stdio};

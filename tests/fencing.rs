@@ -1,0 +1,289 @@
+//! The single-writer guarantee with real processes: three `statehouse`
+//! binaries on one database, short leases, writes round-robin, an owner paused
+//! past its lease (SIGSTOP) and owners killed at random points (SIGKILL).
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use common::ledger::{summarize, Ledger, Outcome};
+use common::{unique_ns, Process, TestDatabase};
+use rand::Rng;
+
+const LEASE_MS: u64 = 400;
+
+fn replica(db: &TestDatabase) -> Process {
+    Process::start(
+        &db.url,
+        0,
+        &[
+            ("STATEHOUSE_LEASE_MS", LEASE_MS.to_string()),
+            ("STATEHOUSE_FORWARD_TIMEOUT_MS", "300".to_string()),
+            ("STATEHOUSE_REQUEST_TIMEOUT_MS", "5000".to_string()),
+        ],
+    )
+}
+
+fn client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_millis(1500)).build().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn round_robin_writes_through_three_replicas() {
+    let db = TestDatabase::new();
+    let replicas: Vec<Process> = (0..3).map(|_| replica(&db)).collect();
+    let bases: Vec<String> = replicas.iter().map(|r| r.base.clone()).collect();
+    let ns = unique_ns("rr");
+    let objects: Vec<String> = (0..4).map(|i| format!("obj-{i}")).collect();
+    let ledger = Arc::new(Ledger::default());
+    let started = Instant::now();
+
+    let mut tasks = Vec::new();
+    for writer in 0..6 {
+        let (ledger, bases, objects, ns) = (ledger.clone(), bases.clone(), objects.clone(), ns.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = client();
+            for i in 0..150 {
+                let base = &bases[(writer + i) % bases.len()];
+                let object = &objects[i % objects.len()];
+                ledger.put(&client, base, &ns, object, &format!("w{writer}-{i}")).await;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    ledger.verify("round-robin", &client(), &bases[0], &ns, &objects).await;
+    let acked = ledger.acked().len();
+    assert_eq!(acked, 900, "with every replica alive, every write is acknowledged");
+    println!("round-robin: {acked} writes through 3 replicas in {:.2}s ({:.0}/s)", elapsed.as_secs_f64(), acked as f64 / elapsed.as_secs_f64());
+    for r in &replicas {
+        r.assert_no_panic();
+    }
+}
+
+/// Streams writes to `object` through the live replicas until `stop`.
+fn spawn_stream(
+    ledger: Arc<Ledger>,
+    live: Arc<RwLock<Vec<String>>>,
+    ns: String,
+    object: String,
+    stop: Arc<AtomicBool>,
+    seq: Arc<AtomicU64>,
+    label: &'static str,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let client = client();
+        let mut i = 0usize;
+        while !stop.load(Ordering::Relaxed) {
+            let base = {
+                let live = live.read().unwrap();
+                live[i % live.len()].clone()
+            };
+            i += 1;
+            let key = format!("{label}-{}", seq.fetch_add(1, Ordering::Relaxed));
+            if !matches!(ledger.put(&client, &base, &ns, &object, &key).await, Outcome::Acked(_)) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    })
+}
+
+/// True when no process holds the database's write lock right now.
+async fn write_lock_free(db: &TestDatabase) -> bool {
+    let Some(path) = db.file_path() else { return true };
+    let conn = libsql::Builder::new_local(path).build().await.unwrap().connect().unwrap();
+    conn.busy_timeout(Duration::from_millis(100)).unwrap();
+    match conn.execute("BEGIN IMMEDIATE", ()).await {
+        Ok(_) => {
+            conn.execute("ROLLBACK", ()).await.unwrap();
+            true
+        }
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn paused_owner_is_fenced_out_after_takeover() {
+    let db = TestDatabase::new();
+    let a = replica(&db);
+    let b = replica(&db);
+    let c = replica(&db);
+    let ns = unique_ns("pause");
+    let object = "paused".to_string();
+    let ledger = Arc::new(Ledger::default());
+
+    // A takes the object.
+    let first = match ledger.put(&client(), &a.base, &ns, &object, "first").await {
+        Outcome::Acked(ack) => ack,
+        _ => panic!("first write failed"),
+    };
+    assert_eq!(first.instance, a.instance);
+    let old_fence = first.fence;
+
+    let live = Arc::new(RwLock::new(vec![a.base.clone(), b.base.clone(), c.base.clone()]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let seq = Arc::new(AtomicU64::new(0));
+    let streams: Vec<_> = (0..3)
+        .map(|_| spawn_stream(ledger.clone(), live.clone(), ns.clone(), object.clone(), stop.clone(), seq.clone(), "s"))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // Pause A while it is not inside a transaction: a process stopped while
+    // holding a local file's write lock stalls every writer until it resumes
+    // (a libSQL server rolls such a transaction back after its timeout instead).
+    let mut attempts = 0;
+    let paused_at = loop {
+        attempts += 1;
+        a.signal(libc::SIGSTOP);
+        let at = Instant::now();
+        if write_lock_free(&db).await {
+            break at;
+        }
+        a.signal(libc::SIGCONT);
+        assert!(attempts < 200, "could not pause the owner outside a transaction");
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(1..15))).await;
+    };
+    // Clients keep writing through B and C; a few writes sent to A hang in
+    // its socket and queues until it resumes.
+    live.write().unwrap().retain(|base| base != &a.base);
+    let in_flight: Vec<_> = (0..3)
+        .map(|i| {
+            let (ledger, base, ns, object) = (ledger.clone(), a.base.clone(), ns.clone(), object.clone());
+            tokio::spawn(async move {
+                let patient = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
+                ledger.put(&patient, &base, &ns, &object, &format!("in-flight-{i}")).await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(LEASE_MS * 5)).await;
+    let during_pause: Vec<_> = ledger.acked().into_iter().filter(|ack| ack.at > paused_at).collect();
+    a.signal(libc::SIGCONT);
+    let resumed_at = Instant::now();
+    live.write().unwrap().push(a.base.clone());
+    assert!(
+        during_pause.iter().any(|ack| ack.fence > old_fence && ack.instance != a.instance),
+        "no replica took over while the owner was paused ({} acks during the pause)",
+        during_pause.len()
+    );
+    let new_fence = during_pause.iter().map(|a| a.fence).max().unwrap();
+    let takeover = during_pause.iter().map(|ack| ack.at).min().unwrap() - paused_at;
+
+    // The writes that waited inside A are re-routed to the new owner (or
+    // refused): A never commits them under its old fence.
+    for task in in_flight {
+        match task.await.unwrap() {
+            Outcome::Acked(ack) => {
+                assert_ne!(ack.instance, a.instance, "the paused owner committed an in-flight write");
+                assert!(ack.fence > old_fence);
+            }
+            Outcome::Refused | Outcome::Unknown => {}
+        }
+    }
+    // After resuming, A routes new writes to the new owner too.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let direct = ledger.put(&client(), &a.base, &ns, &object, "via-a-after-resume").await;
+    match direct {
+        Outcome::Acked(ack) => {
+            assert_ne!(ack.instance, a.instance, "the old owner committed after losing its lease");
+            assert!(ack.fence >= new_fence);
+        }
+        _ => panic!("a write through the resumed old owner was not re-routed"),
+    }
+    stop.store(true, Ordering::Relaxed);
+    for s in streams {
+        s.await.unwrap();
+    }
+
+    // Nothing committed under the old fence after the takeover.
+    let acks = ledger.acked();
+    let first_new = acks.iter().filter(|x| x.fence > old_fence).map(|x| x.version).min().unwrap();
+    for ack in &acks {
+        if ack.fence == old_fence {
+            assert!(ack.version < first_new, "old fence committed version {} after the takeover at {first_new}", ack.version);
+        }
+    }
+    let after_resume_by_a = acks.iter().filter(|x| x.at > resumed_at && x.instance == a.instance).count();
+    println!(
+        "pause: paused after {attempts} attempt(s); takeover {}ms after SIGSTOP with fence {old_fence} -> {new_fence}; acks by A after resume: {after_resume_by_a}",
+        takeover.as_millis()
+    );
+    ledger.verify("sigstop", &client(), &b.base, &ns, &[object]).await;
+    for r in [&a, &b, &c] {
+        r.assert_no_panic();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn killed_owners_are_replaced_without_losing_writes() {
+    let db = TestDatabase::new();
+    let mut replicas: Vec<Process> = (0..3).map(|_| replica(&db)).collect();
+    let ns = unique_ns("kill");
+    let object = "target".to_string();
+    let ledger = Arc::new(Ledger::default());
+    let live = Arc::new(RwLock::new(replicas.iter().map(|r| r.base.clone()).collect::<Vec<_>>()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let seq = Arc::new(AtomicU64::new(0));
+    let streams: Vec<_> = (0..3)
+        .map(|_| spawn_stream(ledger.clone(), live.clone(), ns.clone(), object.clone(), stop.clone(), seq.clone(), "k"))
+        .collect();
+    let probe = client();
+    let mut takeovers = Vec::new();
+
+    for round in 0..20 {
+        // Find the owner from the object's row.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let owner_index = loop {
+            let base = live.read().unwrap()[0].clone();
+            if let Ok(r) = probe.get(format!("{base}/v1/objects/{ns}/{object}")).send().await {
+                if let Ok(info) = r.json::<serde_json::Value>().await {
+                    if let Some(owner) = info["owner"].as_str() {
+                        if let Some(i) = replicas.iter().position(|p| p.instance == owner) {
+                            break i;
+                        }
+                    }
+                }
+            }
+            assert!(Instant::now() < deadline, "round {round}: no owner found");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        };
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(0..150))).await;
+        let mut victim = replicas.remove(owner_index);
+        live.write().unwrap().retain(|b| b != &victim.base);
+        victim.kill();
+        let killed_at = Instant::now();
+        victim.assert_no_panic();
+
+        // Takeover: the first write acknowledged by another replica after the kill.
+        let deadline = killed_at + Duration::from_secs(10);
+        let takeover = loop {
+            let later = ledger.acked().into_iter().filter(|a| a.at > killed_at && a.instance != victim.instance).map(|a| a.at).min();
+            if let Some(at) = later {
+                break at - killed_at;
+            }
+            assert!(Instant::now() < deadline, "round {round}: nobody took over within 10 s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        takeovers.push(takeover);
+        let fresh = replica(&db);
+        live.write().unwrap().push(fresh.base.clone());
+        replicas.push(fresh);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for s in streams {
+        s.await.unwrap();
+    }
+    println!("sigkill: 20 owners killed; takeover after kill: {}", summarize(&takeovers));
+    let base = replicas[0].base.clone();
+    ledger.verify("sigkill", &client(), &base, &ns, &[object]).await;
+    let bound = Duration::from_millis(LEASE_MS + 1000);
+    for (round, t) in takeovers.iter().enumerate() {
+        assert!(*t <= bound, "round {round}: takeover took {t:?}, more than lease + 1 s");
+    }
+    for r in &replicas {
+        r.assert_no_panic();
+    }
+}
