@@ -157,7 +157,8 @@ fn parse_database_url(raw: &str) -> Result<DatabaseUrl, String> {
         }
         return Ok(DatabaseUrl::File(path.into()));
     }
-    let url = url::Url::parse(raw).map_err(|e| format!("not a URL ({e}); expected file:, libsql://, http:// or https://"))?;
+    let url =
+        url::Url::parse(raw).map_err(|e| format!("not a URL ({e}); expected file:, libsql://, http:// or https://"))?;
     if url.host_str().is_none() {
         return Err("the URL has no host".into());
     }
@@ -179,9 +180,8 @@ fn parse_http_url(raw: &str) -> Result<String, String> {
 }
 
 fn parse_instance_id(raw: &str) -> Result<String, String> {
-    let ok = !raw.is_empty()
-        && raw.len() <= 128
-        && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
+    let ok =
+        !raw.is_empty() && raw.len() <= 128 && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
     if ok {
         Ok(raw.to_string())
     } else {
@@ -225,19 +225,39 @@ impl Cli {
             Err(err) => {
                 use clap::error::ErrorKind;
                 match err.kind() {
-                    ErrorKind::DisplayHelp | ErrorKind::DisplayVersion | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => {
-                        err.exit()
-                    }
+                    ErrorKind::DisplayHelp
+                    | ErrorKind::DisplayVersion
+                    | ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand => err.exit(),
                     _ => {
-                        let rendered = err.render().to_string();
-                        let first = rendered.lines().next().unwrap_or("error: invalid settings");
-                        eprintln!("{first}");
+                        eprintln!("{}", one_line_error(&err));
                         std::process::exit(2);
                     }
                 }
             }
         }
     }
+}
+
+/// Clap's first line, with the flag replaced by the environment variable an
+/// operator most likely set (`invalid value 'x' for STATEHOUSE_LEASE_MS (--lease-ms)`).
+fn one_line_error(err: &clap::Error) -> String {
+    use clap::error::{ContextKind, ContextValue};
+    use clap::CommandFactory;
+    let rendered = err.render().to_string();
+    let mut line = rendered.lines().next().unwrap_or("error: invalid settings").to_string();
+    if let Some(ContextValue::String(arg)) = err.get(ContextKind::InvalidArg) {
+        let long = arg.split_whitespace().next().unwrap_or("").trim_start_matches("--");
+        let cmd = Cli::command();
+        let env = cmd
+            .get_arguments()
+            .chain(cmd.get_subcommands().flat_map(|s| s.get_arguments()))
+            .find(|a| a.get_long() == Some(long))
+            .and_then(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()));
+        if let Some(env) = env {
+            line = line.replacen(&format!("'{arg}'"), &format!("{env} (--{long})"), 1);
+        }
+    }
+    line
 }
 
 /// The environment variables the server reads, for docs and the deploy checks.
@@ -278,10 +298,8 @@ mod tests {
     fn every_env_var_is_a_setting() {
         use clap::CommandFactory;
         let cmd = Cli::command();
-        let mut declared: Vec<String> = cmd
-            .get_arguments()
-            .filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned()))
-            .collect();
+        let mut declared: Vec<String> =
+            cmd.get_arguments().filter_map(|a| a.get_env().map(|e| e.to_string_lossy().into_owned())).collect();
         declared.sort();
         let mut listed: Vec<String> = ENV_VARS.iter().map(|s| s.to_string()).collect();
         listed.sort();

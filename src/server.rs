@@ -20,9 +20,7 @@ use crate::writer::Writer;
 /// Opens the database and applies pending migrations; errors name the setting to fix.
 pub async fn open_database(settings: &DatabaseSettings) -> anyhow::Result<Database> {
     let url = String::from(settings.turso_url.clone());
-    let db = Database::open(settings)
-        .await
-        .with_context(|| format!("cannot open the database at TURSO_URL={url}"))?;
+    let db = Database::open(settings).await.with_context(|| format!("cannot open the database at TURSO_URL={url}"))?;
     let conn = db.connect().await.with_context(|| format!("cannot connect to TURSO_URL={url}"))?;
     let applied = db::migrate(&conn).await.with_context(|| {
         if settings.turso_url.is_remote() {
@@ -38,7 +36,11 @@ pub async fn open_database(settings: &DatabaseSettings) -> anyhow::Result<Databa
 }
 
 /// Runs the server on `listener` until `shutdown` resolves.
-pub async fn run(settings: Settings, listener: TcpListener, shutdown: impl Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let instance = settings.instance_id.clone().unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
     let advertise_url = settings.advertise_url.clone().unwrap_or_else(|| derive_advertise_url(addr));
@@ -50,7 +52,8 @@ pub async fn run(settings: Settings, listener: TcpListener, shutdown: impl Futur
     let db = Arc::new(open_database(&settings.database).await?);
     let metrics = Arc::new(Metrics::new(&instance, sync));
     let writer = Writer::spawn(db.clone(), metrics.clone());
-    let me = Replica { instance: instance.clone(), url: advertise_url.clone(), machine: settings.fly_machine_id.clone() };
+    let me =
+        Replica { instance: instance.clone(), url: advertise_url.clone(), machine: settings.fly_machine_id.clone() };
     let guard = Arc::new(Guard::new(me, settings.lease(), writer.clone(), metrics.clone()));
 
     let stop = CancellationToken::new();

@@ -70,8 +70,11 @@ impl Metrics {
         )
         .unwrap();
         let commit_seconds = Histogram::with_opts(
-            HistogramOpts::new("statehouse_write_transaction_seconds", "Time from BEGIN to COMMIT of a write transaction")
-                .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0]),
+            HistogramOpts::new(
+                "statehouse_write_transaction_seconds",
+                "Time from BEGIN to COMMIT of a write transaction",
+            )
+            .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0]),
         )
         .unwrap();
         let info = IntGaugeVec::new(

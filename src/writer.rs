@@ -119,13 +119,8 @@ impl Writer {
     pub async fn run<W: Work>(&self, work: W) -> Result<W::Output, StoreError> {
         let (reply, answer) = oneshot::channel();
         let job: Box<dyn Job> = Box::new(Pending { work, outcome: None, reply });
-        self.queue
-            .send(job)
-            .await
-            .map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
-        answer
-            .await
-            .map_err(|_| StoreError::Unavailable("the writer restarted before committing".into()))?
+        self.queue.send(job).await.map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
+        answer.await.map_err(|_| StoreError::Unavailable("the writer restarted before committing".into()))?
     }
 }
 

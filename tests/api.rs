@@ -42,7 +42,14 @@ async fn put_get_head_round_trip_with_versions_and_headers() {
     let ns = unique_ns("kv");
     let path = format!("/v1/objects/{ns}/user-1/kv/greeting");
 
-    let r = app.client.put(app.url(&path)).header("content-type", "text/plain; charset=utf-8").body("hello").send().await.unwrap();
+    let r = app
+        .client
+        .put(app.url(&path))
+        .header("content-type", "text/plain; charset=utf-8")
+        .body("hello")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 200);
     assert_eq!(r.headers()["etag"], "\"1\"");
     assert!(r.headers()["statehouse-fence"].to_str().unwrap().parse::<i64>().unwrap() >= 1);
@@ -94,14 +101,17 @@ async fn conditional_writes_and_reads() {
 
     // If-Match on an absent key fails, If-None-Match: * creates it.
     assert_problem(send(Method::PUT, Some(("if-match", "*")), "x").await.unwrap(), 412, "precondition-failed").await;
-    assert_problem(send(Method::PUT, Some(("if-match", "\"1\"")), "x").await.unwrap(), 412, "precondition-failed").await;
+    assert_problem(send(Method::PUT, Some(("if-match", "\"1\"")), "x").await.unwrap(), 412, "precondition-failed")
+        .await;
     assert_eq!(object_version(&app, &ns, "o").await, None, "failed conditions change nothing");
     assert_eq!(send(Method::PUT, Some(("if-none-match", "*")), "v1").await.unwrap().status(), 200);
-    assert_problem(send(Method::PUT, Some(("if-none-match", "*")), "v2").await.unwrap(), 412, "precondition-failed").await;
+    assert_problem(send(Method::PUT, Some(("if-none-match", "*")), "v2").await.unwrap(), 412, "precondition-failed")
+        .await;
 
     // If-Match with the current version succeeds; a stale one fails and changes nothing.
     assert_eq!(send(Method::PUT, Some(("if-match", "\"1\"")), "v2").await.unwrap().status(), 200);
-    assert_problem(send(Method::PUT, Some(("if-match", "\"1\"")), "v3").await.unwrap(), 412, "precondition-failed").await;
+    assert_problem(send(Method::PUT, Some(("if-match", "\"1\"")), "v3").await.unwrap(), 412, "precondition-failed")
+        .await;
     assert_eq!(send(Method::GET, None, "").await.unwrap().text().await.unwrap(), "v2");
     assert_eq!(object_version(&app, &ns, "o").await, Some(2));
     assert_eq!(send(Method::PUT, Some(("if-match", "\"7\", \"2\"")), "v3").await.unwrap().status(), 200);
@@ -119,7 +129,8 @@ async fn conditional_writes_and_reads() {
     assert_problem(send(Method::PUT, Some(("if-match", "3")), "x").await.unwrap(), 400, "bad-request").await;
 
     // Deletes honour If-Match.
-    assert_problem(send(Method::DELETE, Some(("if-match", "\"1\"")), "").await.unwrap(), 412, "precondition-failed").await;
+    assert_problem(send(Method::DELETE, Some(("if-match", "\"1\"")), "").await.unwrap(), 412, "precondition-failed")
+        .await;
     let r = send(Method::DELETE, Some(("if-match", "\"3\"")), "").await.unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.headers().contains_key("statehouse-fence"));
@@ -154,7 +165,13 @@ async fn invalid_names_are_rejected_and_change_nothing() {
             assert_problem(r, 400, "bad-request").await;
         }
     }
-    let r = app.client.post(app.url(&format!("/v1/objects/{ns}/bad%20id/batch"))).body(r#"{"ops":[]}"#).send().await.unwrap();
+    let r = app
+        .client
+        .post(app.url(&format!("/v1/objects/{ns}/bad%20id/batch")))
+        .body(r#"{"ops":[]}"#)
+        .send()
+        .await
+        .unwrap();
     assert_problem(r, 400, "bad-request").await;
     let r = app.client.get(app.url("/v1/objects/BAD")).send().await.unwrap();
     assert_problem(r, 400, "bad-request").await;
@@ -172,15 +189,27 @@ async fn invalid_names_are_rejected_and_change_nothing() {
         (max_key.as_str(), max_key.as_str()),
     ] {
         let path = format!("/v1/objects/{ns}/o/kv/{encoded}");
-        assert_eq!(app.client.put(app.url(&path)).body(decoded.to_string()).send().await.unwrap().status(), 200, "{encoded}");
+        assert_eq!(
+            app.client.put(app.url(&path)).body(decoded.to_string()).send().await.unwrap().status(),
+            200,
+            "{encoded}"
+        );
         assert_eq!(app.client.get(app.url(&path)).send().await.unwrap().text().await.unwrap(), decoded);
     }
     let r = app.client.get(app.url(&format!("/v1/objects/{ns}/o/kv?values=false&prefix=a"))).send().await.unwrap();
-    let keys: Vec<String> = json_of(r).await["items"].as_array().unwrap().iter().map(|i| i["key"].as_str().unwrap().to_string()).collect();
+    let keys: Vec<String> =
+        json_of(r).await["items"].as_array().unwrap().iter().map(|i| i["key"].as_str().unwrap().to_string()).collect();
     assert_eq!(keys, vec!["a..b", "a/b", "a/b/c"]);
 
     // A bad Content-Type is refused.
-    let r = app.client.put(app.url(&format!("/v1/objects/{ns}/o/kv/ct"))).header("content-type", "nonsense").body("x").send().await.unwrap();
+    let r = app
+        .client
+        .put(app.url(&format!("/v1/objects/{ns}/o/kv/ct")))
+        .header("content-type", "nonsense")
+        .body("x")
+        .send()
+        .await
+        .unwrap();
     assert_problem(r, 400, "bad-request").await;
     app.stop().await;
 }
@@ -301,7 +330,14 @@ async fn batches_are_atomic_and_validated() {
         assert!(!problem["detail"].as_str().unwrap().is_empty(), "{case}");
     }
     for raw in ["{", "", "null", "{\"ops\": [1]}", &"[".repeat(10_000)] {
-        let r = app.client.post(&url).header("content-type", "application/json").body(raw.to_string()).send().await.unwrap();
+        let r = app
+            .client
+            .post(&url)
+            .header("content-type", "application/json")
+            .body(raw.to_string())
+            .send()
+            .await
+            .unwrap();
         assert_problem(r, 400, "bad-request").await;
     }
     assert_eq!(object_version(&app, &ns, "o").await, Some(2));
@@ -317,7 +353,8 @@ async fn listing_pages_through_ten_thousand_keys_both_ways() {
     let total: usize = 10_000;
     let keys: Vec<String> = (0..total).map(|i| format!("key-{i:05}")).collect();
     for chunk in keys.chunks(128) {
-        let ops: Vec<Value> = chunk.iter().map(|k| json!({"op": "put", "key": k, "value": k, "content_type": "text/plain"})).collect();
+        let ops: Vec<Value> =
+            chunk.iter().map(|k| json!({"op": "put", "key": k, "value": k, "content_type": "text/plain"})).collect();
         assert_eq!(app.client.post(&url).json(&json!({"ops": ops})).send().await.unwrap().status(), 200);
     }
 
@@ -350,11 +387,13 @@ async fn listing_pages_through_ten_thousand_keys_both_ways() {
     }
 
     // Default limit is 1000, the maximum 10000.
-    let body = json_of(app.client.get(app.url(&format!("/v1/objects/{ns}/big/kv?values=false"))).send().await.unwrap()).await;
+    let body =
+        json_of(app.client.get(app.url(&format!("/v1/objects/{ns}/big/kv?values=false"))).send().await.unwrap()).await;
     assert_eq!(body["items"].as_array().unwrap().len(), 1000);
     assert!(body["items"][0].get("value").is_none());
     assert!(body["cursor"].is_string());
-    let body = json_of(app.client.get(app.url(&format!("/v1/objects/{ns}/big/kv?limit=10000"))).send().await.unwrap()).await;
+    let body =
+        json_of(app.client.get(app.url(&format!("/v1/objects/{ns}/big/kv?limit=10000"))).send().await.unwrap()).await;
     assert_eq!(body["items"].as_array().unwrap().len(), 10_000);
     assert!(body["cursor"].is_null());
 
@@ -368,9 +407,15 @@ async fn listing_pages_through_ten_thousand_keys_both_ways() {
         }
     };
     assert_eq!(list("start=key-00010&end=key-00013".into()).await, ["key-00010", "key-00011", "key-00012"]);
-    assert_eq!(list("start=key-00010&end=key-00013&reverse=true".into()).await, ["key-00012", "key-00011", "key-00010"]);
+    assert_eq!(
+        list("start=key-00010&end=key-00013&reverse=true".into()).await,
+        ["key-00012", "key-00011", "key-00010"]
+    );
     assert_eq!(list("prefix=key-0999".into()).await.len(), 10);
-    assert_eq!(list("prefix=key-0999&start=key-09995".into()).await, ["key-09995", "key-09996", "key-09997", "key-09998", "key-09999"]);
+    assert_eq!(
+        list("prefix=key-0999&start=key-09995".into()).await,
+        ["key-09995", "key-09996", "key-09997", "key-09998", "key-09999"]
+    );
     assert_eq!(list("prefix=nope".into()).await.len(), 0);
     assert_eq!(list("prefix=key-0999&reverse=true&limit=2".into()).await, ["key-09999", "key-09998"]);
 
@@ -380,7 +425,12 @@ async fn listing_pages_through_ten_thousand_keys_both_ways() {
         assert_problem(r, 400, "bad-request").await;
     }
     let forward_cursor = body_cursor(&app, &format!("/v1/objects/{ns}/big/kv?limit=1")).await;
-    let r = app.client.get(app.url(&format!("/v1/objects/{ns}/big/kv?reverse=true&cursor={forward_cursor}"))).send().await.unwrap();
+    let r = app
+        .client
+        .get(app.url(&format!("/v1/objects/{ns}/big/kv?reverse=true&cursor={forward_cursor}")))
+        .send()
+        .await
+        .unwrap();
     assert_problem(r, 400, "bad-request").await;
     app.stop().await;
 }
@@ -396,10 +446,28 @@ async fn list_values_are_embedded_by_content_type() {
     let app = spawn_app(&db).await;
     let ns = unique_ns("embed");
     let base = format!("/v1/objects/{ns}/o/kv");
-    app.client.put(app.url(&format!("{base}/a-json"))).header("content-type", "application/json").body(r#"{"n":1}"#).send().await.unwrap();
-    app.client.put(app.url(&format!("{base}/b-text"))).header("content-type", "text/plain").body("héllo").send().await.unwrap();
+    app.client
+        .put(app.url(&format!("{base}/a-json")))
+        .header("content-type", "application/json")
+        .body(r#"{"n":1}"#)
+        .send()
+        .await
+        .unwrap();
+    app.client
+        .put(app.url(&format!("{base}/b-text")))
+        .header("content-type", "text/plain")
+        .body("héllo")
+        .send()
+        .await
+        .unwrap();
     app.client.put(app.url(&format!("{base}/c-bin"))).body(vec![0xffu8, 0x00]).send().await.unwrap();
-    app.client.put(app.url(&format!("{base}/d-badjson"))).header("content-type", "application/json").body("{oops").send().await.unwrap();
+    app.client
+        .put(app.url(&format!("{base}/d-badjson")))
+        .header("content-type", "application/json")
+        .body("{oops")
+        .send()
+        .await
+        .unwrap();
     let body = json_of(app.client.get(app.url(&base)).send().await.unwrap()).await;
     let items = body["items"].as_array().unwrap();
     assert_eq!(items[0]["value"], json!({"n": 1}));
@@ -418,8 +486,10 @@ async fn objects_info_delete_all_and_listing() {
     let db = TestDatabase::new();
     let app = spawn_app(&db).await;
     let ns = unique_ns("objs");
-    assert_problem(app.client.get(app.url(&format!("/v1/objects/{ns}/o1"))).send().await.unwrap(), 404, "not-found").await;
-    assert_problem(app.client.delete(app.url(&format!("/v1/objects/{ns}/o1"))).send().await.unwrap(), 404, "not-found").await;
+    assert_problem(app.client.get(app.url(&format!("/v1/objects/{ns}/o1"))).send().await.unwrap(), 404, "not-found")
+        .await;
+    assert_problem(app.client.delete(app.url(&format!("/v1/objects/{ns}/o1"))).send().await.unwrap(), 404, "not-found")
+        .await;
 
     for id in ["o1", "o2", "o3", "p1", "p2"] {
         for key in ["a", "b"] {
@@ -452,16 +522,28 @@ async fn objects_info_delete_all_and_listing() {
     assert_eq!(ids, ["o1", "o2"]);
     assert_eq!(body["items"][1], json!({"id": "o2", "version": 2, "keys": 2, "bytes": 12}));
     let cursor = body["cursor"].as_str().unwrap();
-    let body = json_of(app.client.get(app.url(&format!("/v1/objects/{ns}?limit=2&cursor={cursor}"))).send().await.unwrap()).await;
+    let body =
+        json_of(app.client.get(app.url(&format!("/v1/objects/{ns}?limit=2&cursor={cursor}"))).send().await.unwrap())
+            .await;
     let ids: Vec<&str> = body["items"].as_array().unwrap().iter().map(|o| o["id"].as_str().unwrap()).collect();
     assert_eq!(ids, ["o3", "p1"]);
     let body = json_of(app.client.get(app.url(&format!("/v1/objects/{ns}?prefix=p"))).send().await.unwrap()).await;
     assert_eq!(body["items"].as_array().unwrap().len(), 2);
     assert!(body["cursor"].is_null());
     for q in ["limit=0", "limit=x", "cursor=zz%21", "prefix=a%20b"] {
-        assert_problem(app.client.get(app.url(&format!("/v1/objects/{ns}?{q}"))).send().await.unwrap(), 400, "bad-request").await;
+        assert_problem(
+            app.client.get(app.url(&format!("/v1/objects/{ns}?{q}"))).send().await.unwrap(),
+            400,
+            "bad-request",
+        )
+        .await;
     }
-    assert_problem(app.client.delete(app.url(&format!("/v1/objects/{ns}/o2"))).body("x").send().await.unwrap(), 400, "bad-request").await;
+    assert_problem(
+        app.client.delete(app.url(&format!("/v1/objects/{ns}/o2"))).body("x").send().await.unwrap(),
+        400,
+        "bad-request",
+    )
+    .await;
     app.stop().await;
 }
 
@@ -508,7 +590,12 @@ async fn operational_endpoints_and_unknown_routes() {
 
     assert_problem(app.client.get(app.url("/nope")).send().await.unwrap(), 404, "not-found").await;
     assert_problem(app.client.get(app.url("/v1/objects/a/b/kv/")).send().await.unwrap(), 404, "not-found").await;
-    assert_problem(app.client.post(app.url(&format!("/v1/objects/{ns}/o/kv/k"))).send().await.unwrap(), 405, "method-not-allowed").await;
+    assert_problem(
+        app.client.post(app.url(&format!("/v1/objects/{ns}/o/kv/k"))).send().await.unwrap(),
+        405,
+        "method-not-allowed",
+    )
+    .await;
     assert_problem(app.client.put(app.url("/healthz")).send().await.unwrap(), 405, "method-not-allowed").await;
     app.stop().await;
 }

@@ -59,7 +59,11 @@ async fn round_robin_writes_through_three_replicas() {
     ledger.verify("round-robin", &client(), &bases[0], &ns, &objects).await;
     let acked = ledger.acked().len();
     assert_eq!(acked, 900, "with every replica alive, every write is acknowledged");
-    println!("round-robin: {acked} writes through 3 replicas in {:.2}s ({:.0}/s)", elapsed.as_secs_f64(), acked as f64 / elapsed.as_secs_f64());
+    println!(
+        "round-robin: {acked} writes through 3 replicas in {:.2}s ({:.0}/s)",
+        elapsed.as_secs_f64(),
+        acked as f64 / elapsed.as_secs_f64()
+    );
     for r in &replicas {
         r.assert_no_panic();
     }
@@ -203,7 +207,11 @@ async fn paused_owner_is_fenced_out_after_takeover() {
     let first_new = acks.iter().filter(|x| x.fence > old_fence).map(|x| x.version).min().unwrap();
     for ack in &acks {
         if ack.fence == old_fence {
-            assert!(ack.version < first_new, "old fence committed version {} after the takeover at {first_new}", ack.version);
+            assert!(
+                ack.version < first_new,
+                "old fence committed version {} after the takeover at {first_new}",
+                ack.version
+            );
         }
     }
     let after_resume_by_a = acks.iter().filter(|x| x.at > resumed_at && x.instance == a.instance).count();
@@ -260,7 +268,12 @@ async fn killed_owners_are_replaced_without_losing_writes() {
         // Takeover: the first write acknowledged by another replica after the kill.
         let deadline = killed_at + Duration::from_secs(10);
         let takeover = loop {
-            let later = ledger.acked().into_iter().filter(|a| a.at > killed_at && a.instance != victim.instance).map(|a| a.at).min();
+            let later = ledger
+                .acked()
+                .into_iter()
+                .filter(|a| a.at > killed_at && a.instance != victim.instance)
+                .map(|a| a.at)
+                .min();
             if let Some(at) = later {
                 break at - killed_at;
             }

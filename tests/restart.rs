@@ -20,7 +20,10 @@ async fn writes_survive_graceful_and_abrupt_restarts() {
     let mut first = Process::start(&db.url, 0, &[]);
     let port = first.port;
     for i in 0..50 {
-        assert!(matches!(ledger.put(&client, &first.base, &ns, &objects[i % 2], &format!("one-{i}")).await, Outcome::Acked(_)));
+        assert!(matches!(
+            ledger.put(&client, &first.base, &ns, &objects[i % 2], &format!("one-{i}")).await,
+            Outcome::Acked(_)
+        ));
     }
     first.terminate();
     assert!(first.log().contains("released leases"), "graceful stop releases its leases");
@@ -30,7 +33,10 @@ async fn writes_survive_graceful_and_abrupt_restarts() {
     let client = new_client();
     assert_eq!(stored_keys(&client, &second.base, &ns, "a").await.len(), 25);
     for i in 0..50 {
-        assert!(matches!(ledger.put(&client, &second.base, &ns, &objects[i % 2], &format!("two-{i}")).await, Outcome::Acked(_)));
+        assert!(matches!(
+            ledger.put(&client, &second.base, &ns, &objects[i % 2], &format!("two-{i}")).await,
+            Outcome::Acked(_)
+        ));
     }
     second.kill();
 

@@ -126,8 +126,8 @@ fn version_match(headers: &HeaderMap, name: &str) -> Result<Option<VersionMatch>
                 .and_then(|t| t.strip_suffix('"'))
                 .and_then(|t| t.parse::<i64>().ok())
                 .ok_or_else(|| {
-                    ApiError::BadRequest(format!("{name} must be * or a list of entity-tags like \"42\", got {tag:?}"))
-                })?;
+                ApiError::BadRequest(format!("{name} must be * or a list of entity-tags like \"42\", got {tag:?}"))
+            })?;
             versions.push(version);
         }
     }

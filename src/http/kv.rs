@@ -88,8 +88,8 @@ pub async fn get_key(
             return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag(entry.version))]).into_response());
         }
     }
-    let content_type = HeaderValue::from_str(&entry.content_type)
-        .unwrap_or_else(|_| HeaderValue::from_static(DEFAULT_CONTENT_TYPE));
+    let content_type =
+        HeaderValue::from_str(&entry.content_type).unwrap_or_else(|_| HeaderValue::from_static(DEFAULT_CONTENT_TYPE));
     Ok((StatusCode::OK, [(header::CONTENT_TYPE, content_type), (header::ETAG, etag(entry.version))], entry.value)
         .into_response())
 }
@@ -105,10 +105,11 @@ pub async fn delete_key(
 ) -> Result<Response, ApiError> {
     let pre = precondition(&replay.headers)?;
     let delete = Op::Delete { key, pre };
-    let committed = match commit(&state, &object, Mutation::Ops(vec![delete]), replay).await.map_err(header_condition)? {
-        Routed::Forwarded(response) => return Ok(response),
-        Routed::Local(committed) => committed,
-    };
+    let committed =
+        match commit(&state, &object, Mutation::Ops(vec![delete]), replay).await.map_err(header_condition)? {
+            Routed::Forwarded(response) => return Ok(response),
+            Routed::Local(committed) => committed,
+        };
     let deleted = matches!(committed.results.first(), Some(OpResult::Delete { deleted: true, .. }));
     Ok(written(&committed, StatusCode::OK, json!({ "deleted": deleted, "version": committed.version })))
 }
@@ -168,7 +169,10 @@ pub async fn list_keys(
     let after = query.cursor.as_deref().map(|c| decode_cursor(c, reverse)).transpose().map_err(ApiError::BadRequest)?;
     for bound in [&query.prefix, &query.start, &query.end].into_iter().flatten() {
         if bound.len() > objects::MAX_KEY_BYTES {
-            return Err(ApiError::BadRequest(format!("range bounds are keys: at most {} bytes", objects::MAX_KEY_BYTES)));
+            return Err(ApiError::BadRequest(format!(
+                "range bounds are keys: at most {} bytes",
+                objects::MAX_KEY_BYTES
+            )));
         }
     }
     let range = KeyRange {
@@ -252,8 +256,8 @@ pub async fn batch(
     ObjectPath(object): ObjectPath,
     replay: Replay,
 ) -> Result<Response, ApiError> {
-    let request: BatchRequest = serde_json::from_slice(&replay.body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid batch JSON: {e}")))?;
+    let request: BatchRequest =
+        serde_json::from_slice(&replay.body).map_err(|e| ApiError::BadRequest(format!("invalid batch JSON: {e}")))?;
     if request.ops.is_empty() || request.ops.len() > MAX_BATCH_OPS {
         return Err(ApiError::BadRequest(format!(
             "a batch holds 1 to {MAX_BATCH_OPS} ops, this one has {}",
@@ -329,7 +333,9 @@ fn expected_version(if_version: Option<i64>) -> Result<Option<VersionMatch>, Api
     match if_version {
         None => Ok(None),
         Some(v) if v >= 1 => Ok(Some(VersionMatch::OneOf(vec![v]))),
-        Some(v) => Err(ApiError::BadRequest(format!("if_version must be 1 or more (use if_absent for a new key), got {v}"))),
+        Some(v) => {
+            Err(ApiError::BadRequest(format!("if_version must be 1 or more (use if_absent for a new key), got {v}")))
+        }
     }
 }
 
@@ -366,10 +372,8 @@ fn stored_content_type(headers: &HeaderMap) -> Result<String, ApiError> {
     match headers.get(header::CONTENT_TYPE) {
         None => Ok(DEFAULT_CONTENT_TYPE.into()),
         Some(value) => {
-            let text = value
-                .to_str()
-                .map_err(|_| ApiError::BadRequest("Content-Type must be visible ASCII".into()))?
-                .trim();
+            let text =
+                value.to_str().map_err(|_| ApiError::BadRequest("Content-Type must be visible ASCII".into()))?.trim();
             check_content_type(text)?;
             Ok(text.to_string())
         }

@@ -6,8 +6,8 @@ mod extract;
 mod forward;
 mod kv;
 mod objects;
-mod ops;
 mod openapi;
+mod ops;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -91,7 +91,9 @@ pub fn app(state: SharedState) -> Router {
             )
             .layer(PropagateRequestIdLayer::new(REQUEST_ID))
             .layer(SetResponseHeaderLayer::if_not_present(INSTANCE, instance))
-            .layer(CatchPanicLayer::custom(|_| ApiError::Internal("the request handler panicked".into()).into_response())),
+            .layer(CatchPanicLayer::custom(|_| {
+                ApiError::Internal("the request handler panicked".into()).into_response()
+            })),
     )
     .with_state(state)
 }
@@ -117,8 +119,9 @@ async fn enforce_timeout(State(timeout): State<Duration>, req: Request, next: Ne
     match tokio::time::timeout(timeout, next.run(req)).await {
         Ok(response) => response,
         // A write already queued may still commit: the client learns "unknown", never a false success.
-        Err(_) => ApiError::unavailable(format!("the request took longer than {} ms", timeout.as_millis()), 1)
-            .into_response(),
+        Err(_) => {
+            ApiError::unavailable(format!("the request took longer than {} ms", timeout.as_millis()), 1).into_response()
+        }
     }
 }
 

@@ -36,7 +36,10 @@ pub struct ObjectBody {
 #[utoipa::path(get, path = "/v1/objects/{ns}/{id}", tag = "objects",
     params(("ns" = String, Path), ("id" = String, Path)),
     responses((status = 200, body = ObjectBody), (status = 400, body = Problem), (status = 404, body = Problem)))]
-pub async fn get_object(State(state): State<SharedState>, ObjectPath(object): ObjectPath) -> Result<Response, ApiError> {
+pub async fn get_object(
+    State(state): State<SharedState>,
+    ObjectPath(object): ObjectPath,
+) -> Result<Response, ApiError> {
     let info = objects::object_info(&state.db, &object)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("object {object} was never written")))?;
@@ -125,7 +128,8 @@ pub async fn list_objects(
     if let Some(prefix) = query.prefix.as_deref().filter(|p| !p.is_empty()) {
         validate_id(prefix).map_err(|_| ApiError::BadRequest("prefix must be a valid object id prefix".into()))?;
     }
-    let after = query.cursor.as_deref().map(|c| objects::decode_cursor(c, false)).transpose().map_err(ApiError::BadRequest)?;
+    let after =
+        query.cursor.as_deref().map(|c| objects::decode_cursor(c, false)).transpose().map_err(ApiError::BadRequest)?;
     let after = after
         .map(String::from_utf8)
         .transpose()

@@ -8,11 +8,23 @@ use super::{kv, objects, ops, Problem};
 
 #[derive(OpenApi)]
 #[openapi(
-    info(title = "Statehouse", description = "Durable-Object-style state: per-object transactional key-value storage with fenced single writers."),
+    info(
+        title = "Statehouse",
+        description = "Durable-Object-style state: per-object transactional key-value storage with fenced single writers."
+    ),
     paths(
-        kv::put_key, kv::get_key, kv::delete_key, kv::list_keys, kv::batch,
-        objects::get_object, objects::delete_object, objects::list_objects,
-        ops::healthz, ops::readyz, ops::metrics, ops::openapi,
+        kv::put_key,
+        kv::get_key,
+        kv::delete_key,
+        kv::list_keys,
+        kv::batch,
+        objects::get_object,
+        objects::delete_object,
+        objects::list_objects,
+        ops::healthz,
+        ops::readyz,
+        ops::metrics,
+        ops::openapi,
     ),
     components(schemas(Problem))
 )]

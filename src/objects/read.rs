@@ -23,7 +23,11 @@ pub async fn get_entry(db: &Database, object: &ObjectRef, key: &str) -> Result<O
     get_entry_on(&conn, object, key).await
 }
 
-pub(super) async fn get_entry_on(conn: &Connection, object: &ObjectRef, key: &str) -> Result<Option<Entry>, StoreError> {
+pub(super) async fn get_entry_on(
+    conn: &Connection,
+    object: &ObjectRef,
+    key: &str,
+) -> Result<Option<Entry>, StoreError> {
     let mut rows = conn
         .query(
             "SELECT value, content_type, version FROM kv WHERE ns = ?1 AND id = ?2 AND key = ?3",

@@ -63,7 +63,8 @@ impl WriteJob {
                 if version == 1 {
                     return Ok(Err(Rejection::NotFound));
                 }
-                let deleted = conn.execute("DELETE FROM kv WHERE ns = ?1 AND id = ?2", params![ns.as_str(), id.as_str()]).await?;
+                let deleted =
+                    conn.execute("DELETE FROM kv WHERE ns = ?1 AND id = ?2", params![ns.as_str(), id.as_str()]).await?;
                 totals = Totals { keys: 0, bytes: 0 };
                 changed = true;
                 results.push(OpResult::DeleteAll { deleted_keys: deleted as i64 });
@@ -145,4 +146,3 @@ impl WriteJob {
         }
     }
 }
-

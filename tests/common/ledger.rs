@@ -52,7 +52,9 @@ impl Ledger {
             }
             Ok(r) if r.status() == 409 || r.status() == 412 => Outcome::Refused,
             Ok(r) if r.status() == 503 => {
-                if std::env::var("LEDGER_DEBUG").is_ok() { eprintln!("503 from {base}: {}", r.text().await.unwrap_or_default()); }
+                if std::env::var("LEDGER_DEBUG").is_ok() {
+                    eprintln!("503 from {base}: {}", r.text().await.unwrap_or_default());
+                }
                 Outcome::Unknown
             }
             Ok(r) => panic!("unexpected answer {} from {url}: {}", r.status(), r.text().await.unwrap_or_default()),
@@ -79,7 +81,8 @@ impl Ledger {
         for object in objects {
             let stored = stored_keys(client, base, ns, object).await;
             stored_total += stored.len();
-            let info: Value = client.get(format!("{base}/v1/objects/{ns}/{object}")).send().await.unwrap().json().await.unwrap();
+            let info: Value =
+                client.get(format!("{base}/v1/objects/{ns}/{object}")).send().await.unwrap().json().await.unwrap();
             // Every committed write added one new key and bumped the version once:
             // nothing committed was lost, nothing was committed twice.
             assert_eq!(info["version"].as_i64().unwrap() as usize, stored.len(), "{object}: version != stored writes");
@@ -90,12 +93,21 @@ impl Ledger {
 
             let mut mine: Vec<&Ack> = acks.iter().filter(|a| &a.object == object).collect();
             for ack in &mine {
-                assert_eq!(stored.get(&ack.key), Some(&ack.version), "{object}: acknowledged write {} lost or changed", ack.key);
+                assert_eq!(
+                    stored.get(&ack.key),
+                    Some(&ack.version),
+                    "{object}: acknowledged write {} lost or changed",
+                    ack.key
+                );
             }
             mine.sort_by_key(|a| a.version);
             for pair in mine.windows(2) {
                 assert!(pair[0].version < pair[1].version, "{object}: version {} acknowledged twice", pair[0].version);
-                assert!(pair[0].fence <= pair[1].fence, "{object}: fence went backwards at version {}", pair[1].version);
+                assert!(
+                    pair[0].fence <= pair[1].fence,
+                    "{object}: fence went backwards at version {}",
+                    pair[1].version
+                );
             }
             let mut owner_of_fence: HashMap<i64, &str> = HashMap::new();
             for ack in &mine {

@@ -154,7 +154,10 @@ impl Process {
                 if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line) {
                     if event["message"] == "listening" {
                         if let Some(tx) = found_tx.take() {
-                            let _ = tx.send((event["addr"].as_str().unwrap_or("").to_string(), event["instance"].as_str().unwrap_or("").to_string()));
+                            let _ = tx.send((
+                                event["addr"].as_str().unwrap_or("").to_string(),
+                                event["instance"].as_str().unwrap_or("").to_string(),
+                            ));
                         }
                     }
                 }
