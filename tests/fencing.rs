@@ -56,11 +56,12 @@ async fn round_robin_writes_through_three_replicas() {
         t.await.unwrap();
     }
     let elapsed = started.elapsed();
-    ledger.verify("round-robin", &client(), &bases[0], &ns, &objects).await;
+    ledger.verify(&format!("{} round-robin", db.mode()), &client(), &bases[0], &ns, &objects).await;
     let acked = ledger.acked().len();
     assert_eq!(acked, 900, "with every replica alive, every write is acknowledged");
     println!(
-        "round-robin: {acked} writes through 3 replicas in {:.2}s ({:.0}/s)",
+        "{} round-robin: {acked} writes through 3 replicas in {:.2}s ({:.0}/s)",
+        db.mode(),
         elapsed.as_secs_f64(),
         acked as f64 / elapsed.as_secs_f64()
     );
@@ -221,10 +222,11 @@ async fn paused_owner_is_fenced_out_after_takeover() {
     }
     let after_resume_by_a = acks.iter().filter(|x| x.at > resumed_at && x.instance == a.instance).count();
     println!(
-        "pause: paused after {attempts} attempt(s); takeover {}ms after SIGSTOP with fence {old_fence} -> {new_fence}; acks by A after resume: {after_resume_by_a}",
+        "{} pause: paused after {attempts} attempt(s); takeover {}ms after SIGSTOP with fence {old_fence} -> {new_fence}; acks by A after resume: {after_resume_by_a}",
+        db.mode(),
         takeover.as_millis()
     );
-    ledger.verify("sigstop", &client(), &b.base, &ns, &[object]).await;
+    ledger.verify(&format!("{} sigstop", db.mode()), &client(), &b.base, &ns, &[object]).await;
     for r in [&a, &b, &c] {
         r.assert_no_panic();
     }
@@ -294,9 +296,9 @@ async fn killed_owners_are_replaced_without_losing_writes() {
     for s in streams {
         s.await.unwrap();
     }
-    println!("sigkill: 20 owners killed; takeover after kill: {}", summarize(&takeovers));
+    println!("{} sigkill: 20 owners killed; takeover after kill: {}", db.mode(), summarize(&takeovers));
     let base = replicas[0].base.clone();
-    ledger.verify("sigkill", &client(), &base, &ns, &[object]).await;
+    ledger.verify(&format!("{} sigkill", db.mode()), &client(), &base, &ns, &[object]).await;
     let bound = Duration::from_millis(LEASE_MS + 1000);
     for (round, t) in takeovers.iter().enumerate() {
         assert!(*t <= bound, "round {round}: takeover took {t:?}, more than lease + 1 s");

@@ -69,6 +69,19 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     }
 }
 
+const DEFAULT_LIST_LIMIT: usize = 1000;
+const MAX_LIST_LIMIT: usize = 10_000;
+
+/// A listing's page size: 1-10000, default 1000.
+pub fn list_limit(limit: Option<usize>) -> Result<usize, ApiError> {
+    let limit = limit.unwrap_or(DEFAULT_LIST_LIMIT);
+    if (1..=MAX_LIST_LIMIT).contains(&limit) {
+        Ok(limit)
+    } else {
+        Err(ApiError::BadRequest(format!("limit must be between 1 and {MAX_LIST_LIMIT}, got {limit}")))
+    }
+}
+
 /// A whole write request, kept as it arrived so that it can be replayed on the
 /// owner replica if this one does not hold the object's lease.
 pub struct Replay {

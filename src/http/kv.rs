@@ -10,7 +10,7 @@ use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, Problem};
-use super::extract::{precondition, ApiQuery, KeyPath, ObjectPath, Replay};
+use super::extract::{list_limit, precondition, ApiQuery, KeyPath, ObjectPath, Replay};
 use super::{commit, written, Routed, SharedState};
 use crate::objects::{
     self, decode_cursor, embed_value, encode_cursor, is_json_content_type, validate_key, Entry, KeyRange, Mutation, Op,
@@ -18,8 +18,6 @@ use crate::objects::{
 };
 
 pub const MAX_BATCH_OPS: usize = 128;
-const DEFAULT_LIST_LIMIT: usize = 1000;
-const MAX_LIST_LIMIT: usize = 10_000;
 const MAX_CONTENT_TYPE_BYTES: usize = 255;
 const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
 
@@ -161,10 +159,7 @@ pub async fn list_keys(
     ObjectPath(object): ObjectPath,
     ApiQuery(query): ApiQuery<ListKeysQuery>,
 ) -> Result<Response, ApiError> {
-    let limit = query.limit.unwrap_or(DEFAULT_LIST_LIMIT);
-    if !(1..=MAX_LIST_LIMIT).contains(&limit) {
-        return Err(ApiError::BadRequest(format!("limit must be between 1 and {MAX_LIST_LIMIT}, got {limit}")));
-    }
+    let limit = list_limit(query.limit)?;
     let reverse = query.reverse.unwrap_or(false);
     let after = query.cursor.as_deref().map(|c| decode_cursor(c, reverse)).transpose().map_err(ApiError::BadRequest)?;
     for bound in [&query.prefix, &query.start, &query.end].into_iter().flatten() {

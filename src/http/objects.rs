@@ -8,13 +8,10 @@ use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, Problem};
-use super::extract::{ApiQuery, NamespacePath, ObjectPath, Replay};
+use super::extract::{list_limit, ApiQuery, NamespacePath, ObjectPath, Replay};
 use super::{commit, written, Routed, SharedState};
 use crate::clock::{now_ms, rfc3339_ms};
 use crate::objects::{self, validate_id, Mutation, OpResult};
-
-const DEFAULT_LIST_LIMIT: usize = 1000;
-const MAX_LIST_LIMIT: usize = 10_000;
 
 #[derive(Serialize, ToSchema)]
 pub struct ObjectBody {
@@ -121,10 +118,7 @@ pub async fn list_objects(
     NamespacePath(ns): NamespacePath,
     ApiQuery(query): ApiQuery<ListObjectsQuery>,
 ) -> Result<Response, ApiError> {
-    let limit = query.limit.unwrap_or(DEFAULT_LIST_LIMIT);
-    if !(1..=MAX_LIST_LIMIT).contains(&limit) {
-        return Err(ApiError::BadRequest(format!("limit must be between 1 and {MAX_LIST_LIMIT}, got {limit}")));
-    }
+    let limit = list_limit(query.limit)?;
     if let Some(prefix) = query.prefix.as_deref().filter(|p| !p.is_empty()) {
         validate_id(prefix).map_err(|_| ApiError::BadRequest("prefix must be a valid object id prefix".into()))?;
     }

@@ -52,16 +52,19 @@ pub fn validate_ns(ns: &str) -> Result<(), InvalidName> {
     }
 }
 
-/// 1-256 URL-safe bytes: the unreserved characters of RFC 3986.
+/// 1-256 URL-safe bytes: the unreserved characters of RFC 3986. `.` and `..`
+/// are refused: ids become path segments in the object store.
 pub fn validate_id(id: &str) -> Result<(), InvalidName> {
     let ok = !id.is_empty()
         && id.len() <= MAX_ID_BYTES
+        && id != "."
+        && id != ".."
         && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b));
     if ok {
         Ok(())
     } else {
         Err(InvalidName(format!(
-            "invalid object id {:?}: expected 1-{MAX_ID_BYTES} characters of [A-Za-z0-9-._~]",
+            "invalid object id {:?}: expected 1-{MAX_ID_BYTES} characters of [A-Za-z0-9-._~], not `.` or `..`",
             truncate_for_message(id)
         )))
     }
@@ -107,7 +110,7 @@ mod tests {
     fn ids_and_keys() {
         assert!(validate_id("user-42_x.y~z").is_ok());
         assert!(validate_id(&"i".repeat(256)).is_ok());
-        for bad in ["", "a/b", "a b", "é", &"i".repeat(257)] {
+        for bad in ["", ".", "..", "a/b", "a b", "é", &"i".repeat(257)] {
             assert!(validate_id(bad).is_err(), "{bad}");
         }
         assert!(validate_key("any/thing ünïcode").is_ok());

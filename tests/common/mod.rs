@@ -1,9 +1,10 @@
 //! Test harness: the server in-process on port 0, or the real binary as a
 //! separate process, on a fresh database. Written once for every database
-//! mode: `STATEHOUSE_TEST_TURSO_URL` points the same tests at a libSQL server.
+//! mode: `STATEHOUSE_TEST_DATABASE=sqld` runs the same tests on a libSQL server.
 #![allow(dead_code)]
 
 pub mod ledger;
+pub mod sqld;
 
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
@@ -15,22 +16,29 @@ use statehouse::config::Settings;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 
-/// A fresh database for one test: a libSQL file in a temp dir, or the remote
-/// server named by `STATEHOUSE_TEST_TURSO_URL` (tests use unique namespaces,
-/// so they can share it).
+/// A fresh database for one test: a libSQL file in a temp dir, or, when
+/// `STATEHOUSE_TEST_DATABASE=sqld`, a libSQL server of its own (sqld on a free
+/// loopback port, stopped when the test ends).
 pub struct TestDatabase {
     pub url: String,
     pub dir: tempfile::TempDir,
+    pub server: Option<sqld::Sqld>,
 }
 
 impl TestDatabase {
     pub fn new() -> TestDatabase {
         let dir = tempfile::tempdir().expect("a temp dir");
-        let url = match std::env::var("STATEHOUSE_TEST_TURSO_URL") {
-            Ok(url) if !url.is_empty() => url,
-            _ => format!("file:{}", dir.path().join("statehouse.db").display()),
-        };
-        TestDatabase { url, dir }
+        match std::env::var("STATEHOUSE_TEST_DATABASE").as_deref() {
+            Ok("sqld") => {
+                let server = sqld::Sqld::start(&dir.path().join("sqld"), &[]);
+                TestDatabase { url: server.url(), dir, server: Some(server) }
+            }
+            Ok("file") | Err(_) => {
+                let url = format!("file:{}", dir.path().join("statehouse.db").display());
+                TestDatabase { url, dir, server: None }
+            }
+            Ok(other) => panic!("STATEHOUSE_TEST_DATABASE must be `file` or `sqld`, not {other:?}"),
+        }
     }
 
     pub fn is_file(&self) -> bool {
@@ -39,6 +47,15 @@ impl TestDatabase {
 
     pub fn file_path(&self) -> Option<std::path::PathBuf> {
         self.url.strip_prefix("file:").map(Into::into)
+    }
+
+    /// Which database the test ran on, for printed counts.
+    pub fn mode(&self) -> &'static str {
+        if self.is_file() {
+            "file"
+        } else {
+            "sqld"
+        }
     }
 }
 
@@ -137,9 +154,6 @@ impl Process {
             .env("STATEHOUSE_LOG", "info,tower_http=warn")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
-        if let Ok(token) = std::env::var("STATEHOUSE_TEST_TURSO_TOKEN") {
-            cmd.env("TURSO_TOKEN", token);
-        }
         for (k, v) in env {
             cmd.env(k, v);
         }
