@@ -2,10 +2,10 @@
 //! connections, migrations, and what its errors mean for a client.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use libsql::{Connection, TransactionBehavior};
-use tokio::sync::{Mutex, MutexGuard};
+use tokio::sync::Mutex;
 
 use crate::config::{DatabaseSettings, DatabaseUrl, SyncMode};
 
@@ -13,6 +13,9 @@ use crate::config::{DatabaseSettings, DatabaseUrl, SyncMode};
 /// before giving up with SQLITE_BUSY.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 const READ_CONNECTIONS: usize = 4;
+/// A remote server expires an idle Hrana stream after 10 s, and a read
+/// connection keeps its stream open between queries: renew it well before.
+const REMOTE_STREAM_MAX_IDLE: Duration = Duration::from_secs(5);
 
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
@@ -65,8 +68,13 @@ pub struct Database {
     inner: libsql::Database,
     url: DatabaseUrl,
     sync: SyncMode,
-    readers: Vec<Mutex<Connection>>,
+    readers: Vec<Mutex<Reader>>,
     next_reader: AtomicUsize,
+}
+
+struct Reader {
+    conn: Connection,
+    last_used: Instant,
 }
 
 impl Database {
@@ -98,10 +106,10 @@ impl Database {
             let mut rows = first.query("PRAGMA journal_mode=WAL", ()).await?;
             while rows.next().await?.is_some() {}
         }
-        db.readers.push(Mutex::new(first));
+        db.readers.push(Mutex::new(Reader { conn: first, last_used: Instant::now() }));
         for _ in 1..READ_CONNECTIONS {
             let conn = db.connect().await?;
-            db.readers.push(Mutex::new(conn));
+            db.readers.push(Mutex::new(Reader { conn, last_used: Instant::now() }));
         }
         Ok(db)
     }
@@ -124,16 +132,38 @@ impl Database {
         self.url.is_remote()
     }
 
-    /// One of the read connections. Reads never wait behind the writer: a
-    /// local file runs in WAL mode, and a remote server serves reads itself.
-    pub async fn reader(&self) -> MutexGuard<'_, Connection> {
+    /// Runs `read` on one of the read connections. Reads never wait behind
+    /// the writer: a local file runs in WAL mode, and a remote server serves
+    /// reads itself. A remote connection whose stream went stale (idle expiry,
+    /// server restart) is replaced and the read tried once more.
+    pub async fn read<T, F, Fut>(&self, read: F) -> Result<T, StoreError>
+    where
+        F: Fn(Connection) -> Fut,
+        Fut: std::future::Future<Output = Result<T, StoreError>>,
+    {
         let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
+        let mut slot = None;
         for offset in 0..self.readers.len() {
             if let Ok(guard) = self.readers[(start + offset) % self.readers.len()].try_lock() {
-                return guard;
+                slot = Some(guard);
+                break;
             }
         }
-        self.readers[start % self.readers.len()].lock().await
+        let mut reader = match slot {
+            Some(guard) => guard,
+            None => self.readers[start % self.readers.len()].lock().await,
+        };
+        if self.is_remote() && reader.last_used.elapsed() > REMOTE_STREAM_MAX_IDLE {
+            reader.conn = self.connect().await?;
+        }
+        reader.last_used = Instant::now();
+        match read(reader.conn.clone()).await {
+            Err(StoreError::Unavailable(_)) if self.is_remote() => {
+                reader.conn = self.connect().await?;
+                read(reader.conn.clone()).await
+            }
+            result => result,
+        }
     }
 }
 

@@ -368,6 +368,7 @@ async fn listing_pages_through_ten_thousand_keys_both_ways() {
                 q.push_str(&format!("&cursor={c}"));
             }
             let body = json_of(app.client.get(app.url(&q)).send().await.unwrap()).await;
+            assert!(body["items"].is_array(), "{q}: {body}");
             pages += 1;
             for item in body["items"].as_array().unwrap() {
                 assert_eq!(item["value"], item["key"]);

@@ -299,9 +299,13 @@ async fn killed_owners_are_replaced_without_losing_writes() {
     println!("{} sigkill: 20 owners killed; takeover after kill: {}", db.mode(), summarize(&takeovers));
     let base = replicas[0].base.clone();
     ledger.verify(&format!("{} sigkill", db.mode()), &client(), &base, &ns, &[object]).await;
-    let bound = Duration::from_millis(LEASE_MS + 1000);
+    // A process killed inside a write transaction holds a local file's lock
+    // only until the kernel closes its files; a libSQL server keeps the dead
+    // client's transaction open until its transaction timeout (5 s) ends it.
+    let held_lock = if db.is_file() { Duration::ZERO } else { Duration::from_secs(5) };
+    let bound = Duration::from_millis(LEASE_MS + 1000) + held_lock;
     for (round, t) in takeovers.iter().enumerate() {
-        assert!(*t <= bound, "round {round}: takeover took {t:?}, more than lease + 1 s");
+        assert!(*t <= bound, "round {round}: takeover took {t:?}, more than lease + 1 s (+ {held_lock:?} on a server)");
     }
     for r in &replicas {
         r.assert_no_panic();

@@ -21,10 +21,7 @@ pub async fn healthz() -> Response {
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, description = "ready"), (status = 503, body = Problem)))]
 pub async fn readyz(State(state): State<SharedState>) -> Result<Response, ApiError> {
-    let check = async {
-        let conn = state.db.reader().await;
-        db::schema_version(&conn).await
-    };
+    let check = state.db.read(|conn| async move { db::schema_version(&conn).await });
     let version = tokio::time::timeout(Duration::from_secs(2), check)
         .await
         .map_err(|_| ApiError::unavailable("the database did not answer within 2 s", 1))??;

@@ -19,8 +19,7 @@ pub struct Entry {
 }
 
 pub async fn get_entry(db: &Database, object: &ObjectRef, key: &str) -> Result<Option<Entry>, StoreError> {
-    let conn = db.reader().await;
-    get_entry_on(&conn, object, key).await
+    db.read(|conn| async move { get_entry_on(&conn, object, key).await }).await
 }
 
 pub(super) async fn get_entry_on(
@@ -89,15 +88,22 @@ pub async fn list_keys(db: &Database, object: &ObjectRef, range: &KeyRange) -> R
     args.push(Value::Integer(range.limit as i64 + 1));
     sql.push_str(&format!(" LIMIT ?{}", args.len()));
 
-    let conn = db.reader().await;
-    let mut rows = conn.query(&sql, args).await?;
-    let mut entries = Vec::new();
-    while let Some(row) = rows.next().await? {
-        let key = String::from_utf8(row.get::<Vec<u8>>(0)?)
-            .map_err(|_| StoreError::Internal(format!("a stored key of {object} is not UTF-8")))?;
-        let value = if range.with_values { Bytes::from(row.get::<Vec<u8>>(3)?) } else { Bytes::new() };
-        entries.push(Entry { key, version: row.get(1)?, content_type: row.get(2)?, value });
-    }
+    let mut entries = db
+        .read(|conn| {
+            let (sql, args) = (&sql, args.clone());
+            async move {
+                let mut rows = conn.query(sql, args).await?;
+                let mut entries = Vec::new();
+                while let Some(row) = rows.next().await? {
+                    let key = String::from_utf8(row.get::<Vec<u8>>(0)?)
+                        .map_err(|_| StoreError::Internal(format!("a stored key of {object} is not UTF-8")))?;
+                    let value = if range.with_values { Bytes::from(row.get::<Vec<u8>>(3)?) } else { Bytes::new() };
+                    entries.push(Entry { key, version: row.get(1)?, content_type: row.get(2)?, value });
+                }
+                Ok(entries)
+            }
+        })
+        .await?;
     let more = entries.len() > range.limit;
     entries.truncate(range.limit);
     Ok((entries, more))
@@ -116,24 +122,26 @@ pub struct ObjectInfo {
 
 /// The object's counters and lease, or None if nothing was ever committed to it.
 pub async fn object_info(db: &Database, object: &ObjectRef) -> Result<Option<ObjectInfo>, StoreError> {
-    let conn = db.reader().await;
-    let mut rows = conn
-        .query(
-            "SELECT version, key_count, bytes, fence, owner, owner_url, lease_expires_at
-             FROM objects WHERE ns = ?1 AND id = ?2 AND version > 0",
-            params![object.ns.as_str(), object.id.as_str()],
-        )
-        .await?;
-    let Some(row) = rows.next().await? else { return Ok(None) };
-    Ok(Some(ObjectInfo {
-        version: row.get(0)?,
-        keys: row.get(1)?,
-        bytes: row.get(2)?,
-        fence: row.get(3)?,
-        owner: row.get(4)?,
-        owner_url: row.get(5)?,
-        lease_expires_at_ms: row.get(6)?,
-    }))
+    db.read(|conn| async move {
+        let mut rows = conn
+            .query(
+                "SELECT version, key_count, bytes, fence, owner, owner_url, lease_expires_at
+                 FROM objects WHERE ns = ?1 AND id = ?2 AND version > 0",
+                params![object.ns.as_str(), object.id.as_str()],
+            )
+            .await?;
+        let Some(row) = rows.next().await? else { return Ok(None) };
+        Ok(Some(ObjectInfo {
+            version: row.get(0)?,
+            keys: row.get(1)?,
+            bytes: row.get(2)?,
+            fence: row.get(3)?,
+            owner: row.get(4)?,
+            owner_url: row.get(5)?,
+            lease_expires_at_ms: row.get(6)?,
+        }))
+    })
+    .await
 }
 
 #[derive(Debug, Clone)]
@@ -169,12 +177,24 @@ pub async fn list_objects(
     }
     args.push(Value::Integer(limit as i64 + 1));
     sql.push_str(&format!(" ORDER BY id LIMIT ?{}", args.len()));
-    let conn = db.reader().await;
-    let mut rows = conn.query(&sql, args).await?;
-    let mut objects = Vec::new();
-    while let Some(row) = rows.next().await? {
-        objects.push(ObjectSummary { id: row.get(0)?, version: row.get(1)?, keys: row.get(2)?, bytes: row.get(3)? });
-    }
+    let mut objects = db
+        .read(|conn| {
+            let (sql, args) = (&sql, args.clone());
+            async move {
+                let mut rows = conn.query(sql, args).await?;
+                let mut objects = Vec::new();
+                while let Some(row) = rows.next().await? {
+                    objects.push(ObjectSummary {
+                        id: row.get(0)?,
+                        version: row.get(1)?,
+                        keys: row.get(2)?,
+                        bytes: row.get(3)?,
+                    });
+                }
+                Ok(objects)
+            }
+        })
+        .await?;
     let more = objects.len() > limit;
     objects.truncate(limit);
     Ok((objects, more))
