@@ -22,13 +22,24 @@ pub async fn open_database(settings: &DatabaseSettings) -> anyhow::Result<Databa
     let url = String::from(settings.turso_url.clone());
     let db = Database::open(settings).await.with_context(|| format!("cannot open the database at TURSO_URL={url}"))?;
     let conn = db.connect().await.with_context(|| format!("cannot connect to TURSO_URL={url}"))?;
-    let applied = db::migrate(&conn).await.with_context(|| {
-        if settings.turso_url.is_remote() {
-            format!("cannot migrate the database at TURSO_URL={url} (is the server up, and is TURSO_TOKEN right?)")
-        } else {
-            format!("cannot migrate the database at TURSO_URL={url}")
+    let applied = match db::migrate(&conn).await {
+        Ok(applied) => applied,
+        Err(err) if settings.turso_url.is_remote() && err.to_string().contains("status=401") => {
+            let problem = if settings.turso_token.is_some() {
+                "refused TURSO_TOKEN"
+            } else {
+                "needs a token and TURSO_TOKEN is not set"
+            };
+            anyhow::bail!("the libSQL server at TURSO_URL={url} {problem} (401 Unauthorized): set TURSO_TOKEN to a valid token for it");
         }
-    })?;
+        Err(err) => {
+            let hint =
+                if settings.turso_url.is_remote() { " (is the server up, and is TURSO_TOKEN right?)" } else { "" };
+            return Err(
+                anyhow::Error::new(err).context(format!("cannot migrate the database at TURSO_URL={url}{hint}"))
+            );
+        }
+    };
     for name in applied {
         tracing::info!(migration = name, "applied migration");
     }

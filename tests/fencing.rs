@@ -164,7 +164,10 @@ async fn paused_owner_is_fenced_out_after_takeover() {
             })
         })
         .collect();
-    tokio::time::sleep(Duration::from_millis(LEASE_MS * 5)).await;
+    // On a libSQL server the pause may land inside A's transaction, which
+    // holds the write lock until the server's transaction timeout (5 s).
+    let server_timeout = if db.is_file() { Duration::ZERO } else { Duration::from_secs(6) };
+    tokio::time::sleep(Duration::from_millis(LEASE_MS * 5) + server_timeout).await;
     let during_pause: Vec<_> = ledger.acked().into_iter().filter(|ack| ack.at > paused_at).collect();
     a.signal(libc::SIGCONT);
     let resumed_at = Instant::now();

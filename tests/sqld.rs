@@ -1,0 +1,290 @@
+//! What only a libSQL server (sqld) can show: transactions the server times
+//! out under a paused replica, the server restarting under a stream of
+//! writes, and JWT authentication with TURSO_TOKEN. Each test starts its own
+//! sqld (see `common::sqld`).
+
+mod common;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine;
+use common::ledger::{Ledger, Outcome};
+use common::sqld::Sqld;
+use common::{unique_ns, Process};
+use ed25519_dalek::Signer;
+use rand::Rng;
+
+const LEASE_MS: u64 = 400;
+/// sqld rolls back a write transaction held longer than this while another writer waits.
+const SERVER_TRANSACTION_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn replica(url: &str, extra: &[(&str, String)]) -> Process {
+    let mut env = vec![
+        ("STATEHOUSE_LEASE_MS", LEASE_MS.to_string()),
+        ("STATEHOUSE_FORWARD_TIMEOUT_MS", "300".to_string()),
+        ("STATEHOUSE_REQUEST_TIMEOUT_MS", "20000".to_string()),
+    ];
+    env.extend(extra.iter().cloned());
+    Process::start(url, 0, &env)
+}
+
+fn patient_client() -> reqwest::Client {
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().unwrap()
+}
+
+fn spawn_writes(
+    ledger: Arc<Ledger>,
+    bases: Vec<String>,
+    ns: String,
+    objects: Vec<String>,
+    stop: Arc<AtomicBool>,
+    label: String,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(3)).build().unwrap();
+        let mut i = 0usize;
+        while !stop.load(Ordering::Relaxed) {
+            let base = &bases[i % bases.len()];
+            let object = &objects[i % objects.len()];
+            if !matches!(ledger.put(&client, base, &ns, object, &format!("{label}-{i}")).await, Outcome::Acked(_)) {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            i += 1;
+        }
+    })
+}
+
+/// Whether a writer can take the server's write lock within `within`. The
+/// attempt is left to finish (and roll back) in the background either way,
+/// so a waiting writer exists, which is what makes the server time out a
+/// transaction held by a paused client.
+async fn lock_free_within(url: &str, within: Duration) -> (bool, tokio::task::JoinHandle<()>) {
+    let db = libsql::Builder::new_remote(url.to_string(), String::new()).build().await.unwrap();
+    let conn = db.connect().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel();
+    let task = tokio::spawn(async move {
+        let _db = db;
+        if let Ok(t) = conn.transaction_with_behavior(libsql::TransactionBehavior::Immediate).await {
+            let _ = t.rollback().await;
+        }
+        let _ = tx.send(());
+    });
+    (tokio::time::timeout(within, rx).await.is_ok(), task)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_replica_paused_inside_a_transaction_commits_nothing_after_the_server_times_it_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqld = Sqld::start(&dir.path().join("sqld"), &[]);
+    let a = replica(&sqld.url(), &[]);
+    let b = replica(&sqld.url(), &[]);
+    let ns = unique_ns("txtimeout");
+    let object = "o".to_string();
+    let ledger = Arc::new(Ledger::default());
+    let first = match ledger.put(&patient_client(), &a.base, &ns, &object, "first").await {
+        Outcome::Acked(ack) => ack,
+        _ => panic!("first write failed"),
+    };
+    let old_fence = first.fence;
+
+    // Keep A's writer busy so that a pause lands inside one of its transactions.
+    let stop = Arc::new(AtomicBool::new(false));
+    let streams: Vec<_> = (0..3)
+        .map(|s| {
+            spawn_writes(
+                ledger.clone(),
+                vec![a.base.clone()],
+                ns.clone(),
+                vec![object.clone()],
+                stop.clone(),
+                format!("a{s}"),
+            )
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut attempts = 0;
+    let (paused_at, waiter) = loop {
+        attempts += 1;
+        a.signal(libc::SIGSTOP);
+        let at = Instant::now();
+        let (free, waiter) = lock_free_within(&sqld.url(), Duration::from_millis(500)).await;
+        if !free {
+            break (at, waiter);
+        }
+        a.signal(libc::SIGCONT);
+        assert!(attempts < 100, "never caught A inside a transaction");
+        tokio::time::sleep(Duration::from_millis(rand::rng().random_range(1..20))).await;
+    };
+    stop.store(true, Ordering::Relaxed);
+
+    // The server ends A's transaction; B then takes the object over while A is still paused.
+    tokio::time::timeout(SERVER_TRANSACTION_TIMEOUT * 3, waiter)
+        .await
+        .expect("the server never timed out the paused transaction")
+        .unwrap();
+    let takeover = match ledger.put(&patient_client(), &b.base, &ns, &object, "b-after-timeout").await {
+        Outcome::Acked(ack) => ack,
+        _ => panic!("B could not write after the server timed out A's transaction"),
+    };
+    assert_eq!(takeover.instance, b.instance);
+    assert!(takeover.fence > old_fence);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let paused_for = paused_at.elapsed();
+    assert!(paused_for > SERVER_TRANSACTION_TIMEOUT, "paused only {paused_for:?}");
+    a.signal(libc::SIGCONT);
+    for s in streams {
+        s.await.unwrap();
+    }
+
+    // Nothing A had in the timed-out transaction, nor anything after, committed under the old fence.
+    let acks = ledger.acked();
+    for ack in &acks {
+        if ack.fence == old_fence {
+            assert!(ack.version < takeover.version, "old fence committed version {} after the takeover", ack.version);
+        }
+    }
+    let info: serde_json::Value = patient_client()
+        .get(format!("{}/v1/objects/{ns}/{object}", b.base))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(info["fence"], takeover.fence);
+    // A's next write succeeds under a fence newer than its old one: forwarded
+    // to B, or (once B let its idle lease go) under a fence A took anew.
+    match ledger.put(&patient_client(), &a.base, &ns, &object, "a-after-resume").await {
+        Outcome::Acked(ack) => assert!(ack.fence >= takeover.fence, "A wrote under fence {} after resuming", ack.fence),
+        _ => panic!("the resumed replica could not write"),
+    }
+    let metrics = patient_client().get(format!("{}/metrics", a.base)).send().await.unwrap().text().await.unwrap();
+    let rejections =
+        metrics.lines().find(|l| l.starts_with("statehouse_fence_rejections_total")).unwrap_or("").to_string();
+    println!(
+        "sqld transaction timeout: caught A in a transaction after {attempts} attempt(s), paused {}ms; takeover fence {old_fence} -> {}; A: {rejections}",
+        paused_for.as_millis(),
+        takeover.fence
+    );
+    ledger.verify("sqld transaction timeout", &patient_client(), &b.base, &ns, &[object]).await;
+    a.assert_no_panic();
+    b.assert_no_panic();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_reconnect_after_the_server_restarts_and_lose_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sqld = Sqld::start(&dir.path().join("sqld"), &[]);
+    let a = replica(&sqld.url(), &[]);
+    let b = replica(&sqld.url(), &[]);
+    let ns = unique_ns("sqldrestart");
+    let objects: Vec<String> = (0..2).map(|i| format!("o{i}")).collect();
+    let ledger = Arc::new(Ledger::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    let bases = vec![a.base.clone(), b.base.clone()];
+    let streams: Vec<_> = (0..3)
+        .map(|s| {
+            spawn_writes(ledger.clone(), bases.clone(), ns.clone(), objects.clone(), stop.clone(), format!("s{s}"))
+        })
+        .collect();
+    let probe = reqwest::Client::builder().timeout(Duration::from_secs(3)).build().unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    sqld.kill();
+    let killed_at = Instant::now();
+    for base in &bases {
+        loop {
+            let status = probe.get(format!("{base}/readyz")).send().await.map(|r| r.status().as_u16()).unwrap_or(0);
+            if status == 503 {
+                break;
+            }
+            assert!(killed_at.elapsed() < Duration::from_secs(10), "{base}/readyz still {status} with the server down");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let acked_while_down = ledger.acked().iter().filter(|x| x.at > killed_at + Duration::from_millis(100)).count();
+    sqld.restart();
+    let restarted_at = Instant::now();
+    for base in &bases {
+        loop {
+            let status = probe.get(format!("{base}/readyz")).send().await.map(|r| r.status().as_u16()).unwrap_or(0);
+            if status == 200 {
+                break;
+            }
+            assert!(restarted_at.elapsed() < Duration::from_secs(20), "{base} did not reconnect");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let reconnected = restarted_at.elapsed();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    for s in streams {
+        s.await.unwrap();
+    }
+    let after = ledger.acked().iter().filter(|x| x.at > restarted_at).count();
+    assert_eq!(acked_while_down, 0, "writes were acknowledged while the server was down");
+    assert!(after > 0, "no write was acknowledged after the server came back");
+    println!(
+        "sqld restart: both replicas ready {}ms after the restart; {after} writes acknowledged after it",
+        reconnected.as_millis()
+    );
+    ledger.verify("sqld restart", &probe, &a.base, &ns, &objects).await;
+    a.assert_no_panic();
+    b.assert_no_panic();
+}
+
+/// A JWT signed with Ed25519, as Turso and sqld accept.
+fn jwt(key: &ed25519_dalek::SigningKey) -> String {
+    let header = URL_SAFE_NO_PAD.encode(br#"{"alg":"EdDSA","typ":"JWT"}"#);
+    let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 3600;
+    let claims = URL_SAFE_NO_PAD.encode(format!(r#"{{"a":"rw","exp":{exp}}}"#));
+    let signing_input = format!("{header}.{claims}");
+    let signature = URL_SAFE_NO_PAD.encode(key.sign(signing_input.as_bytes()).to_bytes());
+    format!("{signing_input}.{signature}")
+}
+
+#[tokio::test]
+async fn turso_token_is_checked_by_a_server_with_jwt_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = ed25519_dalek::SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+    let key_file = dir.path().join("jwt.pub");
+    std::fs::write(&key_file, URL_SAFE_NO_PAD.encode(key.verifying_key().to_bytes())).unwrap();
+    let sqld = Sqld::start(&dir.path().join("sqld"), &["--auth-jwt-key-file".into(), key_file.display().to_string()]);
+
+    let good = jwt(&key);
+    let app = replica(&sqld.url(), &[("TURSO_TOKEN", good)]);
+    let client = patient_client();
+    let ns = unique_ns("auth");
+    let r = client.put(format!("{}/v1/objects/{ns}/o/kv/k", app.base)).body("v").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        client.get(format!("{}/v1/objects/{ns}/o/kv/k", app.base)).send().await.unwrap().text().await.unwrap(),
+        "v"
+    );
+
+    let other = ed25519_dalek::SigningKey::from_bytes(&rand::random::<[u8; 32]>());
+    for (label, token) in
+        [("wrong key", Some(jwt(&other))), ("garbage", Some("not-a-jwt".to_string())), ("missing", None)]
+    {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_statehouse"));
+        cmd.env_clear()
+            .env("TURSO_URL", sqld.url())
+            .env("STATEHOUSE_LISTEN", "127.0.0.1:0")
+            .env("STATEHOUSE_LOG", "off");
+        if let Some(token) = token {
+            cmd.env("TURSO_TOKEN", token);
+        }
+        let out = cmd.output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{label}: {stderr}");
+        assert!(stderr.contains("TURSO_TOKEN"), "{label}: the error must name TURSO_TOKEN: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{label}: {stderr}");
+        println!("sqld auth, {label} token: {}", stderr.trim_end());
+    }
+    app.assert_no_panic();
+}
