@@ -194,6 +194,16 @@ fn fail_all(batch: Vec<Box<dyn Job>>, err: StoreError) {
 /// transaction as a whole did not commit.
 async fn commit_batch(conn: &Connection, batch: &mut [Box<dyn Job>], metrics: &Metrics) -> Result<(), StoreError> {
     let tx = begin_immediate(conn, metrics).await?;
+    // Alone in its transaction, a job needs no savepoint: a refusal rolls the
+    // whole transaction back. On a remote server that saves two round trips.
+    if let [job] = batch {
+        if job.apply(&tx).await.unwrap_or(false) {
+            tx.commit().await?;
+        } else {
+            tx.rollback().await?;
+        }
+        return Ok(());
+    }
     for job in batch.iter_mut() {
         tx.execute("SAVEPOINT job", ()).await?;
         let keep = match job.apply(&tx).await {
