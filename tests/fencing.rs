@@ -44,7 +44,8 @@ async fn round_robin_writes_through_three_replicas() {
     for writer in 0..6 {
         let (ledger, bases, objects, ns) = (ledger.clone(), bases.clone(), objects.clone(), ns.clone());
         tasks.push(tokio::spawn(async move {
-            let client = client();
+            // Every replica is alive: nothing should hang, so wait as long as a slow server needs.
+            let client = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
             for i in 0..150 {
                 let base = &bases[(writer + i) % bases.len()];
                 let object = &objects[i % objects.len()];

@@ -111,6 +111,27 @@ def read_logical_lines(path: Path) -> list[str]:
     return lines
 
 
+def global_arg_defaults(lines: list[str]) -> dict[str, str]:
+    """Default values of the ARGs declared before the first FROM, each expanded with the earlier ones."""
+    defaults: dict[str, str] = {}
+    for line in lines:
+        if line.upper().startswith("ARG ") and "=" in line:
+            name, value = line[4:].strip().split("=", 1)
+            defaults[name] = expand_args(value.strip('"'), defaults)
+    return defaults
+
+
+def expand_args(text: str, values: dict[str, str]) -> str:
+    """`${NAME}` / `$NAME` replaced by its value; an unknown name fails the test."""
+
+    def value(match: re.Match) -> str:
+        name = match.group(1) or match.group(2)
+        assert name in values, f"{text}: ${name} has no default among the global ARGs {sorted(values)}"
+        return values[name]
+
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", value, text)
+
+
 def ms(value) -> float:
     """A duration in milliseconds from an int (seconds) or a `30s`/`1m30s`/`500ms` string."""
     if isinstance(value, (int, float)):
@@ -206,8 +227,17 @@ def test_dockerfile_shape():
     assert any("cargo/registry" in m for m in mounts), f"no cache mount for the cargo registry: {mounts}"
     assert any(m.endswith("/target") for m in mounts), f"no cache mount for target/: {mounts}"
 
-    base = runtime[0].split()[1]
-    assert not base.startswith("rust:"), f"the runtime stage must not be the Rust toolchain image: {base}"
+    # The FROM lines name their base images through global ARGs (overridable with
+    # --build-arg BUILDER_IMAGE=... / RUNTIME_IMAGE=...): check what the defaults select.
+    global_args = global_arg_defaults(lines[:froms[0]])
+    builder_base = expand_args(builder[0].split()[1], global_args)
+    runtime_base = expand_args(runtime[0].split()[1], global_args)
+    assert builder_base.startswith("rust:"), f"the builder stage's default base is not a Rust image: {builder_base}"
+    assert not runtime_base.startswith("rust:"), f"the runtime stage must not be the Rust toolchain image: {runtime_base}"
+    release = global_args.get("DEBIAN_RELEASE")
+    assert release and builder_base.endswith(f"-{release}") and runtime_base.startswith(f"debian:{release}"), (
+        f"builder and runtime must share one Debian release (glibc): {builder_base}, {runtime_base}"
+    )
     assert any(line.startswith("COPY --from=") and "statehouse" in line for line in runtime), "runtime does not copy the binary"
 
     users = [line.split()[1] for line in runtime if line.startswith("USER ")]
