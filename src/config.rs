@@ -48,11 +48,53 @@ pub struct DatabaseSettings {
     pub sync: SyncMode,
 }
 
+/// Where blobs (and the Iceberg export) go: a local folder, or an
+/// S3-compatible store when all four R2_* credentials are set.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct ObjectStoreSettings {
+    /// The local folder used when no S3-compatible store is configured.
+    #[arg(long = "objects-dir", env = "STATEHOUSE_OBJECTS_DIR", default_value = "./data/objects")]
+    pub objects_dir: std::path::PathBuf,
+
+    /// S3-compatible endpoint (R2, S3, Tigris, MinIO), e.g. https://<account>.r2.cloudflarestorage.com.
+    #[arg(long = "r2-endpoint", env = "R2_ENDPOINT", value_parser = parse_http_url)]
+    pub r2_endpoint: Option<String>,
+
+    /// Bucket for blobs and the Iceberg warehouse.
+    #[arg(long = "r2-bucket", env = "R2_BUCKET", value_parser = parse_bucket)]
+    pub r2_bucket: Option<String>,
+
+    #[arg(long = "r2-access-key-id", env = "R2_ACCESS_KEY_ID", hide_env_values = true)]
+    #[serde(serialize_with = "redact")]
+    pub r2_access_key_id: Option<String>,
+
+    #[arg(long = "r2-secret-access-key", env = "R2_SECRET_ACCESS_KEY", hide_env_values = true)]
+    #[serde(serialize_with = "redact")]
+    pub r2_secret_access_key: Option<String>,
+
+    /// Region to sign requests for (`auto` suits R2; MinIO accepts any).
+    #[arg(long = "r2-region", env = "R2_REGION", default_value = "auto")]
+    pub r2_region: String,
+
+    /// Create the bucket at start when it is missing (development stacks).
+    #[arg(long = "create-bucket", env = "STATEHOUSE_CREATE_BUCKET", default_value_t = false, action = clap::ArgAction::Set)]
+    pub create_bucket: bool,
+}
+
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct Settings {
     #[command(flatten)]
     #[serde(flatten)]
     pub database: DatabaseSettings,
+
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub objects: ObjectStoreSettings,
+
+    /// Largest blob accepted by `PUT .../blobs/{name}`, in bytes.
+    #[arg(long = "max-blob-bytes", env = "STATEHOUSE_MAX_BLOB_BYTES", default_value_t = 5 * 1024 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_blob_bytes: u64,
 
     /// Address to bind the HTTP server to (`0.0.0.0:8080` in container images).
     #[arg(long = "listen", env = "STATEHOUSE_LISTEN", default_value = "127.0.0.1:8080")]
@@ -179,6 +221,16 @@ fn parse_http_url(raw: &str) -> Result<String, String> {
     Ok(raw.trim_end_matches('/').to_string())
 }
 
+fn parse_bucket(raw: &str) -> Result<String, String> {
+    let ok = (3..=63).contains(&raw.len())
+        && raw.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b));
+    if ok {
+        Ok(raw.to_string())
+    } else {
+        Err("3-63 characters of [a-z0-9.-]".into())
+    }
+}
+
 fn parse_instance_id(raw: &str) -> Result<String, String> {
     let ok =
         !raw.is_empty() && raw.len() <= 128 && raw.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.:".contains(&b));
@@ -265,6 +317,14 @@ pub const ENV_VARS: &[&str] = &[
     "TURSO_URL",
     "TURSO_TOKEN",
     "STATEHOUSE_SYNC",
+    "STATEHOUSE_OBJECTS_DIR",
+    "R2_ENDPOINT",
+    "R2_BUCKET",
+    "R2_ACCESS_KEY_ID",
+    "R2_SECRET_ACCESS_KEY",
+    "R2_REGION",
+    "STATEHOUSE_CREATE_BUCKET",
+    "STATEHOUSE_MAX_BLOB_BYTES",
     "STATEHOUSE_LISTEN",
     "STATEHOUSE_ADVERTISE_URL",
     "STATEHOUSE_LEASE_MS",

@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod ledger;
+pub mod s3;
 pub mod sqld;
 
 use std::io::{BufRead, BufReader};

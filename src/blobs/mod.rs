@@ -1,0 +1,7 @@
+//! Blobs: large binary payloads next to an object's keys, like R2 beside a
+//! Durable Object. The bytes live in the object store; their metadata is a
+//! fenced row in libSQL, committed only after the bytes are safely written.
+
+mod store;
+
+pub use store::{Backend, S3Settings, Storage, StorageError, UploadError, Uploaded, MULTIPART_PART_BYTES};
