@@ -174,11 +174,14 @@ pub struct Migration {
 }
 
 /// The schema, in order. `migrations/` holds the same files; a test keeps them in step.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "0001_objects_and_kv.sql",
-    sql: include_str!("../migrations/0001_objects_and_kv.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "0001_objects_and_kv.sql",
+        sql: include_str!("../migrations/0001_objects_and_kv.sql"),
+    },
+    Migration { version: 2, name: "0002_blobs.sql", sql: include_str!("../migrations/0002_blobs.sql") },
+];
 
 pub fn latest_migration() -> i64 {
     MIGRATIONS.last().map_or(0, |m| m.version)

@@ -10,6 +10,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::blobs::Storage;
 use crate::config::{DatabaseSettings, Settings, SyncMode};
 use crate::db::{self, Database};
 use crate::guard::{Guard, Replica};
@@ -61,6 +62,7 @@ pub async fn run(
     };
 
     let db = Arc::new(open_database(&settings.database).await?);
+    let storage = Storage::open(&settings.objects).await.context("cannot open the object store")?;
     let metrics = Arc::new(Metrics::new(&instance, sync));
     let writer = Writer::spawn(db.clone(), metrics.clone());
     let me =
@@ -73,13 +75,22 @@ pub async fn run(
         .pool_idle_timeout(std::time::Duration::from_secs(30))
         .build()
         .context("cannot build the HTTP client for peer replicas")?;
-    let state = Arc::new(AppState { settings: settings.clone(), db, writer, guard: guard.clone(), metrics, peers });
+    let state = Arc::new(AppState {
+        settings: settings.clone(),
+        db,
+        storage: storage.clone(),
+        writer,
+        guard: guard.clone(),
+        metrics,
+        peers,
+    });
 
     tracing::info!(
         addr = %addr,
         advertise_url = %advertise_url,
         instance = %instance,
         database = %String::from(settings.database.turso_url.clone()),
+        objects = %storage.location,
         sync,
         lease_ms = settings.lease_ms,
         "listening"

@@ -510,13 +510,13 @@ async fn objects_info_delete_all_and_listing() {
     let r = app.client.delete(app.url(&format!("/v1/objects/{ns}/o1"))).send().await.unwrap();
     assert_eq!(r.status(), 200);
     assert!(r.headers().contains_key("statehouse-fence"));
-    assert_eq!(json_of(r).await, json!({"deleted_keys": 2, "version": 3}));
+    assert_eq!(json_of(r).await, json!({"deleted_keys": 2, "deleted_blobs": 0, "version": 3}));
     let info = json_of(app.client.get(app.url(&format!("/v1/objects/{ns}/o1"))).send().await.unwrap()).await;
     assert_eq!((info["version"].as_i64(), info["keys"].as_i64(), info["bytes"].as_i64()), (Some(3), Some(0), Some(0)));
     assert_eq!(app.client.get(app.url(&format!("/v1/objects/{ns}/o1/kv/a"))).send().await.unwrap().status(), 404);
     // Deleting an empty object is still a change: deleteAll always bumps.
     let r = app.client.delete(app.url(&format!("/v1/objects/{ns}/o1"))).send().await.unwrap();
-    assert_eq!(json_of(r).await, json!({"deleted_keys": 0, "version": 4}));
+    assert_eq!(json_of(r).await, json!({"deleted_keys": 0, "deleted_blobs": 0, "version": 4}));
 
     let body = json_of(app.client.get(app.url(&format!("/v1/objects/{ns}?limit=2"))).send().await.unwrap()).await;
     let ids: Vec<&str> = body["items"].as_array().unwrap().iter().map(|o| o["id"].as_str().unwrap()).collect();

@@ -2,6 +2,8 @@
 //! Durable Object. The bytes live in the object store; their metadata is a
 //! fenced row in libSQL, committed only after the bytes are safely written.
 
+pub mod meta;
 mod store;
 
+pub use meta::{new_storage_key, validate_name, BlobMeta};
 pub use store::{Backend, S3Settings, Storage, StorageError, UploadError, Uploaded, MULTIPART_PART_BYTES};

@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::blobs::StorageError;
 use crate::db::StoreError;
 use crate::objects::{InvalidName, Rejection};
 
@@ -27,6 +28,10 @@ pub enum ApiError {
     PayloadTooLarge(String),
     #[error("{0}")]
     UnsupportedMediaType(String),
+    #[error("{detail}")]
+    RangeNotSatisfiable { detail: String, size: u64 },
+    #[error("{0}")]
+    Conflict(String),
     #[error("{detail}")]
     Unavailable { detail: String, retry_after_secs: Option<u64> },
     #[error("{0}")]
@@ -66,6 +71,10 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported-media-type", "Unsupported media type")
             }
+            ApiError::RangeNotSatisfiable { .. } => {
+                (StatusCode::RANGE_NOT_SATISFIABLE, "range-not-satisfiable", "Range not satisfiable")
+            }
+            ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict"),
             ApiError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
         }
@@ -104,6 +113,11 @@ impl IntoResponse for ApiError {
         if let Some(secs) = retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
         }
+        if let ApiError::RangeNotSatisfiable { size, .. } = &self {
+            if let Ok(value) = HeaderValue::from_str(&format!("bytes */{size}")) {
+                headers.insert(header::CONTENT_RANGE, value);
+            }
+        }
         response
     }
 }
@@ -113,6 +127,20 @@ impl From<StoreError> for ApiError {
         match err {
             StoreError::Unavailable(detail) => ApiError::unavailable(detail, 1),
             StoreError::Internal(detail) => ApiError::Internal(detail),
+        }
+    }
+}
+
+impl From<StorageError> for ApiError {
+    fn from(err: StorageError) -> Self {
+        match err {
+            StorageError::NotFound(detail) => {
+                // Metadata said it exists: the store lost it or is out of step; not the client's fault.
+                ApiError::unavailable(format!("the blob's data is missing from the object store ({detail})"), 5)
+            }
+            StorageError::NotSupported(detail) => ApiError::Conflict(detail),
+            StorageError::InvalidRange(detail) => ApiError::RangeNotSatisfiable { detail, size: 0 },
+            StorageError::Unavailable(detail) | StorageError::Config(detail) => ApiError::unavailable(detail, 1),
         }
     }
 }

@@ -4,7 +4,7 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
@@ -69,6 +69,8 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequestParts<S> for ApiQuery<T> {
     }
 }
 
+pub const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
+const MAX_CONTENT_TYPE_BYTES: usize = 255;
 const DEFAULT_LIST_LIMIT: usize = 1000;
 const MAX_LIST_LIMIT: usize = 10_000;
 
@@ -148,6 +150,48 @@ fn version_match(headers: &HeaderMap, name: &str) -> Result<Option<VersionMatch>
         return Err(ApiError::BadRequest(format!("{name} is empty")));
     }
     Ok(Some(VersionMatch::OneOf(versions)))
+}
+
+/// The Content-Type a PUT stores: the request's, or application/octet-stream.
+pub fn stored_content_type(headers: &HeaderMap) -> Result<String, ApiError> {
+    match headers.get(header::CONTENT_TYPE) {
+        None => Ok(DEFAULT_CONTENT_TYPE.into()),
+        Some(value) => {
+            let text =
+                value.to_str().map_err(|_| ApiError::BadRequest("Content-Type must be visible ASCII".into()))?.trim();
+            check_content_type(text)?;
+            Ok(text.to_string())
+        }
+    }
+}
+
+pub fn check_content_type(content_type: &str) -> Result<(), ApiError> {
+    let ok = !content_type.is_empty()
+        && content_type.len() <= MAX_CONTENT_TYPE_BYTES
+        && content_type.contains('/')
+        && content_type.bytes().all(|b| (0x20..0x7f).contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::BadRequest(format!(
+            "content type must look like type/subtype, in at most {MAX_CONTENT_TYPE_BYTES} visible ASCII characters"
+        )))
+    }
+}
+
+/// On single-key routes the condition came from a header, not a batch op.
+pub fn header_condition(err: ApiError) -> ApiError {
+    match err {
+        ApiError::PreconditionFailed { .. } => ApiError::PreconditionFailed {
+            detail: "If-Match / If-None-Match does not hold for the key's current version".into(),
+            op_index: None,
+        },
+        other => other,
+    }
+}
+
+pub fn etag(version: i64) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{version}\"")).expect("digits are a valid header")
 }
 
 #[cfg(test)]

@@ -10,7 +10,10 @@ use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, Problem};
-use super::extract::{list_limit, precondition, ApiQuery, KeyPath, ObjectPath, Replay};
+use super::extract::{
+    check_content_type, etag, header_condition, list_limit, precondition, stored_content_type, ApiQuery, KeyPath,
+    ObjectPath, Replay,
+};
 use super::{commit, written, Routed, SharedState};
 use crate::objects::{
     self, decode_cursor, embed_value, encode_cursor, is_json_content_type, validate_key, Entry, KeyRange, Mutation, Op,
@@ -18,8 +21,6 @@ use crate::objects::{
 };
 
 pub const MAX_BATCH_OPS: usize = 128;
-const MAX_CONTENT_TYPE_BYTES: usize = 255;
-const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
 
 #[derive(Serialize, ToSchema)]
 pub struct VersionBody {
@@ -86,8 +87,8 @@ pub async fn get_key(
             return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag(entry.version))]).into_response());
         }
     }
-    let content_type =
-        HeaderValue::from_str(&entry.content_type).unwrap_or_else(|_| HeaderValue::from_static(DEFAULT_CONTENT_TYPE));
+    let content_type = HeaderValue::from_str(&entry.content_type)
+        .unwrap_or_else(|_| HeaderValue::from_static(super::extract::DEFAULT_CONTENT_TYPE));
     Ok((StatusCode::OK, [(header::CONTENT_TYPE, content_type), (header::ETAG, etag(entry.version))], entry.value)
         .into_response())
 }
@@ -294,7 +295,7 @@ fn batch_op(op: BatchOp, max_value: usize) -> Result<Op, ApiError> {
                     let bytes = base64::engine::general_purpose::STANDARD
                         .decode(encoded.trim())
                         .map_err(|e| ApiError::BadRequest(format!("value_base64 is not base64: {e}")))?;
-                    (Bytes::from(bytes), content_type.unwrap_or_else(|| DEFAULT_CONTENT_TYPE.into()))
+                    (Bytes::from(bytes), content_type.unwrap_or_else(|| super::extract::DEFAULT_CONTENT_TYPE.into()))
                 }
                 _ => return Err(ApiError::BadRequest("a put needs exactly one of `value` and `value_base64`".into())),
             };
@@ -358,48 +359,8 @@ fn batch_result(result: &OpResult) -> serde_json::Value {
             }
             out
         }
-        OpResult::DeleteAll { deleted_keys } => json!({ "op": "delete_all", "deleted_keys": deleted_keys }),
-    }
-}
-
-/// The Content-Type a PUT stores: the request's, or application/octet-stream.
-fn stored_content_type(headers: &HeaderMap) -> Result<String, ApiError> {
-    match headers.get(header::CONTENT_TYPE) {
-        None => Ok(DEFAULT_CONTENT_TYPE.into()),
-        Some(value) => {
-            let text =
-                value.to_str().map_err(|_| ApiError::BadRequest("Content-Type must be visible ASCII".into()))?.trim();
-            check_content_type(text)?;
-            Ok(text.to_string())
+        OpResult::DeleteAll { .. } | OpResult::PutBlob { .. } | OpResult::DeleteBlob { .. } => {
+            unreachable!("a batch holds only key operations")
         }
     }
-}
-
-fn check_content_type(content_type: &str) -> Result<(), ApiError> {
-    let ok = !content_type.is_empty()
-        && content_type.len() <= MAX_CONTENT_TYPE_BYTES
-        && content_type.contains('/')
-        && content_type.bytes().all(|b| (0x20..0x7f).contains(&b));
-    if ok {
-        Ok(())
-    } else {
-        Err(ApiError::BadRequest(format!(
-            "content type must look like type/subtype, in at most {MAX_CONTENT_TYPE_BYTES} visible ASCII characters"
-        )))
-    }
-}
-
-/// On single-key routes the condition came from a header, not a batch op.
-fn header_condition(err: ApiError) -> ApiError {
-    match err {
-        ApiError::PreconditionFailed { .. } => ApiError::PreconditionFailed {
-            detail: "If-Match / If-None-Match does not hold for the key's current version".into(),
-            op_index: None,
-        },
-        other => other,
-    }
-}
-
-fn etag(version: i64) -> HeaderValue {
-    HeaderValue::from_str(&format!("\"{version}\"")).expect("digits are a valid header")
 }

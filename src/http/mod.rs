@@ -1,6 +1,7 @@
 //! The HTTP surface: a pure `app(state) -> Router`, its middleware, and the
 //! write path that sends each write to the replica owning the object.
 
+mod blobs;
 mod error;
 mod extract;
 mod forward;
@@ -28,6 +29,7 @@ use tracing::Level;
 pub use error::{ApiError, Problem, PROBLEM_BASE};
 pub use openapi::openapi_json;
 
+use crate::blobs::Storage;
 use crate::config::Settings;
 use crate::db::Database;
 use crate::guard::{Guard, Route};
@@ -45,6 +47,7 @@ pub const FORWARDED_BY: HeaderName = HeaderName::from_static("statehouse-forward
 pub struct AppState {
     pub settings: Settings,
     pub db: Arc<Database>,
+    pub storage: Storage,
     pub writer: Writer,
     pub guard: Arc<Guard>,
     pub metrics: Arc<Metrics>,
@@ -68,6 +71,16 @@ pub fn app(state: SharedState) -> Router {
             get(kv::get_key).put(kv::put_key).delete(kv::delete_key).layer(DefaultBodyLimit::max(value_limit)),
         )
         .route("/v1/objects/{ns}/{id}/batch", post(kv::batch).layer(DefaultBodyLimit::max(batch_limit)))
+        .route("/v1/objects/{ns}/{id}/blobs", get(blobs::list_blobs))
+        .route(
+            "/v1/objects/{ns}/{id}/blobs/{*name}",
+            get(blobs::get_blob)
+                .put(blobs::put_blob)
+                .delete(blobs::delete_blob)
+                .post(blobs::post_blob_action)
+                .layer(DefaultBodyLimit::max(64 * 1024)),
+        )
+        .route("/v1/internal/objects/{ns}/{id}/blob-commit", post(blobs::commit_forwarded_blob))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

@@ -58,6 +58,7 @@ pub async fn get_object(
 #[derive(Serialize, ToSchema)]
 pub struct DeleteAllBody {
     deleted_keys: i64,
+    deleted_blobs: i64,
     version: i64,
 }
 
@@ -77,11 +78,15 @@ pub async fn delete_object(
         Routed::Forwarded(response) => return Ok(response),
         Routed::Local(committed) => committed,
     };
-    let deleted_keys = match committed.results.first() {
-        Some(OpResult::DeleteAll { deleted_keys }) => *deleted_keys,
-        _ => 0,
+    let (deleted_keys, deleted_blobs) = match committed.results.first() {
+        Some(OpResult::DeleteAll { deleted_keys, deleted_blobs }) => (*deleted_keys, *deleted_blobs),
+        _ => (0, 0),
     };
-    Ok(written(&committed, StatusCode::OK, json!({ "deleted_keys": deleted_keys, "version": committed.version })))
+    Ok(written(
+        &committed,
+        StatusCode::OK,
+        json!({ "deleted_keys": deleted_keys, "deleted_blobs": deleted_blobs, "version": committed.version }),
+    ))
 }
 
 #[derive(Deserialize, IntoParams)]

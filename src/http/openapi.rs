@@ -4,7 +4,7 @@ use std::sync::OnceLock;
 
 use utoipa::OpenApi;
 
-use super::{kv, objects, ops, Problem};
+use super::{blobs, kv, objects, ops, Problem};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -21,6 +21,11 @@ use super::{kv, objects, ops, Problem};
         objects::get_object,
         objects::delete_object,
         objects::list_objects,
+        blobs::put_blob,
+        blobs::get_blob,
+        blobs::delete_blob,
+        blobs::list_blobs,
+        blobs::post_blob_action,
         ops::healthz,
         ops::readyz,
         ops::metrics,

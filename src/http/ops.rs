@@ -17,7 +17,7 @@ pub async fn healthz() -> Response {
     axum::Json(json!({ "status": "ok" })).into_response()
 }
 
-/// The database is reachable and fully migrated.
+/// The database is reachable and fully migrated, and the object store answers.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
     responses((status = 200, description = "ready"), (status = 503, body = Problem)))]
 pub async fn readyz(State(state): State<SharedState>) -> Result<Response, ApiError> {
@@ -31,6 +31,10 @@ pub async fn readyz(State(state): State<SharedState>) -> Result<Response, ApiErr
             5,
         ));
     }
+    tokio::time::timeout(Duration::from_secs(2), state.storage.check())
+        .await
+        .map_err(|_| ApiError::unavailable("the object store did not answer within 2 s", 1))?
+        .map_err(|e| ApiError::unavailable(e.to_string(), 1))?;
     Ok(axum::Json(json!({ "status": "ready", "schema_version": version })).into_response())
 }
 

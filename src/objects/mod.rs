@@ -6,12 +6,14 @@ mod names;
 mod read;
 mod write;
 
-pub use encoding::{decode_cursor, embed_value, encode_cursor, is_json_content_type, EmbeddedValue};
+pub use encoding::{decode_cursor, embed_value, encode_cursor, is_json_content_type, prefix_successor, EmbeddedValue};
 pub use names::{validate_id, validate_key, validate_ns, InvalidName, ObjectRef, MAX_KEY_BYTES};
 pub use read::{get_entry, list_keys, list_objects, object_info, Entry, KeyRange, ObjectInfo, ObjectSummary};
 pub use write::WriteJob;
 
 use bytes::Bytes;
+
+use crate::blobs::BlobMeta;
 
 /// An entity-tag condition (`If-Match` / `If-None-Match`, or a batch op's
 /// `if_version` / `if_absent`) on a key's version.
@@ -57,13 +59,24 @@ pub enum Op {
 #[derive(Debug, Clone)]
 pub enum Mutation {
     Ops(Vec<Op>),
+    /// Every key and every blob of the object.
     DeleteAll,
+    /// Make an uploaded blob visible (its bytes are already in the store).
+    PutBlob {
+        blob: BlobMeta,
+        pre: Precondition,
+    },
+    DeleteBlob {
+        name: String,
+        pre: Precondition,
+    },
 }
 
 impl Mutation {
     fn weight(&self) -> usize {
         match self {
-            Mutation::DeleteAll => 64,
+            Mutation::DeleteAll | Mutation::DeleteBlob { .. } => 64,
+            Mutation::PutBlob { blob, .. } => 512 + blob.name.len(),
             Mutation::Ops(ops) => ops
                 .iter()
                 .map(|op| match op {
@@ -77,10 +90,31 @@ impl Mutation {
 
 #[derive(Debug, Clone)]
 pub enum OpResult {
-    Put { key: String, version: i64 },
-    Delete { key: String, deleted: bool },
-    Get { key: String, entry: Option<Entry> },
-    DeleteAll { deleted_keys: i64 },
+    Put {
+        key: String,
+        version: i64,
+    },
+    Delete {
+        key: String,
+        deleted: bool,
+    },
+    Get {
+        key: String,
+        entry: Option<Entry>,
+    },
+    DeleteAll {
+        deleted_keys: i64,
+        deleted_blobs: i64,
+    },
+    PutBlob {
+        name: String,
+        version: i64,
+    },
+    /// `storage_key` of the deleted blob, for prompt removal from the store.
+    DeleteBlob {
+        name: String,
+        deleted: Option<String>,
+    },
 }
 
 /// What a committed (or harmlessly empty) write did.

@@ -3,6 +3,7 @@
 use libsql::{params, Connection};
 
 use super::{Committed, Mutation, ObjectRef, Op, OpResult, Rejection};
+use crate::blobs::meta as blobs;
 use crate::db::StoreError;
 use crate::writer::{BoxFuture, Work};
 
@@ -65,9 +66,31 @@ impl WriteJob {
                 }
                 let deleted =
                     conn.execute("DELETE FROM kv WHERE ns = ?1 AND id = ?2", params![ns.as_str(), id.as_str()]).await?;
+                let deleted_blobs = blobs::delete_all_on(conn, &self.object, self.now_ms).await?;
                 totals = Totals { keys: 0, bytes: 0 };
                 changed = true;
-                results.push(OpResult::DeleteAll { deleted_keys: deleted as i64 });
+                results.push(OpResult::DeleteAll { deleted_keys: deleted as i64, deleted_blobs });
+            }
+            Mutation::PutBlob { blob, pre } => {
+                let current = blobs::get_on(conn, &self.object, &blob.name).await?;
+                if !pre.holds(current.as_ref().map(|b| b.version)) {
+                    return Ok(Err(Rejection::PreconditionFailed { op_index: 0, key: blob.name.clone() }));
+                }
+                let replaced = current.as_ref().map(|b| b.storage_key.as_str());
+                blobs::put_on(conn, &self.object, blob, version, replaced, self.now_ms).await?;
+                changed = true;
+                results.push(OpResult::PutBlob { name: blob.name.clone(), version });
+            }
+            Mutation::DeleteBlob { name, pre } => {
+                let current = blobs::get_on(conn, &self.object, name).await?;
+                if !pre.holds(current.as_ref().map(|b| b.version)) {
+                    return Ok(Err(Rejection::PreconditionFailed { op_index: 0, key: name.clone() }));
+                }
+                if let Some(current) = &current {
+                    blobs::delete_on(conn, &self.object, name, &current.storage_key, self.now_ms).await?;
+                    changed = true;
+                }
+                results.push(OpResult::DeleteBlob { name: name.clone(), deleted: current.map(|b| b.storage_key) });
             }
             Mutation::Ops(ops) => {
                 for (op_index, op) in ops.iter().enumerate() {

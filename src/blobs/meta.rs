@@ -1,0 +1,243 @@
+//! Blob metadata rows in libSQL: the SQL run inside fenced writes, and reads.
+
+use std::collections::BTreeMap;
+
+use libsql::{params, Connection, Value};
+use object_store::path::Path;
+
+use crate::db::{Database, StoreError};
+use crate::objects::{InvalidName, ObjectRef};
+
+pub const MAX_NAME_BYTES: usize = 1024;
+/// Total bytes of user metadata (names and values), like S3's 2 KiB, a bit roomier.
+pub const MAX_USER_META_BYTES: usize = 8 * 1024;
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BlobMeta {
+    pub name: String,
+    pub storage_key: String,
+    pub size: u64,
+    pub sha256: String,
+    pub content_type: String,
+    pub cache_control: Option<String>,
+    pub content_disposition: Option<String>,
+    pub user_meta: BTreeMap<String, String>,
+    /// The object version at which it was written (0 until committed).
+    pub version: i64,
+}
+
+/// A relative path of 1-1024 bytes: no empty, `.` or `..` segments, no
+/// leading slash, no control characters.
+pub fn validate_name(name: &str) -> Result<(), InvalidName> {
+    let problem = if name.is_empty() {
+        Some("it is empty".to_string())
+    } else if name.len() > MAX_NAME_BYTES {
+        Some(format!("{} bytes, at most {MAX_NAME_BYTES} allowed", name.len()))
+    } else if name.starts_with('/') {
+        Some("absolute paths are not allowed".into())
+    } else if name.chars().any(char::is_control) {
+        Some("control characters are not allowed".into())
+    } else if name.split('/').any(|s| s.is_empty() || s == "." || s == "..") {
+        Some("empty, `.` and `..` path segments are not allowed".into())
+    } else {
+        None
+    };
+    match problem {
+        None => Ok(()),
+        Some(p) => Err(InvalidName(format!("invalid blob name: {p}"))),
+    }
+}
+
+/// A key no other upload uses: `blobs/<ns>/<id>/<name>/<uuid v7>`. Uploads
+/// never overwrite each other, so a failed or fenced one cannot clobber data.
+pub fn new_storage_key(object: &ObjectRef, name: &str) -> Path {
+    let mut parts: Vec<&str> = vec!["blobs", &object.ns, &object.id];
+    parts.extend(name.split('/'));
+    let upload = uuid::Uuid::now_v7().to_string();
+    parts.push(&upload);
+    Path::from_iter(parts)
+}
+
+fn row_to_meta(row: &libsql::Row) -> Result<BlobMeta, StoreError> {
+    let name =
+        String::from_utf8(row.get::<Vec<u8>>(0)?).map_err(|_| StoreError::Internal("blob name not UTF-8".into()))?;
+    let user_meta: String = row.get(7)?;
+    Ok(BlobMeta {
+        name,
+        storage_key: row.get(1)?,
+        size: row.get::<i64>(2)? as u64,
+        sha256: row.get(3)?,
+        content_type: row.get(4)?,
+        cache_control: row.get(5)?,
+        content_disposition: row.get(6)?,
+        user_meta: serde_json::from_str(&user_meta).unwrap_or_default(),
+        version: row.get(8)?,
+    })
+}
+
+const COLUMNS: &str =
+    "name, storage_key, size, sha256, content_type, cache_control, content_disposition, user_meta, version";
+
+pub async fn get(db: &Database, object: &ObjectRef, name: &str) -> Result<Option<BlobMeta>, StoreError> {
+    db.read(|conn| async move { get_on(&conn, object, name).await }).await
+}
+
+pub(crate) async fn get_on(conn: &Connection, object: &ObjectRef, name: &str) -> Result<Option<BlobMeta>, StoreError> {
+    let mut rows = conn
+        .query(
+            &format!("SELECT {COLUMNS} FROM blobs WHERE ns = ?1 AND id = ?2 AND name = ?3"),
+            params![object.ns.as_str(), object.id.as_str(), name.as_bytes()],
+        )
+        .await?;
+    match rows.next().await? {
+        Some(row) => Ok(Some(row_to_meta(&row)?)),
+        None => Ok(None),
+    }
+}
+
+/// Blobs of an object in name order after `after`; and whether more follow.
+pub async fn list(
+    db: &Database,
+    object: &ObjectRef,
+    prefix: Option<&str>,
+    after: Option<&[u8]>,
+    limit: usize,
+) -> Result<(Vec<BlobMeta>, bool), StoreError> {
+    let mut sql = format!("SELECT {COLUMNS} FROM blobs WHERE ns = ?1 AND id = ?2");
+    let mut args: Vec<Value> = vec![object.ns.clone().into(), object.id.clone().into()];
+    if let Some(prefix) = prefix {
+        args.push(Value::Blob(prefix.as_bytes().to_vec()));
+        sql.push_str(&format!(" AND name >= ?{}", args.len()));
+        if let Some(upper) = crate::objects::prefix_successor(prefix.as_bytes()) {
+            args.push(Value::Blob(upper));
+            sql.push_str(&format!(" AND name < ?{}", args.len()));
+        }
+    }
+    if let Some(after) = after {
+        args.push(Value::Blob(after.to_vec()));
+        sql.push_str(&format!(" AND name > ?{}", args.len()));
+    }
+    args.push(Value::Integer(limit as i64 + 1));
+    sql.push_str(&format!(" ORDER BY name LIMIT ?{}", args.len()));
+    let mut blobs = db
+        .read(|conn| {
+            let (sql, args) = (&sql, args.clone());
+            async move {
+                let mut rows = conn.query(sql, args).await?;
+                let mut out = Vec::new();
+                while let Some(row) = rows.next().await? {
+                    out.push(row_to_meta(&row)?);
+                }
+                Ok(out)
+            }
+        })
+        .await?;
+    let more = blobs.len() > limit;
+    blobs.truncate(limit);
+    Ok((blobs, more))
+}
+
+/// Inside a fenced write: store `meta` at `version`; the key it replaces becomes garbage.
+pub(crate) async fn put_on(
+    conn: &Connection,
+    object: &ObjectRef,
+    meta: &BlobMeta,
+    version: i64,
+    replaced: Option<&str>,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    let user_meta = serde_json::to_string(&meta.user_meta).expect("a string map serialises");
+    conn.execute(
+        "INSERT INTO blobs (ns, id, name, storage_key, size, sha256, content_type, cache_control,
+                            content_disposition, user_meta, version, created_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+         ON CONFLICT (ns, id, name) DO UPDATE SET
+           storage_key = excluded.storage_key, size = excluded.size, sha256 = excluded.sha256,
+           content_type = excluded.content_type, cache_control = excluded.cache_control,
+           content_disposition = excluded.content_disposition, user_meta = excluded.user_meta,
+           version = excluded.version, created_at = excluded.created_at",
+        params![
+            object.ns.as_str(),
+            object.id.as_str(),
+            meta.name.as_bytes(),
+            meta.storage_key.as_str(),
+            meta.size as i64,
+            meta.sha256.as_str(),
+            meta.content_type.as_str(),
+            meta.cache_control.clone(),
+            meta.content_disposition.clone(),
+            user_meta,
+            version,
+            now_ms
+        ],
+    )
+    .await?;
+    if let Some(old) = replaced.filter(|old| *old != meta.storage_key) {
+        garbage_on(conn, old, now_ms).await?;
+    }
+    Ok(())
+}
+
+/// Inside a fenced write: drop the row; its key becomes garbage.
+pub(crate) async fn delete_on(
+    conn: &Connection,
+    object: &ObjectRef,
+    name: &str,
+    storage_key: &str,
+    now_ms: i64,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "DELETE FROM blobs WHERE ns = ?1 AND id = ?2 AND name = ?3",
+        params![object.ns.as_str(), object.id.as_str(), name.as_bytes()],
+    )
+    .await?;
+    garbage_on(conn, storage_key, now_ms).await
+}
+
+/// Inside a fenced write: every blob of the object goes; returns how many.
+pub(crate) async fn delete_all_on(conn: &Connection, object: &ObjectRef, now_ms: i64) -> Result<i64, StoreError> {
+    conn.execute(
+        "INSERT INTO blob_garbage (storage_key, since)
+         SELECT storage_key, ?3 FROM blobs WHERE ns = ?1 AND id = ?2
+         ON CONFLICT (storage_key) DO NOTHING",
+        params![object.ns.as_str(), object.id.as_str(), now_ms],
+    )
+    .await?;
+    let deleted = conn
+        .execute("DELETE FROM blobs WHERE ns = ?1 AND id = ?2", params![object.ns.as_str(), object.id.as_str()])
+        .await?;
+    Ok(deleted as i64)
+}
+
+async fn garbage_on(conn: &Connection, storage_key: &str, now_ms: i64) -> Result<(), StoreError> {
+    conn.execute(
+        "INSERT INTO blob_garbage (storage_key, since) VALUES (?1, ?2) ON CONFLICT (storage_key) DO NOTHING",
+        params![storage_key, now_ms],
+    )
+    .await?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names() {
+        for ok in ["a", "photos/2024/cat.jpg", "ü ñ.txt", "a..b", ".hidden", &"n".repeat(1024)] {
+            assert!(validate_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "/abs", "a/../b", "..", ".", "a//b", "a/", "tab\there", "nul\0", &"n".repeat(1025)] {
+            assert!(validate_name(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn storage_keys_are_unique_and_keep_the_name() {
+        let object = ObjectRef::new("ns", "id").unwrap();
+        let a = new_storage_key(&object, "dir/file.bin").to_string();
+        let b = new_storage_key(&object, "dir/file.bin").to_string();
+        assert_ne!(a, b);
+        assert!(a.starts_with("blobs/ns/id/dir/file.bin/"), "{a}");
+    }
+}
