@@ -96,6 +96,16 @@ pub struct Settings {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_blob_bytes: u64,
 
+    /// How often one replica deletes the bytes of replaced, deleted and abandoned blobs, in milliseconds.
+    #[arg(long = "sweep-interval-ms", env = "STATEHOUSE_SWEEP_INTERVAL_MS", default_value_t = 300_000,
+          value_parser = clap::value_parser!(u64).range(100..))]
+    pub sweep_interval_ms: u64,
+
+    /// Uploads never committed are deleted once this old, in milliseconds.
+    #[arg(long = "orphan-grace-ms", env = "STATEHOUSE_ORPHAN_GRACE_MS", default_value_t = 3_600_000,
+          value_parser = clap::value_parser!(u64).range(0..))]
+    pub orphan_grace_ms: u64,
+
     /// Address to bind the HTTP server to (`0.0.0.0:8080` in container images).
     #[arg(long = "listen", env = "STATEHOUSE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -325,6 +335,8 @@ pub const ENV_VARS: &[&str] = &[
     "R2_REGION",
     "STATEHOUSE_CREATE_BUCKET",
     "STATEHOUSE_MAX_BLOB_BYTES",
+    "STATEHOUSE_SWEEP_INTERVAL_MS",
+    "STATEHOUSE_ORPHAN_GRACE_MS",
     "STATEHOUSE_LISTEN",
     "STATEHOUSE_ADVERTISE_URL",
     "STATEHOUSE_LEASE_MS",

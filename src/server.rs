@@ -5,12 +5,13 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::blobs::Storage;
+use crate::blobs::{Storage, Sweeper};
 use crate::config::{DatabaseSettings, Settings, SyncMode};
 use crate::db::{self, Database};
 use crate::guard::{Guard, Replica};
@@ -71,6 +72,15 @@ pub async fn run(
 
     let stop = CancellationToken::new();
     let renewal = guard.clone().spawn_renewal(stop.child_token());
+    let sweeper = Sweeper {
+        db: db.clone(),
+        writer: writer.clone(),
+        storage: storage.clone(),
+        guard: guard.clone(),
+        interval: Duration::from_millis(settings.sweep_interval_ms),
+        orphan_grace: Duration::from_millis(settings.orphan_grace_ms),
+    }
+    .spawn(stop.child_token());
     let peers = reqwest::Client::builder()
         .pool_idle_timeout(std::time::Duration::from_secs(30))
         .build()
@@ -105,6 +115,7 @@ pub async fn run(
 
     stop.cancel();
     let _ = renewal.await;
+    let _ = sweeper.await;
     match guard.release_all().await {
         Ok(n) => tracing::info!(released = n, "released leases; stopped"),
         Err(err) => tracing::warn!(error = %err, "could not release leases; peers take over when they expire"),

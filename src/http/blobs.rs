@@ -102,7 +102,9 @@ pub async fn put_blob(
     let uploaded = match state.storage.put_stream(&key, stream, state.settings.max_blob_bytes).await {
         Ok(uploaded) => uploaded,
         Err(UploadError::TooLarge { limit }) => return Err(too_large(limit)),
-        Err(UploadError::Body(e)) => return Err(ApiError::BadRequest(format!("the request body could not be read: {e}"))),
+        Err(UploadError::Body(e)) => {
+            return Err(ApiError::BadRequest(format!("the request body could not be read: {e}")))
+        }
         Err(UploadError::Store(e)) => return Err(e.into()),
     };
     let blob = BlobMeta {
@@ -124,7 +126,8 @@ pub async fn put_blob(
         body: serde_json::to_vec(&blob).expect("blob metadata serialises").into(),
         forwarded_by: headers.get(FORWARDED_BY).and_then(|v| v.to_str().ok()).map(str::to_string),
     };
-    let outcome = commit(&state, &object, Mutation::PutBlob { blob: blob.clone(), pre }, replay).await.map_err(header_condition);
+    let outcome =
+        commit(&state, &object, Mutation::PutBlob { blob: blob.clone(), pre }, replay).await.map_err(header_condition);
     let committed_here = matches!(outcome, Ok(Routed::Local(_)));
     let committed_there = matches!(&outcome, Ok(Routed::Forwarded(r)) if r.status().is_success());
     if !committed_here && !committed_there {
@@ -164,15 +167,18 @@ pub async fn commit_forwarded_blob(
     if replay.forwarded_by.is_none() {
         return Err(ApiError::NotFound("no such route; see /openapi.json".into()));
     }
-    let blob: BlobMeta = serde_json::from_slice(&replay.body)
-        .map_err(|e| ApiError::BadRequest(format!("invalid blob commit: {e}")))?;
+    let blob: BlobMeta =
+        serde_json::from_slice(&replay.body).map_err(|e| ApiError::BadRequest(format!("invalid blob commit: {e}")))?;
     validate_name(&blob.name)?;
     let expected = format!("blobs/{}/{}/", object.ns, object.id);
     if !blob.storage_key.starts_with(&expected) {
         return Err(ApiError::BadRequest("the storage key does not belong to this object".into()));
     }
     let pre = precondition(&replay.headers)?;
-    match commit(&state, &object, Mutation::PutBlob { blob: blob.clone(), pre }, replay).await.map_err(header_condition)? {
+    match commit(&state, &object, Mutation::PutBlob { blob: blob.clone(), pre }, replay)
+        .await
+        .map_err(header_condition)?
+    {
         Routed::Local(committed) => Ok(blob_written(&committed, &blob)),
         Routed::Forwarded(response) => Ok(response),
     }
@@ -310,10 +316,11 @@ pub async fn delete_blob(
     replay: Replay,
 ) -> Result<Response, ApiError> {
     let pre = precondition(&replay.headers)?;
-    let committed = match commit(&state, &object, Mutation::DeleteBlob { name, pre }, replay).await.map_err(header_condition)? {
-        Routed::Forwarded(response) => return Ok(response),
-        Routed::Local(committed) => committed,
-    };
+    let committed =
+        match commit(&state, &object, Mutation::DeleteBlob { name, pre }, replay).await.map_err(header_condition)? {
+            Routed::Forwarded(response) => return Ok(response),
+            Routed::Local(committed) => committed,
+        };
     let removed = match committed.results.first() {
         Some(OpResult::DeleteBlob { deleted, .. }) => deleted.clone(),
         _ => None,
@@ -457,7 +464,13 @@ async fn presign(state: &SharedState, object: &ObjectRef, name: &str, body: &[u8
             let key = new_storage_key(object, name);
             let url = state.storage.presign(reqwest::Method::PUT, &key, ttl).await?;
             let commit_url = format!("/v1/objects/{}/{}/blobs/{}/commit", object.ns, object.id, name);
-            PresignBody { method: "PUT".into(), url, expires_in, upload_key: Some(key.to_string()), commit_url: Some(commit_url) }
+            PresignBody {
+                method: "PUT".into(),
+                url,
+                expires_in,
+                upload_key: Some(key.to_string()),
+                commit_url: Some(commit_url),
+            }
         }
         other => return Err(ApiError::BadRequest(format!("method must be GET or PUT, not {other:?}"))),
     };
@@ -483,8 +496,8 @@ async fn commit_presigned_upload(
     name: String,
     replay: Replay,
 ) -> Result<Response, ApiError> {
-    let request: CommitRequest =
-        serde_json::from_slice(&replay.body).map_err(|e| ApiError::BadRequest(format!("invalid commit request: {e}")))?;
+    let request: CommitRequest = serde_json::from_slice(&replay.body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid commit request: {e}")))?;
     let prefix = format!("blobs/{}/{}/{}/", object.ns, object.id, name);
     let upload = request.upload_key.strip_prefix(&prefix).filter(|rest| uuid::Uuid::parse_str(rest).is_ok());
     if upload.is_none() {
@@ -497,7 +510,8 @@ async fn commit_presigned_upload(
     for (k, v) in &request.metadata {
         let name = HeaderName::try_from(format!("{USER_META_PREFIX}{k}"))
             .map_err(|_| ApiError::BadRequest(format!("metadata name {k:?} is not a header name")))?;
-        let value = HeaderValue::from_str(v).map_err(|_| ApiError::BadRequest(format!("metadata {k:?} is not header text")))?;
+        let value =
+            HeaderValue::from_str(v).map_err(|_| ApiError::BadRequest(format!("metadata {k:?} is not header text")))?;
         meta_headers.insert(name, value);
     }
     let user_meta = user_metadata(&meta_headers)?;
@@ -513,6 +527,12 @@ async fn commit_presigned_upload(
         crate::blobs::StorageError::NotFound(_) => ApiError::NotFound("nothing was uploaded under upload_key".into()),
         other => other.into(),
     })?;
+    // The sweeper may delete uncommitted uploads past the grace period: refuse
+    // to commit one that old rather than race it.
+    let age_ms = crate::clock::now_ms() - got.meta.last_modified.timestamp_millis();
+    if age_ms > (state.settings.orphan_grace_ms / 2) as i64 {
+        return Err(ApiError::Conflict("the upload is too old to commit; upload it again".into()));
+    }
     let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
     let mut size = 0u64;
     let mut stream = got.into_stream();
@@ -542,7 +562,10 @@ async fn commit_presigned_upload(
         body: serde_json::to_vec(&blob).expect("blob metadata serialises").into(),
         ..replay
     };
-    match commit(state, object, Mutation::PutBlob { blob: blob.clone(), pre }, forward).await.map_err(header_condition)? {
+    match commit(state, object, Mutation::PutBlob { blob: blob.clone(), pre }, forward)
+        .await
+        .map_err(header_condition)?
+    {
         Routed::Local(committed) => Ok(blob_written(&committed, &blob)),
         Routed::Forwarded(response) => Ok(response),
     }
@@ -556,7 +579,9 @@ fn check_header_text(value: &str) -> Result<(), ApiError> {
     if value.len() <= MAX_HEADER_VALUE_BYTES && value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
         Ok(())
     } else {
-        Err(ApiError::BadRequest(format!("header values are at most {MAX_HEADER_VALUE_BYTES} visible ASCII characters")))
+        Err(ApiError::BadRequest(format!(
+            "header values are at most {MAX_HEADER_VALUE_BYTES} visible ASCII characters"
+        )))
     }
 }
 

@@ -1,0 +1,149 @@
+//! Removes bytes nothing refers to: keys of replaced or deleted blobs (listed
+//! in `blob_garbage` by the same transaction that dropped them), and orphans
+//! of uploads that were never committed (crash, fenced, client gone), once
+//! they are older than the grace period. One replica sweeps at a time: it
+//! holds the lease of a reserved object, like any other writer.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use libsql::{params, Connection};
+use object_store::path::Path;
+use tokio_util::sync::CancellationToken;
+
+use super::Storage;
+use crate::db::{Database, StoreError};
+use crate::guard::{Guard, Route};
+use crate::objects::ObjectRef;
+use crate::writer::{BoxFuture, Work, Writer};
+
+const GARBAGE_BATCH: i64 = 1000;
+
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SweepReport {
+    pub garbage_deleted: usize,
+    pub orphans_deleted: usize,
+}
+
+pub struct Sweeper {
+    pub db: Arc<Database>,
+    pub writer: Writer,
+    pub storage: Storage,
+    pub guard: Arc<Guard>,
+    pub interval: Duration,
+    pub orphan_grace: Duration,
+}
+
+/// The reserved object whose lease makes one replica the sweeper. `_system`
+/// is not a valid namespace, so no client can touch it.
+fn singleton() -> ObjectRef {
+    ObjectRef { ns: "_system".into(), id: "blob-sweeper".into() }
+}
+
+impl Sweeper {
+    pub fn spawn(self, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(self.interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                match self.guard.route(&singleton()).await {
+                    Ok(Route::Local { .. }) => match self.sweep_once().await {
+                        Ok(report) if report != SweepReport::default() => {
+                            tracing::info!(
+                                garbage = report.garbage_deleted,
+                                orphans = report.orphans_deleted,
+                                "swept blobs"
+                            );
+                        }
+                        Ok(_) => {}
+                        Err(err) => tracing::warn!(error = %err, "blob sweep failed; will retry"),
+                    },
+                    Ok(Route::Remote(_)) => {}
+                    Err(err) => tracing::warn!(error = %err, "cannot decide who sweeps blobs; will retry"),
+                }
+            }
+        })
+    }
+
+    pub async fn sweep_once(&self) -> Result<SweepReport, String> {
+        let mut report = SweepReport::default();
+        // Garbage: delete the bytes, then forget the rows.
+        loop {
+            let keys: Vec<String> = self
+                .db
+                .read(|conn| async move {
+                    let mut rows = conn
+                        .query("SELECT storage_key FROM blob_garbage ORDER BY since LIMIT ?1", params![GARBAGE_BATCH])
+                        .await?;
+                    let mut keys = Vec::new();
+                    while let Some(row) = rows.next().await? {
+                        keys.push(row.get::<String>(0)?);
+                    }
+                    Ok(keys)
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            if keys.is_empty() {
+                break;
+            }
+            for key in &keys {
+                self.storage.delete(&Path::from(key.as_str())).await.map_err(|e| e.to_string())?;
+            }
+            report.garbage_deleted += keys.len();
+            let done = keys.len() < GARBAGE_BATCH as usize;
+            self.writer.run(ForgetGarbage { keys }).await.map_err(|e| e.to_string())?;
+            if done {
+                break;
+            }
+        }
+        // Orphans: bytes under blobs/ that no row names, older than the grace period.
+        let cutoff = crate::clock::now_ms() - self.orphan_grace.as_millis() as i64;
+        for meta in self.storage.list(&Path::from("blobs")).await.map_err(|e| e.to_string())? {
+            if meta.last_modified.timestamp_millis() > cutoff {
+                continue;
+            }
+            let key = meta.location.to_string();
+            let referenced = self
+                .db
+                .read(|conn| {
+                    let key = key.clone();
+                    async move {
+                        let mut rows = conn.query("SELECT 1 FROM blobs WHERE storage_key = ?1", params![key]).await?;
+                        Ok(rows.next().await?.is_some())
+                    }
+                })
+                .await
+                .map_err(|e| e.to_string())?;
+            if !referenced {
+                self.storage.delete(&meta.location).await.map_err(|e| e.to_string())?;
+                report.orphans_deleted += 1;
+            }
+        }
+        Ok(report)
+    }
+}
+
+struct ForgetGarbage {
+    keys: Vec<String>,
+}
+
+impl Work for ForgetGarbage {
+    type Output = ();
+
+    fn apply<'a>(&'a mut self, conn: &'a Connection) -> BoxFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            for key in &self.keys {
+                conn.execute("DELETE FROM blob_garbage WHERE storage_key = ?1", params![key.as_str()]).await?;
+            }
+            Ok(())
+        })
+    }
+
+    fn keep(_: &()) -> bool {
+        true
+    }
+}
