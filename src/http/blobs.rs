@@ -18,11 +18,11 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, Problem};
 use super::extract::{
-    etag, header_condition, list_limit, precondition, stored_content_type, ApiQuery, ObjectPath, Replay,
+    etag, header_condition, list_limit, precondition, read_condition, stored_content_type, ApiQuery, ObjectPath, Replay,
 };
 use super::{commit, written, Routed, SharedState, FORWARDED_BY};
 use crate::blobs::{new_storage_key, validate_name, BlobMeta, UploadError};
-use crate::objects::{decode_cursor, encode_cursor, Committed, Mutation, ObjectRef, OpResult, Precondition};
+use crate::objects::{decode_cursor, encode_cursor, Committed, Mutation, ObjectRef, OpResult};
 
 const USER_META_PREFIX: &str = "x-statehouse-meta-";
 const SHA256_HEADER: HeaderName = HeaderName::from_static("x-statehouse-sha256");
@@ -199,22 +199,12 @@ pub async fn get_blob(
     method: Method,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let pre = precondition(&headers)?;
+    precondition(&headers)?;
     let blob = crate::blobs::meta::get(&state.db, &object, &name)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no blob {name:?} in object {object}")))?;
-    if let Some(if_match) = pre.if_match.clone() {
-        if !(Precondition { if_match: Some(if_match), if_none_match: None }).holds(Some(blob.version)) {
-            return Err(ApiError::PreconditionFailed {
-                detail: format!("If-Match does not match the blob's version {}", blob.version),
-                op_index: None,
-            });
-        }
-    }
-    if let Some(if_none_match) = pre.if_none_match {
-        if !(Precondition { if_match: None, if_none_match: Some(if_none_match) }).holds(Some(blob.version)) {
-            return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag(blob.version))]).into_response());
-        }
+    if let Some(not_modified) = read_condition(&headers, blob.version)? {
+        return Ok(not_modified);
     }
     let range = parse_range(headers.get(header::RANGE), blob.size)?;
     let (status, start, end) = match range {

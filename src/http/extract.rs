@@ -114,6 +114,27 @@ fn body_error(err: BytesRejection) -> ApiError {
     }
 }
 
+/// The conditions of a read of something at `version`: a failed If-Match is
+/// 412; a matching If-None-Match answers 304 (returned as `Some`).
+pub fn read_condition(headers: &HeaderMap, version: i64) -> Result<Option<axum::response::Response>, ApiError> {
+    use axum::response::IntoResponse;
+    let pre = precondition(headers)?;
+    if let Some(if_match) = pre.if_match {
+        if !(Precondition { if_match: Some(if_match), if_none_match: None }).holds(Some(version)) {
+            return Err(ApiError::PreconditionFailed {
+                detail: format!("If-Match does not match the current version {version}"),
+                op_index: None,
+            });
+        }
+    }
+    if let Some(if_none_match) = pre.if_none_match {
+        if !(Precondition { if_match: None, if_none_match: Some(if_none_match) }).holds(Some(version)) {
+            return Ok(Some((StatusCode::NOT_MODIFIED, [(header::ETAG, etag(version))]).into_response()));
+        }
+    }
+    Ok(None)
+}
+
 /// Parses `If-Match` / `If-None-Match`: `*` or a list of strong entity-tags `"N"`.
 pub fn precondition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
     Ok(Precondition {

@@ -11,8 +11,8 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, Problem};
 use super::extract::{
-    check_content_type, etag, header_condition, list_limit, precondition, stored_content_type, ApiQuery, KeyPath,
-    ObjectPath, Replay,
+    check_content_type, etag, header_condition, list_limit, precondition, read_condition, stored_content_type,
+    ApiQuery, KeyPath, ObjectPath, Replay,
 };
 use super::{commit, written, Routed, SharedState};
 use crate::objects::{
@@ -70,22 +70,12 @@ pub async fn get_key(
     KeyPath(object, key): KeyPath,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let pre = precondition(&headers)?;
+    precondition(&headers)?;
     let entry = objects::get_entry(&state.db, &object, &key)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no key {key:?} in object {object}")))?;
-    if let Some(if_match) = &pre.if_match {
-        if !(Precondition { if_match: Some(if_match.clone()), if_none_match: None }).holds(Some(entry.version)) {
-            return Err(ApiError::PreconditionFailed {
-                detail: format!("If-Match does not match the key's version {}", entry.version),
-                op_index: None,
-            });
-        }
-    }
-    if let Some(if_none_match) = pre.if_none_match {
-        if !(Precondition { if_match: None, if_none_match: Some(if_none_match) }).holds(Some(entry.version)) {
-            return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag(entry.version))]).into_response());
-        }
+    if let Some(not_modified) = read_condition(&headers, entry.version)? {
+        return Ok(not_modified);
     }
     let content_type = HeaderValue::from_str(&entry.content_type)
         .unwrap_or_else(|_| HeaderValue::from_static(super::extract::DEFAULT_CONTENT_TYPE));

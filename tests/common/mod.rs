@@ -102,6 +102,7 @@ pub async fn spawn_app(db: &TestDatabase) -> TestApp {
 
 pub async fn spawn_app_with(db: &TestDatabase, configure: impl FnOnce(&mut Settings)) -> TestApp {
     let mut settings = Settings::for_database(&db.url).expect("test settings");
+    settings.objects.objects_dir = db.dir.path().join("objects");
     configure(&mut settings);
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind port 0");
     let addr = listener.local_addr().unwrap();
@@ -140,12 +141,14 @@ pub struct Process {
     pub instance: String,
     pub port: u16,
     logs: Arc<Mutex<Vec<String>>>,
+    _objects: tempfile::TempDir,
 }
 
 impl Process {
     /// Starts the binary on `db` with extra environment, on `port` (0 = any),
     /// and waits for its "listening" log line.
     pub fn start(db_url: &str, port: u16, env: &[(&str, String)]) -> Process {
+        let objects = tempfile::tempdir().expect("a temp dir for objects");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_statehouse"));
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
@@ -153,6 +156,7 @@ impl Process {
             .env("STATEHOUSE_LISTEN", format!("127.0.0.1:{port}"))
             .env("STATEHOUSE_LOG_FORMAT", "json")
             .env("STATEHOUSE_LOG", "info,tower_http=warn")
+            .env("STATEHOUSE_OBJECTS_DIR", objects.path())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         for (k, v) in env {
@@ -187,7 +191,7 @@ impl Process {
             }
         };
         let port = addr.rsplit(':').next().unwrap().parse().unwrap();
-        Process { child, base: format!("http://{addr}"), instance, port, logs }
+        Process { child, base: format!("http://{addr}"), instance, port, logs, _objects: objects }
     }
 
     pub fn pid(&self) -> i32 {
