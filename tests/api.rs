@@ -621,6 +621,7 @@ async fn readyz_is_503_when_the_database_is_not_migrated() {
     let app = spawn_app(&db).await;
     // Simulate a database from another binary generation: drop the record.
     let conn = libsql::Builder::new_local(db.file_path().unwrap()).build().await.unwrap().connect().unwrap();
+    conn.busy_timeout(std::time::Duration::from_secs(5)).unwrap();
     conn.execute("DELETE FROM schema_migrations", ()).await.unwrap();
     let r = app.client.get(app.url("/readyz")).send().await.unwrap();
     assert_problem(r, 503, "unavailable").await;
