@@ -96,6 +96,11 @@ pub struct Settings {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_blob_bytes: u64,
 
+    /// Change-log rows carry a value's bytes up to this many (longer values are truncated and flagged).
+    #[arg(long = "change-value-cap-bytes", env = "STATEHOUSE_CHANGE_VALUE_CAP_BYTES", default_value_t = 64 * 1024,
+          value_parser = clap::value_parser!(u64).range(0..=(1u64 << 30)))]
+    pub change_value_cap_bytes: u64,
+
     /// How often one replica deletes the bytes of replaced, deleted and abandoned blobs, in milliseconds.
     #[arg(long = "sweep-interval-ms", env = "STATEHOUSE_SWEEP_INTERVAL_MS", default_value_t = 300_000,
           value_parser = clap::value_parser!(u64).range(100..))]
@@ -336,6 +341,7 @@ pub const ENV_VARS: &[&str] = &[
     "STATEHOUSE_CREATE_BUCKET",
     "STATEHOUSE_MAX_BLOB_BYTES",
     "STATEHOUSE_SWEEP_INTERVAL_MS",
+    "STATEHOUSE_CHANGE_VALUE_CAP_BYTES",
     "STATEHOUSE_ORPHAN_GRACE_MS",
     "STATEHOUSE_LISTEN",
     "STATEHOUSE_ADVERTISE_URL",

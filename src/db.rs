@@ -181,6 +181,7 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/0001_objects_and_kv.sql"),
     },
     Migration { version: 2, name: "0002_blobs.sql", sql: include_str!("../migrations/0002_blobs.sql") },
+    Migration { version: 3, name: "0003_outbox.sql", sql: include_str!("../migrations/0003_outbox.sql") },
 ];
 
 pub fn latest_migration() -> i64 {

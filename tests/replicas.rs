@@ -142,7 +142,7 @@ async fn a_stale_fence_can_never_commit() {
         panic!("old did not get the lease")
     };
     let put = |key: &str| {
-        Mutation::Ops(vec![Op::Put {
+        Mutation::ops(vec![Op::Put {
             key: key.into(),
             value: bytes::Bytes::from_static(b"v"),
             content_type: "text/plain".into(),
@@ -155,6 +155,7 @@ async fn a_stale_fence_can_never_commit() {
         owner: owner.into(),
         mutation: put(key),
         now_ms: statehouse::clock::now_ms(),
+        value_cap: 1024,
     };
     assert!(writer.run(job("old", old_fence, "before")).await.unwrap().is_ok());
 

@@ -50,7 +50,7 @@ pub async fn put_key(
     let content_type = stored_content_type(&replay.headers)?;
     let pre = precondition(&replay.headers)?;
     let put = Op::Put { key, value: replay.body.clone(), content_type, pre };
-    let committed = match commit(&state, &object, Mutation::Ops(vec![put]), replay).await.map_err(header_condition)? {
+    let committed = match commit(&state, &object, Mutation::ops(vec![put]), replay).await.map_err(header_condition)? {
         Routed::Forwarded(response) => return Ok(response),
         Routed::Local(committed) => committed,
     };
@@ -95,7 +95,7 @@ pub async fn delete_key(
     let pre = precondition(&replay.headers)?;
     let delete = Op::Delete { key, pre };
     let committed =
-        match commit(&state, &object, Mutation::Ops(vec![delete]), replay).await.map_err(header_condition)? {
+        match commit(&state, &object, Mutation::ops(vec![delete]), replay).await.map_err(header_condition)? {
             Routed::Forwarded(response) => return Ok(response),
             Routed::Local(committed) => committed,
         };
@@ -189,8 +189,12 @@ fn listed(entry: Entry, with_value: bool) -> ListedKey {
 #[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BatchRequest {
-    /// 1-128 operations, applied in order, all or nothing.
+    /// 0-128 operations, applied in order, all or nothing (with the events, at least one of either).
+    #[serde(default)]
     ops: Vec<BatchOp>,
+    /// Up to 1000 application events, recorded atomically with the ops.
+    #[serde(default)]
+    events: Vec<super::events::EventIn>,
 }
 
 #[derive(Deserialize, ToSchema)]
@@ -244,9 +248,9 @@ pub async fn batch(
 ) -> Result<Response, ApiError> {
     let request: BatchRequest =
         serde_json::from_slice(&replay.body).map_err(|e| ApiError::BadRequest(format!("invalid batch JSON: {e}")))?;
-    if request.ops.is_empty() || request.ops.len() > MAX_BATCH_OPS {
+    if request.ops.len() > MAX_BATCH_OPS || (request.ops.is_empty() && request.events.is_empty()) {
         return Err(ApiError::BadRequest(format!(
-            "a batch holds 1 to {MAX_BATCH_OPS} ops, this one has {}",
+            "a batch holds 1 to {MAX_BATCH_OPS} ops (or only events), this one has {}",
             request.ops.len()
         )));
     }
@@ -257,12 +261,18 @@ pub async fn batch(
         .enumerate()
         .map(|(index, op)| batch_op(op, max_value).map_err(|e| at_op(index, e)))
         .collect::<Result<Vec<_>, _>>()?;
-    let committed = match commit(&state, &object, Mutation::Ops(ops), replay).await? {
+    let events = super::events::accept(request.events)?;
+    let event_ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
+    let committed = match commit(&state, &object, Mutation::Ops { ops, events }, replay).await? {
         Routed::Forwarded(response) => return Ok(response),
         Routed::Local(committed) => committed,
     };
     let results: Vec<serde_json::Value> = committed.results.iter().map(batch_result).collect();
-    Ok(written(&committed, StatusCode::OK, json!({ "version": committed.version, "results": results })))
+    Ok(written(
+        &committed,
+        StatusCode::OK,
+        json!({ "version": committed.version, "results": results, "event_ids": event_ids }),
+    ))
 }
 
 fn batch_op(op: BatchOp, max_value: usize) -> Result<Op, ApiError> {

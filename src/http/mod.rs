@@ -3,6 +3,7 @@
 
 mod blobs;
 mod error;
+mod events;
 mod extract;
 mod forward;
 mod kv;
@@ -71,6 +72,7 @@ pub fn app(state: SharedState) -> Router {
             get(kv::get_key).put(kv::put_key).delete(kv::delete_key).layer(DefaultBodyLimit::max(value_limit)),
         )
         .route("/v1/objects/{ns}/{id}/batch", post(kv::batch).layer(DefaultBodyLimit::max(batch_limit)))
+        .route("/v1/objects/{ns}/{id}/events", post(events::post_events).layer(DefaultBodyLimit::max(batch_limit)))
         .route("/v1/objects/{ns}/{id}/blobs", get(blobs::list_blobs))
         .route(
             "/v1/objects/{ns}/{id}/blobs/{*name}",
@@ -170,6 +172,7 @@ async fn commit(state: &AppState, object: &ObjectRef, mutation: Mutation, replay
                     owner: state.guard.me().instance.clone(),
                     mutation: mutation.clone(),
                     now_ms: crate::clock::now_ms(),
+                    value_cap: state.settings.change_value_cap_bytes as usize,
                 };
                 match state.writer.run(job).await? {
                     Ok(committed) => return Ok(Routed::Local(committed)),

@@ -4,7 +4,7 @@ use std::sync::OnceLock;
 
 use utoipa::OpenApi;
 
-use super::{blobs, kv, objects, ops, Problem};
+use super::{blobs, events, kv, objects, ops, Problem};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -18,6 +18,7 @@ use super::{blobs, kv, objects, ops, Problem};
         kv::delete_key,
         kv::list_keys,
         kv::batch,
+        events::post_events,
         objects::get_object,
         objects::delete_object,
         objects::list_objects,

@@ -55,10 +55,25 @@ pub enum Op {
     Get { key: String },
 }
 
+/// An application event, recorded with the change it travels with.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub event_id: uuid::Uuid,
+    pub event_type: String,
+    /// The client's JSON data, serialised.
+    pub data: String,
+    /// Unix microseconds: the client's `ts`, or the time the request arrived.
+    pub ts_micros: i64,
+}
+
 /// A change to one object, committed atomically with one version bump.
 #[derive(Debug, Clone)]
 pub enum Mutation {
-    Ops(Vec<Op>),
+    /// Key operations and events, all or nothing.
+    Ops {
+        ops: Vec<Op>,
+        events: Vec<Event>,
+    },
     /// Every key and every blob of the object.
     DeleteAll,
     /// Make an uploaded blob visible (its bytes are already in the store).
@@ -73,17 +88,24 @@ pub enum Mutation {
 }
 
 impl Mutation {
+    /// Key operations alone, with no events.
+    pub fn ops(ops: Vec<Op>) -> Mutation {
+        Mutation::Ops { ops, events: Vec::new() }
+    }
+
     fn weight(&self) -> usize {
         match self {
             Mutation::DeleteAll | Mutation::DeleteBlob { .. } => 64,
             Mutation::PutBlob { blob, .. } => 512 + blob.name.len(),
-            Mutation::Ops(ops) => ops
-                .iter()
-                .map(|op| match op {
-                    Op::Put { key, value, .. } => key.len() + value.len() + 64,
-                    Op::Delete { key, .. } | Op::Get { key } => key.len() + 64,
-                })
-                .sum(),
+            Mutation::Ops { ops, events } => {
+                ops.iter()
+                    .map(|op| match op {
+                        Op::Put { key, value, .. } => 2 * (key.len() + value.len()) + 128,
+                        Op::Delete { key, .. } | Op::Get { key } => key.len() + 128,
+                    })
+                    .sum::<usize>()
+                    + events.iter().map(|e| e.data.len() + e.event_type.len() + 128).sum::<usize>()
+            }
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use libsql::{params, Connection};
 
-use super::{Committed, Mutation, ObjectRef, Op, OpResult, Rejection};
+use super::{Committed, Event, Mutation, ObjectRef, Op, OpResult, Rejection};
 use crate::blobs::meta as blobs;
 use crate::db::StoreError;
 use crate::writer::{BoxFuture, Work};
@@ -14,6 +14,17 @@ pub struct WriteJob {
     pub owner: String,
     pub mutation: Mutation,
     pub now_ms: i64,
+    /// Change rows carry a value's bytes up to this many; longer ones are truncated and flagged.
+    pub value_cap: usize,
+}
+
+/// One row of the outbox: what a committed change did.
+struct Change<'a> {
+    op: &'static str,
+    key: Option<&'a str>,
+    content_type: Option<&'a str>,
+    size: Option<i64>,
+    value: Option<&'a [u8]>,
 }
 
 impl Work for WriteJob {
@@ -59,6 +70,8 @@ impl WriteJob {
 
         let mut changed = false;
         let mut results = Vec::new();
+        let mut changes: Vec<Change> = Vec::new();
+        let mut events: &[Event] = &[];
         match &self.mutation {
             Mutation::DeleteAll => {
                 if version == 1 {
@@ -70,6 +83,7 @@ impl WriteJob {
                 totals = Totals { keys: 0, bytes: 0 };
                 changed = true;
                 results.push(OpResult::DeleteAll { deleted_keys: deleted as i64, deleted_blobs });
+                changes.push(Change { op: "delete_all", key: None, content_type: None, size: None, value: None });
             }
             Mutation::PutBlob { blob, pre } => {
                 let current = blobs::get_on(conn, &self.object, &blob.name).await?;
@@ -80,6 +94,13 @@ impl WriteJob {
                 blobs::put_on(conn, &self.object, blob, version, replaced, self.now_ms).await?;
                 changed = true;
                 results.push(OpResult::PutBlob { name: blob.name.clone(), version });
+                changes.push(Change {
+                    op: "blob_put",
+                    key: Some(&blob.name),
+                    content_type: Some(&blob.content_type),
+                    size: Some(blob.size as i64),
+                    value: None,
+                });
             }
             Mutation::DeleteBlob { name, pre } => {
                 let current = blobs::get_on(conn, &self.object, name).await?;
@@ -89,10 +110,18 @@ impl WriteJob {
                 if let Some(current) = &current {
                     blobs::delete_on(conn, &self.object, name, &current.storage_key, self.now_ms).await?;
                     changed = true;
+                    changes.push(Change {
+                        op: "blob_delete",
+                        key: Some(name),
+                        content_type: None,
+                        size: None,
+                        value: None,
+                    });
                 }
                 results.push(OpResult::DeleteBlob { name: name.clone(), deleted: current.map(|b| b.storage_key) });
             }
-            Mutation::Ops(ops) => {
+            Mutation::Ops { ops, events: with } => {
+                events = with;
                 for (op_index, op) in ops.iter().enumerate() {
                     match op {
                         Op::Put { key, value, content_type, pre } => {
@@ -117,6 +146,13 @@ impl WriteJob {
                             }
                             changed = true;
                             results.push(OpResult::Put { key: key.clone(), version });
+                            changes.push(Change {
+                                op: "put",
+                                key: Some(key),
+                                content_type: Some(content_type),
+                                size: Some(value.len() as i64),
+                                value: Some(value),
+                            });
                         }
                         Op::Delete { key, pre } => {
                             let current = self.current(conn, key).await?;
@@ -132,6 +168,13 @@ impl WriteJob {
                                 totals.keys -= 1;
                                 totals.bytes -= old_size;
                                 changed = true;
+                                changes.push(Change {
+                                    op: "delete",
+                                    key: Some(key),
+                                    content_type: None,
+                                    size: None,
+                                    value: None,
+                                });
                             }
                             results.push(OpResult::Delete { key: key.clone(), deleted: current.is_some() });
                         }
@@ -150,9 +193,63 @@ impl WriteJob {
             )
             .await?;
         }
+        // The outbox rows, in the same transaction: a write that rolls back or
+        // is fenced out leaves none.
+        for change in &changes {
+            self.record_change(conn, version, change).await?;
+        }
+        for event in events {
+            self.record_event(conn, version, event).await?;
+        }
+        changed |= !events.is_empty();
         // When nothing changed the writer rolls the version bump back.
         let version = if changed { version } else { version - 1 };
         Ok(Ok(Committed { version, fence: self.fence, changed, results }))
+    }
+
+    async fn record_change(&self, conn: &Connection, version: i64, change: &Change<'_>) -> Result<(), StoreError> {
+        let capped = change.value.map(|v| &v[..v.len().min(self.value_cap)]);
+        let truncated = change.value.map(|v| i64::from(v.len() > self.value_cap));
+        conn.execute(
+            "INSERT INTO outbox (kind, ns, id, version, fence, instance, ts, op, key, content_type, size, value, value_truncated)
+             VALUES ('change', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            params![
+                self.object.ns.as_str(),
+                self.object.id.as_str(),
+                version,
+                self.fence,
+                self.owner.as_str(),
+                self.now_ms * 1000,
+                change.op,
+                change.key,
+                change.content_type,
+                change.size,
+                capped,
+                truncated
+            ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn record_event(&self, conn: &Connection, version: i64, event: &Event) -> Result<(), StoreError> {
+        conn.execute(
+            "INSERT INTO outbox (kind, ns, id, version, fence, instance, ts, event_id, type, data)
+             VALUES ('event', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                self.object.ns.as_str(),
+                self.object.id.as_str(),
+                version,
+                self.fence,
+                self.owner.as_str(),
+                event.ts_micros,
+                event.event_id.to_string(),
+                event.event_type.as_str(),
+                event.data.as_str()
+            ],
+        )
+        .await?;
+        Ok(())
     }
 
     /// The key's version and stored size (key + value bytes), if it exists.
