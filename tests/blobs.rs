@@ -493,7 +493,8 @@ async fn streaming_round_trips(s3: bool) {
         if size >= 10 * 1024 * 1024 {
             let mib = size as f64 / (1024.0 * 1024.0);
             println!(
-                "blob streaming ({label}, debug build): {mib:.0} MiB up {:.1} MB/s, down {:.1} MB/s",
+                "blob streaming ({label}, {} build): {mib:.0} MiB up {:.1} MB/s, down {:.1} MB/s",
+                if cfg!(debug_assertions) { "debug" } else { "release" },
                 size as f64 / 1e6 / upload.as_secs_f64(),
                 size as f64 / 1e6 / download.as_secs_f64()
             );

@@ -1,0 +1,215 @@
+//! The benchmark suite: starts the release server on a fresh data dir, drives
+//! it over HTTP, and prints one line per workload, with the physical limit of
+//! the same disk (raw libSQL commits) measured in the same run.
+//!
+//!   cargo build --release && cargo run --release --example bench -- [--seconds 10] [--connections 32,256]
+//!
+//! The load generator runs on the same machine as the server and shares its cores.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+struct Args {
+    seconds: u64,
+    connections: Vec<usize>,
+    workloads: Vec<String>,
+    binary: String,
+}
+
+fn args() -> Args {
+    let mut args = Args {
+        seconds: 10,
+        connections: vec![32, 256],
+        workloads: WORKLOADS.iter().map(|w| w.to_string()).collect(),
+        binary: concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/statehouse").to_string(),
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
+        match flag.as_str() {
+            "--seconds" => args.seconds = value.parse().expect("--seconds takes a number"),
+            "--connections" => args.connections = value.split(',').map(|c| c.parse().expect("numbers")).collect(),
+            "--workloads" => args.workloads = value.split(',').map(str::to_string).collect(),
+            "--binary" => args.binary = value,
+            other => panic!("unknown flag {other}"),
+        }
+    }
+    args
+}
+
+const WORKLOADS: &[&str] = &["get_hot", "put_one_object", "put_many_objects", "batch_10", "list_100", "mixed"];
+
+#[tokio::main]
+async fn main() {
+    let args = args();
+    let dir = tempfile::tempdir().expect("a temp dir");
+    println!(
+        "# statehouse bench: {} s per workload, connections {:?}, data in {}",
+        args.seconds,
+        args.connections,
+        dir.path().display()
+    );
+
+    let (single, batched) = baseline(dir.path()).await;
+    println!("baseline=raw_libsql_single_commit rows_per_s={single:.0} (one row per fsync'd commit, synchronous=FULL)");
+    println!("baseline=raw_libsql_batched rows_per_s={batched:.0} (1000 rows per commit)");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut server = std::process::Command::new(&args.binary)
+        .env("TURSO_URL", format!("file:{}/bench.db", dir.path().display()))
+        .env("STATEHOUSE_OBJECTS_DIR", dir.path().join("objects"))
+        .env("STATEHOUSE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("STATEHOUSE_LOG", "warn")
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {} ({e}); run `cargo build --release` first", args.binary));
+    let base = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::builder().pool_max_idle_per_host(1024).build().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !client.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
+        assert!(Instant::now() < deadline, "the server did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Fixtures: a hot key, and an object with 1000 keys for listing.
+    client.put(format!("{base}/v1/objects/bench/hot/kv/k")).body("hot value of some length").send().await.unwrap();
+    for chunk in 0..8 {
+        let ops: Vec<_> =
+            (0..125).map(|i| json!({"op": "put", "key": format!("k{:04}", chunk * 125 + i), "value": i})).collect();
+        client.post(format!("{base}/v1/objects/bench/listed/batch")).json(&json!({"ops": ops})).send().await.unwrap();
+    }
+
+    for workload in &args.workloads {
+        for &connections in &args.connections {
+            let result = run(&base, workload, connections, Duration::from_secs(args.seconds)).await;
+            let writes_per_s = result.rps * writes_per_request(workload);
+            let ratio = if writes_per_request(workload) > 0.0 {
+                format!(
+                    " writes_per_s={writes_per_s:.0} x_single_commit_limit={:.2} x_batched_limit={:.2}",
+                    writes_per_s / single,
+                    writes_per_s / batched
+                )
+            } else {
+                String::new()
+            };
+            println!(
+                "workload={workload} connections={connections} rps={:.0} p50_ms={:.2} p99_ms={:.2} errors={}{ratio}",
+                result.rps, result.p50_ms, result.p99_ms, result.errors
+            );
+        }
+    }
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+fn writes_per_request(workload: &str) -> f64 {
+    match workload {
+        "put_one_object" | "put_many_objects" => 1.0,
+        "batch_10" => 10.0,
+        "mixed" => 0.1,
+        _ => 0.0,
+    }
+}
+
+struct Outcome {
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: u64,
+}
+
+async fn run(base: &str, workload: &str, connections: usize, duration: Duration) -> Outcome {
+    // One client per connection: each task keeps its own keep-alive connection.
+    let errors = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + duration;
+    let mut tasks = Vec::new();
+    for c in 0..connections {
+        let (base, workload, errors) = (base.to_string(), workload.to_string(), errors.clone());
+        tasks.push(tokio::spawn(async move {
+            let client = reqwest::Client::builder().pool_max_idle_per_host(1).build().unwrap();
+            let mut latencies = Vec::with_capacity(4096);
+            let mut i: u64 = 0;
+            while Instant::now() < deadline {
+                i += 1;
+                let request = match workload.as_str() {
+                    "get_hot" => client.get(format!("{base}/v1/objects/bench/hot/kv/k")),
+                    "put_one_object" => {
+                        client.put(format!("{base}/v1/objects/bench/one/kv/c{c}-{i}")).body(format!("value {i}"))
+                    }
+                    "put_many_objects" => client
+                        .put(format!("{base}/v1/objects/bench/o{}/kv/c{c}-{i}", (c as u64 * 7919 + i) % 1000))
+                        .body(format!("value {i}")),
+                    "batch_10" => {
+                        let ops: Vec<_> =
+                            (0..10).map(|j| json!({"op": "put", "key": format!("c{c}-{i}-{j}"), "value": j})).collect();
+                        client.post(format!("{base}/v1/objects/bench/b{}/batch", c % 100)).json(&json!({"ops": ops}))
+                    }
+                    "list_100" => client.get(format!("{base}/v1/objects/bench/listed/kv?limit=100")),
+                    "mixed" if i % 10 == 0 => {
+                        client.put(format!("{base}/v1/objects/bench/m{}/kv/c{c}-{i}", c % 100)).body("v")
+                    }
+                    "mixed" => client.get(format!("{base}/v1/objects/bench/hot/kv/k")),
+                    other => panic!("unknown workload {other}"),
+                };
+                let t = Instant::now();
+                match request.send().await {
+                    Ok(r) if r.status().is_success() => {
+                        let _ = r.bytes().await;
+                        latencies.push(t.elapsed());
+                    }
+                    _ => {
+                        errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    all.sort();
+    let pct = |p: f64| {
+        all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    };
+    Outcome {
+        rps: all.len() as f64 / elapsed,
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        errors: errors.load(Ordering::Relaxed),
+    }
+}
+
+/// Raw libSQL on the same disk: single-row commits, and the same rows batched.
+async fn baseline(dir: &std::path::Path) -> (f64, f64) {
+    let db = libsql::Builder::new_local(dir.join("baseline.db")).build().await.unwrap();
+    let conn = db.connect().unwrap();
+    let mut rows = conn.query("PRAGMA journal_mode=WAL", ()).await.unwrap();
+    while rows.next().await.unwrap().is_some() {}
+    conn.execute("PRAGMA synchronous=FULL", ()).await.unwrap();
+    conn.execute("CREATE TABLE t (k BLOB PRIMARY KEY, v BLOB) WITHOUT ROWID", ()).await.unwrap();
+    let n = 3000;
+    let started = Instant::now();
+    for i in 0..n {
+        conn.execute("INSERT INTO t VALUES (?1, ?2)", libsql::params![format!("single-{i}"), "value"]).await.unwrap();
+    }
+    let single = n as f64 / started.elapsed().as_secs_f64();
+    let n = 100_000;
+    let started = Instant::now();
+    for chunk in 0..(n / 1000) {
+        let tx = conn.transaction().await.unwrap();
+        for i in 0..1000 {
+            tx.execute("INSERT INTO t VALUES (?1, ?2)", libsql::params![format!("batch-{chunk}-{i}"), "value"])
+                .await
+                .unwrap();
+        }
+        tx.commit().await.unwrap();
+    }
+    let batched = n as f64 / started.elapsed().as_secs_f64();
+    (single, batched)
+}
