@@ -14,14 +14,20 @@ use rand::Rng;
 
 const LEASE_MS: u64 = 400;
 
+/// A replica that gives up on an unresponsive owner after 300 ms, so that
+/// clients learn quickly about a paused or killed one.
 fn replica(db: &TestDatabase) -> Process {
+    replica_with_forward_timeout(db, 300)
+}
+
+fn replica_with_forward_timeout(db: &TestDatabase, forward_timeout_ms: u64) -> Process {
     Process::start(
         &db.url,
         0,
         &[
             ("STATEHOUSE_LEASE_MS", LEASE_MS.to_string()),
-            ("STATEHOUSE_FORWARD_TIMEOUT_MS", "300".to_string()),
-            ("STATEHOUSE_REQUEST_TIMEOUT_MS", "5000".to_string()),
+            ("STATEHOUSE_FORWARD_TIMEOUT_MS", forward_timeout_ms.to_string()),
+            ("STATEHOUSE_REQUEST_TIMEOUT_MS", "20000".to_string()),
         ],
     )
 }
@@ -33,7 +39,8 @@ fn client() -> reqwest::Client {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn round_robin_writes_through_three_replicas() {
     let db = TestDatabase::new();
-    let replicas: Vec<Process> = (0..3).map(|_| replica(&db)).collect();
+    // Nobody is down: a slow owner (a loaded libSQL server) is waited for, not given up on.
+    let replicas: Vec<Process> = (0..3).map(|_| replica_with_forward_timeout(&db, 15_000)).collect();
     let bases: Vec<String> = replicas.iter().map(|r| r.base.clone()).collect();
     let ns = unique_ns("rr");
     let objects: Vec<String> = (0..4).map(|i| format!("obj-{i}")).collect();
