@@ -128,10 +128,10 @@ pub async fn put_blob(
     };
     let outcome =
         commit(&state, &object, Mutation::PutBlob { blob: blob.clone(), pre }, replay).await.map_err(header_condition);
-    let committed_here = matches!(outcome, Ok(Routed::Local(_)));
-    let committed_there = matches!(&outcome, Ok(Routed::Forwarded(r)) if r.status().is_success());
-    if !committed_here && !committed_there {
-        // Never visible: remove the bytes now (the sweeper would, later).
+    if certainly_not_committed(&outcome) {
+        // Never visible: remove the bytes now. When the outcome is unknown
+        // (a timeout, a lost answer) they stay, and the sweeper removes them
+        // after the grace period only if no row refers to them.
         if let Err(e) = state.storage.delete(&key).await {
             tracing::warn!(key = %key, error = %e, "could not delete an uncommitted upload; the sweeper will");
         }
@@ -139,6 +139,19 @@ pub async fn put_blob(
     match outcome? {
         Routed::Local(committed) => Ok(blob_written(&committed, &blob)),
         Routed::Forwarded(response) => Ok(response),
+    }
+}
+
+/// Whether a commit attempt surely left no row behind: a refusal (condition,
+/// fence, bad input) here or at the owner, or a request the owner never got.
+fn certainly_not_committed(outcome: &Result<Routed, ApiError>) -> bool {
+    match outcome {
+        Ok(Routed::Local(_)) => false,
+        Ok(Routed::Forwarded(response)) => {
+            response.extensions().get::<super::forward::NotDelivered>().is_some()
+                || (response.status().is_client_error() && response.status() != StatusCode::REQUEST_TIMEOUT)
+        }
+        Err(err) => !matches!(err, ApiError::Unavailable { .. } | ApiError::Internal(_)),
     }
 }
 

@@ -25,6 +25,17 @@ static FORWARDED_REQUEST_HEADERS: [HeaderName; 6] = [
 static RELAYED_RESPONSE_HEADERS: [HeaderName; 5] =
     [header::CONTENT_TYPE, header::ETAG, header::RETRY_AFTER, super::FENCE, super::INSTANCE];
 
+/// Marks a forwarding answer given without the owner ever receiving the
+/// request: it certainly committed nothing. (A timeout is not marked: the
+/// owner may still commit what it received.)
+#[derive(Debug, Clone, Copy)]
+pub struct NotDelivered;
+
+fn not_delivered(mut response: Response) -> Response {
+    response.extensions_mut().insert(NotDelivered);
+    response
+}
+
 pub async fn forward(state: &AppState, owner: &Owner, replay: Replay) -> Response {
     let me = state.guard.me();
     // On fly.io the platform proxy replays the request on the owner machine itself.
@@ -35,25 +46,29 @@ pub async fn forward(state: &AppState, owner: &Owner, replay: Replay) -> Respons
         if let Ok(value) = HeaderValue::from_str(&format!("instance={machine}")) {
             response.headers_mut().insert(FLY_REPLAY, value);
         }
-        return response;
+        return not_delivered(response);
     }
     if let Some(from) = &replay.forwarded_by {
         state.metrics.forwarded.with_label_values(&["second_hop_refused"]).inc();
-        return ApiError::unavailable(
-            format!(
-                "forwarded by {from}, but the object is owned by {} here too; not forwarding twice",
-                owner.instance
-            ),
-            owner.retry_after_secs(),
-        )
-        .into_response();
+        return not_delivered(
+            ApiError::unavailable(
+                format!(
+                    "forwarded by {from}, but the object is owned by {} here too; not forwarding twice",
+                    owner.instance
+                ),
+                owner.retry_after_secs(),
+            )
+            .into_response(),
+        );
     }
     let Some(base) = &owner.url else {
-        return ApiError::unavailable(
-            format!("the object is owned by {}, which advertised no URL", owner.instance),
-            owner.retry_after_secs(),
-        )
-        .into_response();
+        return not_delivered(
+            ApiError::unavailable(
+                format!("the object is owned by {}, which advertised no URL", owner.instance),
+                owner.retry_after_secs(),
+            )
+            .into_response(),
+        );
     };
     let path = replay.uri.path_and_query().map_or("/", |p| p.as_str());
     let url = format!("{base}{path}");
@@ -73,11 +88,12 @@ pub async fn forward(state: &AppState, owner: &Owner, replay: Replay) -> Respons
         Err(err) => {
             state.metrics.forwarded.with_label_values(&["owner_unreachable"]).inc();
             tracing::info!(owner = %owner.instance, url = %url, error = %err, "owner did not answer a forwarded write");
-            return ApiError::unavailable(
+            let response = ApiError::unavailable(
                 format!("the object's owner {} at {base} did not answer; retry after its lease ends", owner.instance),
                 owner.retry_after_secs(),
             )
             .into_response();
+            return if err.is_connect() { not_delivered(response) } else { response };
         }
     };
     let status = StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
