@@ -174,17 +174,24 @@ async fn paused_owner_is_fenced_out_after_takeover() {
         .collect();
     // On a libSQL server the pause may land inside A's transaction, which
     // holds the write lock until the server's transaction timeout (5 s).
+    // A stays paused until another replica has taken over (bounded), and a
+    // little longer while writes continue through the new owner.
     let server_timeout = if db.is_file() { Duration::ZERO } else { Duration::from_secs(6) };
-    tokio::time::sleep(Duration::from_millis(LEASE_MS * 5) + server_timeout).await;
+    let deadline = paused_at + Duration::from_millis(LEASE_MS * 5) + server_timeout + Duration::from_secs(5);
+    let taken_over = |ack: &common::ledger::Ack| ack.at > paused_at && ack.fence > old_fence && ack.instance != a.instance;
+    while !ledger.acked().iter().any(taken_over) {
+        assert!(
+            Instant::now() < deadline,
+            "no replica took over while the owner was paused ({} acks during the pause)",
+            ledger.acked().iter().filter(|ack| ack.at > paused_at).count()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(LEASE_MS * 2)).await;
     let during_pause: Vec<_> = ledger.acked().into_iter().filter(|ack| ack.at > paused_at).collect();
     a.signal(libc::SIGCONT);
     let resumed_at = Instant::now();
     live.write().unwrap().push(a.base.clone());
-    assert!(
-        during_pause.iter().any(|ack| ack.fence > old_fence && ack.instance != a.instance),
-        "no replica took over while the owner was paused ({} acks during the pause)",
-        during_pause.len()
-    );
     let new_fence = during_pause.iter().map(|a| a.fence).max().unwrap();
     // Acks of writes A committed just before the pause can arrive after it: count only the new fence.
     let takeover = during_pause.iter().filter(|ack| ack.fence > old_fence).map(|ack| ack.at).min().unwrap() - paused_at;
