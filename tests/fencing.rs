@@ -178,7 +178,8 @@ async fn paused_owner_is_fenced_out_after_takeover() {
     // little longer while writes continue through the new owner.
     let server_timeout = if db.is_file() { Duration::ZERO } else { Duration::from_secs(6) };
     let deadline = paused_at + Duration::from_millis(LEASE_MS * 5) + server_timeout + Duration::from_secs(5);
-    let taken_over = |ack: &common::ledger::Ack| ack.at > paused_at && ack.fence > old_fence && ack.instance != a.instance;
+    let taken_over =
+        |ack: &common::ledger::Ack| ack.at > paused_at && ack.fence > old_fence && ack.instance != a.instance;
     while !ledger.acked().iter().any(taken_over) {
         assert!(
             Instant::now() < deadline,

@@ -202,6 +202,21 @@ impl Process {
         // SAFETY: kill(2) on our own child's pid.
         let rc = unsafe { libc::kill(self.pid(), signal) };
         assert_eq!(rc, 0, "kill({}, {signal})", self.pid());
+        if signal == libc::SIGSTOP {
+            // kill(2) returns before the process has stopped; wait until it has,
+            // so that what the test does next happens while it is really paused.
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while !self.is_stopped() {
+                assert!(Instant::now() < deadline, "process {} did not stop", self.pid());
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
+    }
+
+    fn is_stopped(&self) -> bool {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.pid())).unwrap_or_default();
+        // The state is the first field after the parenthesised command name.
+        stat.rsplit_once(')').map(|(_, rest)| rest.trim_start().starts_with('T')).unwrap_or(false)
     }
 
     pub fn kill(&mut self) {
