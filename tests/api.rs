@@ -531,6 +531,10 @@ async fn objects_info_delete_all_and_listing() {
     let body = json_of(app.client.get(app.url(&format!("/v1/objects/{ns}?prefix=p"))).send().await.unwrap()).await;
     assert_eq!(body["items"].as_array().unwrap().len(), 2);
     assert!(body["cursor"].is_null());
+    // `.` is no valid id, but a valid prefix of one.
+    put(&app, &format!("/v1/objects/{ns}/.dot/kv/k"), b"v").await;
+    let body = json_of(app.client.get(app.url(&format!("/v1/objects/{ns}?prefix=."))).send().await.unwrap()).await;
+    assert_eq!(body["items"][0]["id"], ".dot");
     for q in ["limit=0", "limit=x", "cursor=zz%21", "prefix=a%20b"] {
         assert_problem(
             app.client.get(app.url(&format!("/v1/objects/{ns}?{q}"))).send().await.unwrap(),

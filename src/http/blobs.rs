@@ -212,11 +212,11 @@ pub async fn get_blob(
     method: Method,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    precondition(&headers)?;
+    let pre = precondition(&headers)?;
     let blob = crate::blobs::meta::get(&state.db, &object, &name)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no blob {name:?} in object {object}")))?;
-    if let Some(not_modified) = read_condition(&headers, blob.version)? {
+    if let Some(not_modified) = read_condition(pre, blob.version)? {
         return Ok(not_modified);
     }
     let range = parse_range(headers.get(header::RANGE), blob.size)?;

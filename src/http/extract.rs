@@ -116,9 +116,8 @@ fn body_error(err: BytesRejection) -> ApiError {
 
 /// The conditions of a read of something at `version`: a failed If-Match is
 /// 412; a matching If-None-Match answers 304 (returned as `Some`).
-pub fn read_condition(headers: &HeaderMap, version: i64) -> Result<Option<axum::response::Response>, ApiError> {
+pub fn read_condition(pre: Precondition, version: i64) -> Result<Option<axum::response::Response>, ApiError> {
     use axum::response::IntoResponse;
-    let pre = precondition(headers)?;
     if let Some(if_match) = pre.if_match {
         if !(Precondition { if_match: Some(if_match), if_none_match: None }).holds(Some(version)) {
             return Err(ApiError::PreconditionFailed {

@@ -70,11 +70,11 @@ pub async fn get_key(
     KeyPath(object, key): KeyPath,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    precondition(&headers)?;
+    let pre = precondition(&headers)?;
     let entry = objects::get_entry(&state.db, &object, &key)
         .await?
         .ok_or_else(|| ApiError::NotFound(format!("no key {key:?} in object {object}")))?;
-    if let Some(not_modified) = read_condition(&headers, entry.version)? {
+    if let Some(not_modified) = read_condition(pre, entry.version)? {
         return Ok(not_modified);
     }
     let content_type = HeaderValue::from_str(&entry.content_type)

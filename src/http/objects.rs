@@ -11,7 +11,7 @@ use super::error::{ApiError, Problem};
 use super::extract::{list_limit, ApiQuery, NamespacePath, ObjectPath, Replay};
 use super::{commit, written, Routed, SharedState};
 use crate::clock::{now_ms, rfc3339_ms};
-use crate::objects::{self, validate_id, Mutation, OpResult};
+use crate::objects::{self, validate_id_prefix, Mutation, OpResult};
 
 #[derive(Serialize, ToSchema)]
 pub struct ObjectBody {
@@ -124,8 +124,8 @@ pub async fn list_objects(
     ApiQuery(query): ApiQuery<ListObjectsQuery>,
 ) -> Result<Response, ApiError> {
     let limit = list_limit(query.limit)?;
-    if let Some(prefix) = query.prefix.as_deref().filter(|p| !p.is_empty()) {
-        validate_id(prefix).map_err(|_| ApiError::BadRequest("prefix must be a valid object id prefix".into()))?;
+    if let Some(prefix) = &query.prefix {
+        validate_id_prefix(prefix)?;
     }
     let after =
         query.cursor.as_deref().map(|c| objects::decode_cursor(c, false)).transpose().map_err(ApiError::BadRequest)?;

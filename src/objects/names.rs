@@ -55,11 +55,7 @@ pub fn validate_ns(ns: &str) -> Result<(), InvalidName> {
 /// 1-256 URL-safe bytes: the unreserved characters of RFC 3986. `.` and `..`
 /// are refused: ids become path segments in the object store.
 pub fn validate_id(id: &str) -> Result<(), InvalidName> {
-    let ok = !id.is_empty()
-        && id.len() <= MAX_ID_BYTES
-        && id != "."
-        && id != ".."
-        && id.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._~".contains(&b));
+    let ok = !id.is_empty() && id.len() <= MAX_ID_BYTES && id != "." && id != ".." && id.bytes().all(is_id_byte);
     if ok {
         Ok(())
     } else {
@@ -79,6 +75,19 @@ pub fn validate_key(key: &str) -> Result<(), InvalidName> {
         return Err(InvalidName(format!("invalid key: {} bytes, at most {MAX_KEY_BYTES} allowed", key.len())));
     }
     Ok(())
+}
+
+fn is_id_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"-._~".contains(&b)
+}
+
+/// A prefix of some valid id: the same characters and length bound (`.` is a fine prefix).
+pub fn validate_id_prefix(prefix: &str) -> Result<(), InvalidName> {
+    if prefix.len() <= MAX_ID_BYTES && prefix.bytes().all(is_id_byte) {
+        Ok(())
+    } else {
+        Err(InvalidName(format!("invalid id prefix: at most {MAX_ID_BYTES} characters of [A-Za-z0-9-._~]")))
+    }
 }
 
 fn truncate_for_message(s: &str) -> String {
