@@ -111,6 +111,31 @@ pub struct Settings {
           value_parser = clap::value_parser!(u64).range(0..))]
     pub orphan_grace_ms: u64,
 
+    /// Whether this replica takes part in exporting the outbox to Iceberg (one replica exports at a time).
+    #[arg(long = "export-enabled", env = "STATEHOUSE_EXPORT_ENABLED", default_value_t = true,
+          action = clap::ArgAction::Set)]
+    pub export_enabled: bool,
+
+    /// How often the outbox is exported to the Iceberg tables, in milliseconds.
+    #[arg(long = "export-interval-ms", env = "STATEHOUSE_EXPORT_INTERVAL_MS", default_value_t = 5_000,
+          value_parser = clap::value_parser!(u64).range(100..))]
+    pub export_interval_ms: u64,
+
+    /// Most outbox rows in one Iceberg snapshot; a backlog this large is exported without waiting for the interval.
+    #[arg(long = "export-batch-rows", env = "STATEHOUSE_EXPORT_BATCH_ROWS", default_value_t = 100_000,
+          value_parser = clap::value_parser!(u64).range(1..=10_000_000))]
+    pub export_batch_rows: u64,
+
+    /// Snapshots older than this are expired (their unreferenced files deleted after the orphan grace), in milliseconds.
+    #[arg(long = "export-snapshot-max-age-ms", env = "STATEHOUSE_EXPORT_SNAPSHOT_MAX_AGE_MS", default_value_t = 86_400_000,
+          value_parser = clap::value_parser!(u64).range(0..))]
+    pub export_snapshot_max_age_ms: u64,
+
+    /// The most recent snapshots of each table are kept whatever their age.
+    #[arg(long = "export-min-snapshots", env = "STATEHOUSE_EXPORT_MIN_SNAPSHOTS", default_value_t = 10,
+          value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    pub export_min_snapshots: u64,
+
     /// Address to bind the HTTP server to (`0.0.0.0:8080` in container images).
     #[arg(long = "listen", env = "STATEHOUSE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -343,6 +368,11 @@ pub const ENV_VARS: &[&str] = &[
     "STATEHOUSE_SWEEP_INTERVAL_MS",
     "STATEHOUSE_CHANGE_VALUE_CAP_BYTES",
     "STATEHOUSE_ORPHAN_GRACE_MS",
+    "STATEHOUSE_EXPORT_ENABLED",
+    "STATEHOUSE_EXPORT_INTERVAL_MS",
+    "STATEHOUSE_EXPORT_BATCH_ROWS",
+    "STATEHOUSE_EXPORT_SNAPSHOT_MAX_AGE_MS",
+    "STATEHOUSE_EXPORT_MIN_SNAPSHOTS",
     "STATEHOUSE_LISTEN",
     "STATEHOUSE_ADVERTISE_URL",
     "STATEHOUSE_LEASE_MS",

@@ -182,6 +182,11 @@ pub const MIGRATIONS: &[Migration] = &[
     },
     Migration { version: 2, name: "0002_blobs.sql", sql: include_str!("../migrations/0002_blobs.sql") },
     Migration { version: 3, name: "0003_outbox.sql", sql: include_str!("../migrations/0003_outbox.sql") },
+    Migration {
+        version: 4,
+        name: "0004_iceberg_catalog.sql",
+        sql: include_str!("../migrations/0004_iceberg_catalog.sql"),
+    },
 ];
 
 pub fn latest_migration() -> i64 {

@@ -5,6 +5,7 @@
 //! → `writer` (the one write path: batched transactions, savepoint per write)
 //! → `objects` (the SQL of a fenced change) → `db` (libSQL, local or remote).
 
+pub mod analytics;
 pub mod blobs;
 pub mod clock;
 pub mod config;

@@ -11,6 +11,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::analytics::{ExportPolicy, Exporter};
 use crate::blobs::{Storage, Sweeper};
 use crate::config::{DatabaseSettings, Settings, SyncMode};
 use crate::db::{self, Database};
@@ -81,6 +82,23 @@ pub async fn run(
         orphan_grace: Duration::from_millis(settings.orphan_grace_ms),
     }
     .spawn(stop.child_token());
+    let exporter = Arc::new(Exporter::new(
+        db.clone(),
+        writer.clone(),
+        guard.clone(),
+        &storage,
+        ExportPolicy {
+            enabled: settings.export_enabled,
+            interval: Duration::from_millis(settings.export_interval_ms),
+            batch_rows: settings.export_batch_rows as usize,
+            min_snapshots: settings.export_min_snapshots as usize,
+            max_snapshot_age: Duration::from_millis(settings.export_snapshot_max_age_ms),
+            maintenance_interval: Duration::from_millis(settings.sweep_interval_ms),
+            orphan_grace: Duration::from_millis(settings.orphan_grace_ms),
+        },
+        &metrics,
+    ));
+    let exporting = exporter.clone().spawn(stop.child_token());
     let peers = reqwest::Client::builder()
         .pool_idle_timeout(std::time::Duration::from_secs(30))
         .build()
@@ -93,6 +111,7 @@ pub async fn run(
         guard: guard.clone(),
         metrics,
         peers,
+        exporter,
     });
 
     tracing::info!(
@@ -116,6 +135,7 @@ pub async fn run(
     stop.cancel();
     let _ = renewal.await;
     let _ = sweeper.await;
+    let _ = exporting.await;
     match guard.release_all().await {
         Ok(n) => tracing::info!(released = n, "released leases; stopped"),
         Err(err) => tracing::warn!(error = %err, "could not release leases; peers take over when they expire"),

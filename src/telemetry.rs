@@ -109,6 +109,11 @@ impl Metrics {
         }
     }
 
+    /// Adds the metrics of another module (the exporter) to what `/metrics` shows.
+    pub fn register(&self, collector: Box<dyn prometheus::core::Collector>) {
+        self.registry.register(collector).expect("metric names are unique");
+    }
+
     pub fn render(&self) -> String {
         let mut out = Vec::new();
         TextEncoder::new().encode(&self.registry.gather(), &mut out).expect("text encoding cannot fail");

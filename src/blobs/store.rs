@@ -86,6 +86,9 @@ pub struct Storage {
     store: Arc<dyn ObjectStore>,
     signer: Option<Arc<AmazonS3>>,
     backend: Backend,
+    /// The store's root as an absolute location other tools understand
+    /// (`/abs/objects/dir` or `s3://bucket`), for the Iceberg tables.
+    iceberg_root: String,
     /// Where it is, for logs: a folder or `s3://bucket` at an endpoint.
     pub location: String,
 }
@@ -107,10 +110,13 @@ impl Storage {
                 })?;
                 let store = LocalFileSystem::new_with_prefix(dir)
                     .map_err(|e| StorageError::Config(format!("STATEHOUSE_OBJECTS_DIR={}: {e}", dir.display())))?;
+                let absolute = std::fs::canonicalize(dir)
+                    .map_err(|e| StorageError::Config(format!("STATEHOUSE_OBJECTS_DIR={}: {e}", dir.display())))?;
                 Ok(Storage {
                     store: Arc::new(store),
                     signer: None,
                     backend: Backend::LocalFolder,
+                    iceberg_root: absolute.display().to_string(),
                     location: dir.display().to_string(),
                 })
             }
@@ -145,6 +151,7 @@ impl Storage {
                     store: store.clone(),
                     signer: Some(store),
                     backend: Backend::S3,
+                    iceberg_root: format!("s3://{}", s3.bucket),
                     location: format!("s3://{} at {}", s3.bucket, s3.endpoint),
                 })
             }
@@ -153,6 +160,10 @@ impl Storage {
 
     pub fn backend(&self) -> Backend {
         self.backend
+    }
+
+    pub fn iceberg_root(&self) -> String {
+        self.iceberg_root.clone()
     }
 
     /// The raw client, for code that takes an `ObjectStore` (the Iceberg export).

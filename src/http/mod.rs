@@ -1,6 +1,7 @@
 //! The HTTP surface: a pure `app(state) -> Router`, its middleware, and the
 //! write path that sends each write to the replica owning the object.
 
+mod analytics;
 mod blobs;
 mod error;
 mod events;
@@ -30,6 +31,7 @@ use tracing::Level;
 pub use error::{ApiError, Problem, PROBLEM_BASE};
 pub use openapi::openapi_json;
 
+use crate::analytics::Exporter;
 use crate::blobs::Storage;
 use crate::config::Settings;
 use crate::db::Database;
@@ -53,6 +55,7 @@ pub struct AppState {
     pub guard: Arc<Guard>,
     pub metrics: Arc<Metrics>,
     pub peers: reqwest::Client,
+    pub exporter: Arc<Exporter>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -83,6 +86,8 @@ pub fn app(state: SharedState) -> Router {
                 .layer(DefaultBodyLimit::max(64 * 1024)),
         )
         .route("/v1/internal/objects/{ns}/{id}/blob-commit", post(blobs::commit_forwarded_blob))
+        .route("/v1/admin/export", post(analytics::export_now).layer(DefaultBodyLimit::max(64 * 1024)))
+        .route("/v1/analytics/tables", get(analytics::list_tables))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

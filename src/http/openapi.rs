@@ -4,7 +4,7 @@ use std::sync::OnceLock;
 
 use utoipa::OpenApi;
 
-use super::{blobs, events, kv, objects, ops, Problem};
+use super::{analytics, blobs, events, kv, objects, ops, Problem};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -27,6 +27,8 @@ use super::{blobs, events, kv, objects, ops, Problem};
         blobs::delete_blob,
         blobs::list_blobs,
         blobs::post_blob_action,
+        analytics::export_now,
+        analytics::list_tables,
         ops::healthz,
         ops::readyz,
         ops::metrics,

@@ -211,8 +211,8 @@ impl WriteJob {
         let capped = change.value.map(|v| &v[..v.len().min(self.value_cap)]);
         let truncated = change.value.map(|v| i64::from(v.len() > self.value_cap));
         conn.execute(
-            "INSERT INTO outbox (kind, ns, id, version, fence, instance, ts, op, key, content_type, size, value, value_truncated)
-             VALUES ('change', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)",
+            "INSERT INTO outbox (kind, ns, id, version, fence, instance, ts, op, key, content_type, size, value, value_truncated, committed_ms)
+             VALUES ('change', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
                 self.object.ns.as_str(),
                 self.object.id.as_str(),
@@ -225,7 +225,8 @@ impl WriteJob {
                 change.content_type,
                 change.size,
                 capped,
-                truncated
+                truncated,
+                self.now_ms
             ],
         )
         .await?;
@@ -234,8 +235,8 @@ impl WriteJob {
 
     async fn record_event(&self, conn: &Connection, version: i64, event: &Event) -> Result<(), StoreError> {
         conn.execute(
-            "INSERT INTO outbox (kind, ns, id, version, fence, instance, ts, event_id, type, data)
-             VALUES ('event', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            "INSERT INTO outbox (kind, ns, id, version, fence, instance, ts, event_id, type, data, committed_ms)
+             VALUES ('event', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
                 self.object.ns.as_str(),
                 self.object.id.as_str(),
@@ -245,7 +246,8 @@ impl WriteJob {
                 event.ts_micros,
                 event.event_id.to_string(),
                 event.event_type.as_str(),
-                event.data.as_str()
+                event.data.as_str(),
+                self.now_ms
             ],
         )
         .await?;

@@ -1,0 +1,380 @@
+//! An Iceberg catalog kept in our own libSQL database, in the table shape of
+//! the Iceberg SQL catalog (`iceberg_tables`, `iceberg_namespace_properties`),
+//! so PyIceberg's `SqlCatalog` reads it as it is.
+//!
+//! Every change of a table's metadata pointer is a compare-and-set from the
+//! location the change was computed on, inside a transaction that first checks
+//! the exporter's fence; when the new metadata adds a snapshot of outbox rows,
+//! the same transaction deletes those rows. Publishing a snapshot and
+//! forgetting its rows is therefore one atomic step, and only the current
+//! lease holder can take it.
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::sync::Arc;
+
+use iceberg::io::FileIO;
+use iceberg::spec::{TableMetadata, TableMetadataBuilder};
+use iceberg::table::Table;
+use iceberg::{
+    Catalog, Error, ErrorKind, MetadataLocation, Namespace, NamespaceIdent, Result, Runtime, TableCommit,
+    TableCreation, TableIdent,
+};
+use libsql::{params, Connection};
+
+use super::storage::WarehouseStorage;
+use super::tables::ExportTable;
+use crate::db::{Database, StoreError};
+use crate::objects::ObjectRef;
+use crate::writer::{BoxFuture, Work, Writer};
+
+pub const CATALOG_NAME: &str = "statehouse";
+/// Snapshot property: the last outbox `seq` the snapshot's rows go up to.
+pub const OUTBOX_THROUGH: &str = "statehouse.outbox-through-seq";
+
+/// The lease a catalog change is made under.
+#[derive(Debug, Clone)]
+pub struct Fenced {
+    pub object: ObjectRef,
+    pub owner: String,
+    pub fence: i64,
+}
+
+#[derive(Clone)]
+pub struct LibsqlCatalog {
+    db: Arc<Database>,
+    writer: Writer,
+    file_io: FileIO,
+    /// Location of the warehouse root: `<store root>/warehouse`.
+    warehouse: String,
+    /// None: read-only (any replica's view); Some: the exporter's lease.
+    commit_as: Option<Fenced>,
+}
+
+fn refused(message: impl Into<String>) -> Error {
+    // Never retryable: a moved pointer or a lost fence means another exporter
+    // owns the tables now, and re-applying our files would export them twice.
+    Error::new(ErrorKind::CatalogCommitConflicts, message).with_retryable(false)
+}
+
+fn database(err: StoreError) -> Error {
+    Error::new(ErrorKind::Unexpected, format!("catalog database: {err}"))
+}
+
+impl std::fmt::Debug for LibsqlCatalog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LibsqlCatalog").field("warehouse", &self.warehouse).field("commit_as", &self.commit_as).finish()
+    }
+}
+
+impl LibsqlCatalog {
+    pub fn new(db: Arc<Database>, writer: Writer, storage: &WarehouseStorage) -> Self {
+        LibsqlCatalog {
+            db,
+            writer,
+            file_io: storage.file_io(),
+            warehouse: format!("{}/warehouse", storage.root()),
+            commit_as: None,
+        }
+    }
+
+    /// A catalog whose changes commit only while `lease` is current.
+    pub fn fenced(&self, lease: Fenced) -> Self {
+        LibsqlCatalog { commit_as: Some(lease), ..self.clone() }
+    }
+
+    pub fn warehouse(&self) -> &str {
+        &self.warehouse
+    }
+
+    pub fn file_io(&self) -> &FileIO {
+        &self.file_io
+    }
+
+    fn lease(&self) -> Result<&Fenced> {
+        self.commit_as
+            .as_ref()
+            .ok_or_else(|| Error::new(ErrorKind::FeatureUnsupported, "this catalog view is read-only"))
+    }
+
+    /// The current metadata location of a table, if the table exists.
+    pub async fn pointer(&self, table: &TableIdent) -> Result<Option<String>> {
+        let namespace = table.namespace().to_url_string();
+        let name = table.name().to_string();
+        self.db
+            .read(move |conn| {
+                let (namespace, name) = (namespace.clone(), name.clone());
+                async move {
+                    let mut rows = conn
+                        .query(
+                            "SELECT metadata_location FROM iceberg_tables
+                         WHERE catalog_name = ?1 AND table_namespace = ?2 AND table_name = ?3",
+                            params![CATALOG_NAME, namespace, name],
+                        )
+                        .await?;
+                    match rows.next().await? {
+                        Some(row) => Ok(row.get::<Option<String>>(0)?),
+                        None => Ok(None),
+                    }
+                }
+            })
+            .await
+            .map_err(database)
+    }
+
+    fn table(&self, ident: TableIdent, location: String, metadata: TableMetadata) -> Result<Table> {
+        Table::builder()
+            .identifier(ident)
+            .metadata_location(location)
+            .metadata(metadata)
+            .file_io(self.file_io.clone())
+            .runtime(Runtime::try_current()?)
+            .build()
+    }
+
+    async fn publish(&self, change: Publish) -> Result<()> {
+        match self.writer.run(change).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(PublishRefused::Fenced)) => {
+                Err(refused("the exporter lease moved to another replica; this snapshot is not published"))
+            }
+            Ok(Err(PublishRefused::Moved)) => {
+                Err(refused("the table's metadata pointer moved since this change was computed"))
+            }
+            // Unknown outcome (the database may have committed): never retried
+            // here; the next cycle starts from whatever the pointer says.
+            Err(err) => Err(database(err)),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Catalog for LibsqlCatalog {
+    async fn list_namespaces(&self, parent: Option<&NamespaceIdent>) -> Result<Vec<NamespaceIdent>> {
+        if parent.is_some() {
+            return Ok(vec![]);
+        }
+        Ok(vec![NamespaceIdent::new(super::tables::NAMESPACE.to_string())])
+    }
+
+    async fn create_namespace(&self, _: &NamespaceIdent, _: HashMap<String, String>) -> Result<Namespace> {
+        Err(Error::new(ErrorKind::FeatureUnsupported, "the statehouse catalog has one fixed namespace"))
+    }
+
+    async fn get_namespace(&self, namespace: &NamespaceIdent) -> Result<Namespace> {
+        if self.namespace_exists(namespace).await? {
+            Ok(Namespace::new(namespace.clone()))
+        } else {
+            Err(Error::new(ErrorKind::NamespaceNotFound, format!("no namespace {}", namespace.to_url_string())))
+        }
+    }
+
+    async fn namespace_exists(&self, namespace: &NamespaceIdent) -> Result<bool> {
+        Ok(namespace.to_url_string() == super::tables::NAMESPACE)
+    }
+
+    async fn update_namespace(&self, _: &NamespaceIdent, _: HashMap<String, String>) -> Result<()> {
+        Err(Error::new(ErrorKind::FeatureUnsupported, "the statehouse namespace is fixed"))
+    }
+
+    async fn drop_namespace(&self, _: &NamespaceIdent) -> Result<()> {
+        Err(Error::new(ErrorKind::FeatureUnsupported, "the statehouse namespace is fixed"))
+    }
+
+    async fn list_tables(&self, namespace: &NamespaceIdent) -> Result<Vec<TableIdent>> {
+        let mut tables = Vec::new();
+        for table in ExportTable::ALL {
+            let ident = TableIdent::new(namespace.clone(), table.name().to_string());
+            if self.pointer(&ident).await?.is_some() {
+                tables.push(ident);
+            }
+        }
+        Ok(tables)
+    }
+
+    async fn create_table(&self, namespace: &NamespaceIdent, creation: TableCreation) -> Result<Table> {
+        let lease = self.lease()?.clone();
+        let ident = TableIdent::new(namespace.clone(), creation.name.clone());
+        let location = format!("{}/{}/{}", self.warehouse, namespace.to_url_string(), creation.name);
+        let creation = TableCreation { location: Some(location.clone()), ..creation };
+        let metadata = TableMetadataBuilder::from_table_creation(creation)?.build()?.metadata;
+        let metadata_location = MetadataLocation::new_with_metadata(&location, &metadata);
+        metadata.write_to(&self.file_io, &metadata_location).await?;
+        self.publish(Publish {
+            lease,
+            namespace: namespace.to_url_string(),
+            namespace_location: format!("{}/{}", self.warehouse, namespace.to_url_string()),
+            name: ident.name().to_string(),
+            previous: None,
+            location: metadata_location.to_string(),
+            outbox: None,
+        })
+        .await?;
+        self.table(ident, metadata_location.to_string(), metadata)
+    }
+
+    async fn load_table(&self, ident: &TableIdent) -> Result<Table> {
+        let location = self
+            .pointer(ident)
+            .await?
+            .ok_or_else(|| Error::new(ErrorKind::TableNotFound, format!("no table {ident}")))?;
+        let metadata = TableMetadata::read_from(&self.file_io, &location).await?;
+        self.table(ident.clone(), location, metadata)
+    }
+
+    async fn drop_table(&self, _: &TableIdent) -> Result<()> {
+        Err(Error::new(ErrorKind::FeatureUnsupported, "export tables cannot be dropped through Statehouse"))
+    }
+
+    async fn purge_table(&self, _: &TableIdent) -> Result<()> {
+        Err(Error::new(ErrorKind::FeatureUnsupported, "export tables cannot be purged through Statehouse"))
+    }
+
+    async fn table_exists(&self, ident: &TableIdent) -> Result<bool> {
+        Ok(self.pointer(ident).await?.is_some())
+    }
+
+    async fn rename_table(&self, _: &TableIdent, _: &TableIdent) -> Result<()> {
+        Err(Error::new(ErrorKind::FeatureUnsupported, "export tables cannot be renamed"))
+    }
+
+    async fn register_table(&self, _: &TableIdent, _: String) -> Result<Table> {
+        Err(Error::new(ErrorKind::FeatureUnsupported, "the statehouse catalog holds only its export tables"))
+    }
+
+    async fn update_table(&self, commit: TableCommit) -> Result<Table> {
+        let lease = self.lease()?.clone();
+        let ident = commit.identifier().clone();
+        let current = self.load_table(&ident).await?;
+        let previous = current.metadata_location_result()?.to_string();
+        let snapshot_before = current.metadata().current_snapshot_id();
+        let staged = commit.apply(current)?;
+        let location = staged.metadata_location_result()?.to_string();
+        staged.metadata().write_to(staged.file_io(), &MetadataLocation::from_str(&location)?).await?;
+
+        // A new snapshot of outbox rows: forget those rows in the same transaction.
+        let outbox = match staged.metadata().current_snapshot() {
+            Some(snapshot) if Some(snapshot.snapshot_id()) != snapshot_before => {
+                match snapshot.summary().additional_properties.get(OUTBOX_THROUGH) {
+                    Some(through) => {
+                        let through = through.parse::<i64>().map_err(|_| {
+                            Error::new(ErrorKind::DataInvalid, format!("{OUTBOX_THROUGH}={through} is not a number"))
+                        })?;
+                        let table =
+                            ExportTable::ALL.into_iter().find(|t| t.name() == ident.name()).ok_or_else(|| {
+                                Error::new(ErrorKind::DataInvalid, format!("{ident} is not fed by the outbox"))
+                            })?;
+                        Some((table.outbox_kind(), through))
+                    }
+                    None => None,
+                }
+            }
+            _ => None,
+        };
+        self.publish(Publish {
+            lease,
+            namespace: ident.namespace().to_url_string(),
+            namespace_location: String::new(),
+            name: ident.name().to_string(),
+            previous: Some(previous),
+            location,
+            outbox,
+        })
+        .await?;
+        Ok(staged)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PublishRefused {
+    Fenced,
+    Moved,
+}
+
+/// One fenced change of a metadata pointer (a new table when `previous` is None).
+struct Publish {
+    lease: Fenced,
+    namespace: String,
+    namespace_location: String,
+    name: String,
+    previous: Option<String>,
+    location: String,
+    /// Outbox rows of this kind up to this seq are now in the table.
+    outbox: Option<(&'static str, i64)>,
+}
+
+impl Publish {
+    async fn fence_holds(&self, conn: &Connection) -> std::result::Result<bool, StoreError> {
+        let mut rows = conn
+            .query(
+                "UPDATE objects SET version = version + 1, updated_at = ?5
+                 WHERE ns = ?1 AND id = ?2 AND fence = ?3 AND owner = ?4 RETURNING version",
+                params![
+                    self.lease.object.ns.as_str(),
+                    self.lease.object.id.as_str(),
+                    self.lease.fence,
+                    self.lease.owner.as_str(),
+                    crate::clock::now_ms()
+                ],
+            )
+            .await?;
+        Ok(rows.next().await?.is_some())
+    }
+}
+
+impl Work for Publish {
+    type Output = std::result::Result<(), PublishRefused>;
+
+    fn apply<'a>(&'a mut self, conn: &'a Connection) -> BoxFuture<'a, std::result::Result<Self::Output, StoreError>> {
+        Box::pin(async move {
+            if !self.fence_holds(conn).await? {
+                return Ok(Err(PublishRefused::Fenced));
+            }
+            let changed = match &self.previous {
+                None => {
+                    conn.execute(
+                        "INSERT OR IGNORE INTO iceberg_namespace_properties
+                             (catalog_name, namespace, property_key, property_value)
+                         VALUES (?1, ?2, 'exists', 'true'), (?1, ?2, 'location', ?3)",
+                        params![CATALOG_NAME, self.namespace.as_str(), self.namespace_location.as_str()],
+                    )
+                    .await?;
+                    conn.execute(
+                        "INSERT INTO iceberg_tables
+                             (catalog_name, table_namespace, table_name, metadata_location, previous_metadata_location, iceberg_type)
+                         VALUES (?1, ?2, ?3, ?4, NULL, 'TABLE')
+                         ON CONFLICT DO NOTHING",
+                        params![CATALOG_NAME, self.namespace.as_str(), self.name.as_str(), self.location.as_str()],
+                    )
+                    .await?
+                }
+                Some(previous) => {
+                    conn.execute(
+                        "UPDATE iceberg_tables SET metadata_location = ?4, previous_metadata_location = ?5
+                         WHERE catalog_name = ?1 AND table_namespace = ?2 AND table_name = ?3
+                           AND metadata_location = ?5",
+                        params![
+                            CATALOG_NAME,
+                            self.namespace.as_str(),
+                            self.name.as_str(),
+                            self.location.as_str(),
+                            previous.as_str()
+                        ],
+                    )
+                    .await?
+                }
+            };
+            if changed != 1 {
+                return Ok(Err(PublishRefused::Moved));
+            }
+            if let Some((kind, through)) = self.outbox {
+                conn.execute("DELETE FROM outbox WHERE kind = ?1 AND seq <= ?2", params![kind, through]).await?;
+            }
+            Ok(Ok(()))
+        })
+    }
+
+    fn keep(output: &Self::Output) -> bool {
+        output.is_ok()
+    }
+}
