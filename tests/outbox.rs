@@ -59,7 +59,11 @@ async fn outbox(db: &TestDatabase, ns: &str) -> Vec<Row> {
 #[tokio::test]
 async fn every_committed_change_and_event_has_one_outbox_row() {
     let db = TestDatabase::new();
-    let app = spawn_app_with(&db, |s| s.change_value_cap_bytes = 8).await;
+    let app = spawn_app_with(&db, |s| {
+        s.change_value_cap_bytes = 8;
+        s.export_enabled = false;
+    })
+    .await;
     let ns = unique_ns("outbox");
     let base = app.url(&format!("/v1/objects/{ns}/o"));
     let c = &app.client;
@@ -154,7 +158,7 @@ async fn every_committed_change_and_event_has_one_outbox_row() {
 #[tokio::test]
 async fn bad_events_are_400_and_record_nothing() {
     let db = TestDatabase::new();
-    let app = spawn_app_with(&db, |_| {}).await;
+    let app = spawn_app_with(&db, |s| s.export_enabled = false).await;
     let ns = unique_ns("badevents");
     let url = app.url(&format!("/v1/objects/{ns}/o/events"));
     let many: Vec<Value> = (0..1001).map(|_| json!({"type": "E"})).collect();

@@ -572,9 +572,9 @@ async fn write_data_files(table: &Table, batch: RecordBatch) -> Result<Vec<DataF
 }
 
 /// `data/ns=<ns>/type=<type>/ts_day=<date>/`, with every character outside
-/// `[A-Za-z0-9._-]` of a value replaced, so no client-chosen event type can
-/// name a path outside the table (readers use the manifests' partition values,
-/// not these names).
+/// `[A-Za-z0-9_-]` of a value replaced by `_`, so no client-chosen event type
+/// can name a path outside the table or a key some stores refuse (`..`).
+/// Readers use the manifests' partition values, not these names.
 #[derive(Debug, Clone)]
 struct PartitionDirectories {
     data_location: String,
@@ -603,15 +603,16 @@ impl LocationGenerator for PartitionDirectories {
 }
 
 fn directory_safe(value: &str) -> String {
-    let mut safe: String = value
+    let safe: String = value
         .chars()
         .take(64)
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') { c } else { '_' })
+        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '_' | '-') { c } else { '_' })
         .collect();
-    if safe.is_empty() || safe.chars().all(|c| c == '.') {
-        safe.insert(0, '_');
+    if safe.is_empty() {
+        "_".to_string()
+    } else {
+        safe
     }
-    safe
 }
 
 #[cfg(test)]
@@ -621,8 +622,9 @@ mod tests {
     #[test]
     fn partition_directories_stay_inside_the_table() {
         assert_eq!(directory_safe("OrderPlaced"), "OrderPlaced");
-        assert_eq!(directory_safe("../../etc"), ".._.._etc");
-        assert_eq!(directory_safe(".."), "_..");
+        assert_eq!(directory_safe("../../etc"), "______etc");
+        assert_eq!(directory_safe(".."), "__");
+        assert_eq!(directory_safe("v1.2-beta_x"), "v1_2-beta_x");
         assert_eq!(directory_safe(""), "_");
         assert_eq!(directory_safe("a/b c%2F"), "a_b_c_2F");
         assert_eq!(directory_safe("ünï"), "___");

@@ -187,10 +187,11 @@ impl FileWrite for StreamingWriter {
     async fn close(&mut self) -> Result<()> {
         use tokio::io::AsyncWriteExt;
         let mut writer = self.inner.take().ok_or_else(|| Error::new(ErrorKind::Unexpected, "closed twice"))?;
-        if let Err(err) = writer.shutdown().await {
-            let _ = writer.abort().await;
-            return Err(Error::new(ErrorKind::Unexpected, format!("object store: {}", self.location)).with_source(err));
-        }
-        Ok(())
+        // (`abort` may not follow a failed shutdown: object_store panics. A failed
+        // small upload left nothing; a failed multipart leaves parts the bucket's
+        // lifecycle rules clean up.)
+        writer.shutdown().await.map_err(|err| {
+            Error::new(ErrorKind::Unexpected, format!("object store: {}", self.location)).with_source(err)
+        })
     }
 }

@@ -3,6 +3,7 @@
 //! mode: `STATEHOUSE_TEST_DATABASE=sqld` runs the same tests on a libSQL server.
 #![allow(dead_code)]
 
+pub mod iceberg;
 pub mod ledger;
 pub mod s3;
 pub mod sqld;

@@ -1,0 +1,570 @@
+//! The Iceberg export, checked from the outside: a workload of puts, deletes,
+//! batches and events over several namespaces and export cycles, then DuckDB
+//! and PyIceberg (independent readers, tests/iceberg/read.py) must each return
+//! exactly the acknowledged events and changes, at the current snapshot and at
+//! older ones; on the local folder and on S3; through crashes of the exporter;
+//! and an exporter whose lease moved cannot publish.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::iceberg::{read_tables, tables};
+use common::s3::S3Server;
+use common::{spawn_app_with, unique_ns, Process, TestApp, TestDatabase};
+use serde_json::{json, Value};
+
+/// What the server acknowledged, as the readers must show it.
+#[derive(Default, Clone)]
+struct Expected {
+    /// event_id -> (ns, id, type, data, version)
+    events: BTreeMap<String, (String, String, String, String, i64)>,
+    /// (ns, id, op, key, version, value as hex)
+    changes: BTreeSet<(String, String, String, Option<String>, i64, Option<String>)>,
+}
+
+impl Expected {
+    fn change(&mut self, ns: &str, id: &str, op: &str, key: &str, version: i64, value: Option<&[u8]>) {
+        self.changes.insert((ns.into(), id.into(), op.into(), Some(key.into()), version, value.map(hex::encode)));
+    }
+
+    fn events_from(&mut self, ns: &str, id: &str, version: i64, ids: &Value, sent: &[Value]) {
+        for (event_id, event) in ids.as_array().unwrap().iter().zip(sent) {
+            self.events.insert(
+                event_id.as_str().unwrap().to_string(),
+                (ns.into(), id.into(), event["type"].as_str().unwrap().into(), event["data"].to_string(), version),
+            );
+        }
+    }
+}
+
+async fn ok_json(response: reqwest::Response) -> Value {
+    let status = response.status();
+    let body = response.text().await.unwrap();
+    assert!(status.is_success(), "{status}: {body}");
+    serde_json::from_str(&body).unwrap()
+}
+
+/// One round of writes on `objects` objects in each namespace.
+async fn workload(app: &TestApp, namespaces: &[String], objects: usize, round: usize, expected: &mut Expected) {
+    let c = &app.client;
+    for ns in namespaces {
+        for o in 0..objects {
+            let id = format!("o{o}");
+            let base = app.url(&format!("/v1/objects/{ns}/{id}"));
+            for j in 0..4 {
+                let key = format!("k{round}-{j}");
+                let value = format!("value {ns}/{id}/{key}");
+                let r = ok_json(c.put(format!("{base}/kv/{key}")).body(value.clone()).send().await.unwrap()).await;
+                expected.change(ns, &id, "put", &key, r["version"].as_i64().unwrap(), Some(value.as_bytes()));
+            }
+            let key = format!("k{round}-0");
+            let r = ok_json(c.delete(format!("{base}/kv/{key}")).send().await.unwrap()).await;
+            assert_eq!(r["deleted"], true);
+            expected.change(ns, &id, "delete", &key, r["version"].as_i64().unwrap(), None);
+
+            let batch_events = vec![
+                json!({"type": "CartUpdated", "data": {"round": round, "object": o}}),
+                json!({"type": "weird/../type ünï", "data": null}),
+            ];
+            let put_value = json!({"n": round});
+            let r = ok_json(
+                c.post(format!("{base}/batch"))
+                    .json(&json!({
+                        "ops": [
+                            {"op": "put", "key": format!("b{round}"), "value": put_value},
+                            {"op": "delete", "key": format!("k{round}-1")},
+                        ],
+                        "events": batch_events,
+                    }))
+                    .send()
+                    .await
+                    .unwrap(),
+            )
+            .await;
+            let version = r["version"].as_i64().unwrap();
+            expected.change(
+                ns,
+                &id,
+                "put",
+                &format!("b{round}"),
+                version,
+                Some(&serde_json::to_vec(&put_value).unwrap()),
+            );
+            expected.change(ns, &id, "delete", &format!("k{round}-1"), version, None);
+            expected.events_from(ns, &id, version, &r["event_ids"], &batch_events);
+
+            let events: Vec<Value> = (0..3)
+                .map(|e| json!({"type": if e % 2 == 0 {"OrderPlaced"} else {"OrderShipped"}, "data": {"e": e, "s": "ü\"'\\"}}))
+                .collect();
+            let r =
+                ok_json(c.post(format!("{base}/events")).json(&json!({"events": events})).send().await.unwrap()).await;
+            expected.events_from(ns, &id, r["version"].as_i64().unwrap(), &r["event_ids"], &events);
+        }
+    }
+}
+
+async fn export_now(app: &TestApp) -> Value {
+    ok_json(app.client.post(app.url("/v1/admin/export")).send().await.unwrap()).await
+}
+
+fn snapshot_of(report: &Value, table: &str) -> Option<i64> {
+    report["snapshots"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|s| s["table"] == format!("statehouse.{table}"))
+        .map(|s| s["snapshot_id"].as_i64().unwrap())
+        .next_back()
+}
+
+fn seen_events(rows: &Value, namespaces: &[String]) -> BTreeMap<String, (String, String, String, String, i64)> {
+    let mut seen = BTreeMap::new();
+    for row in rows.as_array().unwrap() {
+        if !namespaces.iter().any(|ns| row["ns"] == ns.as_str()) {
+            continue;
+        }
+        let event_id = row["event_id"].as_str().unwrap().to_string();
+        let data: Value = serde_json::from_str(row["data"].as_str().unwrap()).unwrap();
+        let previous = seen.insert(
+            event_id.clone(),
+            (
+                row["ns"].as_str().unwrap().into(),
+                row["id"].as_str().unwrap().into(),
+                row["type"].as_str().unwrap().into(),
+                data.to_string(),
+                row["version"].as_i64().unwrap(),
+            ),
+        );
+        assert!(previous.is_none(), "event {event_id} exported twice");
+    }
+    seen
+}
+
+fn seen_changes(
+    rows: &Value,
+    namespaces: &[String],
+) -> BTreeSet<(String, String, String, Option<String>, i64, Option<String>)> {
+    let mut seen = BTreeSet::new();
+    let mut count = 0;
+    for row in rows.as_array().unwrap() {
+        if !namespaces.iter().any(|ns| row["ns"] == ns.as_str()) {
+            continue;
+        }
+        count += 1;
+        seen.insert((
+            row["ns"].as_str().unwrap().into(),
+            row["id"].as_str().unwrap().into(),
+            row["op"].as_str().unwrap().into(),
+            row["key"].as_str().map(str::to_string),
+            row["version"].as_i64().unwrap(),
+            row["value"].as_str().map(str::to_string),
+        ));
+    }
+    assert_eq!(count, seen.len(), "a change was exported twice");
+    seen
+}
+
+struct ReadSetup {
+    db_file: Option<String>,
+    s3: Option<Value>,
+}
+
+/// Both readers, current and older snapshots, against what was acknowledged.
+async fn check_readers(
+    app: &TestApp,
+    setup: &ReadSetup,
+    namespaces: &[String],
+    expected: &Expected,
+    history: &[(i64, i64, Expected)],
+) {
+    let listed = tables(&app.client, &app.base).await;
+    for table in ["events", "changes"] {
+        let info = &listed[table];
+        assert_eq!(info["pending_rows"], 0, "{table}: rows left in the outbox after the export: {info}");
+        let at: Vec<i64> = history.iter().map(|(e, c, _)| if table == "events" { *e } else { *c }).collect();
+        let request = json!({
+            "table": table,
+            "metadata_location": info["metadata_location"],
+            "db_file": setup.db_file,
+            "warehouse": app.client.get(app.url("/v1/analytics/tables")).send().await.unwrap().json::<Value>().await.unwrap()["warehouse"],
+            "snapshot_ids": at,
+            "s3": setup.s3,
+        });
+        let read = read_tables(&request).await;
+        for reader in ["duckdb", "pyiceberg"] {
+            let result = &read[reader];
+            let rows = &result["rows"];
+            assert_eq!(
+                rows.as_array().unwrap().len() as u64,
+                info["rows"].as_u64().unwrap(),
+                "{reader} {table}: row count differs from the snapshot summary"
+            );
+            if table == "events" {
+                let seen = seen_events(rows, namespaces);
+                assert_eq!(seen.len(), expected.events.len(), "{reader}: event count");
+                assert!(seen == expected.events, "{reader}: the exported events differ from the acknowledged ones");
+            } else {
+                let seen = seen_changes(rows, namespaces);
+                assert_eq!(seen.len(), expected.changes.len(), "{reader}: change count");
+                assert!(seen == expected.changes, "{reader}: the exported changes differ from the acknowledged ones");
+            }
+            // Time travel: each older snapshot holds exactly what had been exported then.
+            for (i, (events_at, changes_at, then)) in history.iter().enumerate() {
+                let id = if table == "events" { events_at } else { changes_at };
+                let old = &result["at"][id.to_string()];
+                if table == "events" {
+                    assert!(seen_events(old, namespaces) == then.events, "{reader}: events at snapshot {i} ({id})");
+                } else {
+                    assert!(seen_changes(old, namespaces) == then.changes, "{reader}: changes at snapshot {i} ({id})");
+                }
+            }
+            println!(
+                "{reader} read {table}: {} rows now, {} snapshots, time travel to {} older snapshots checked",
+                rows.as_array().unwrap().len(),
+                result["snapshots"].as_array().unwrap().len(),
+                history.len()
+            );
+        }
+        assert_eq!(read["duckdb"]["rows"], read["pyiceberg"]["rows"], "{table}: DuckDB and PyIceberg disagree");
+    }
+}
+
+/// The exporter's first cycle (soon after start) creates both tables; waiting
+/// for it keeps that cycle from taking part of the first round's rows.
+async fn wait_for_tables(app: &TestApp) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let listed = tables(&app.client, &app.base).await;
+        if listed["events"]["exists"] == true && listed["changes"]["exists"] == true {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the exporter never created the tables: {listed:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn interop(app: &TestApp, setup: ReadSetup, namespaces: Vec<String>, objects: usize, rounds: usize) {
+    wait_for_tables(app).await;
+    let mut expected = Expected::default();
+    let mut history = Vec::new();
+    let started = Instant::now();
+    for round in 0..rounds {
+        workload(app, &namespaces, objects, round, &mut expected).await;
+        let report = export_now(app).await;
+        assert_eq!(report["nothing_to_do"], false, "{report}");
+        let events_at = snapshot_of(&report, "events").expect("an events snapshot");
+        let changes_at = snapshot_of(&report, "changes").expect("a changes snapshot");
+        history.push((events_at, changes_at, expected.clone()));
+    }
+    let again = export_now(app).await;
+    assert_eq!(again["nothing_to_do"], true, "a second export with no new writes exported {again}");
+    println!(
+        "workload: {} events, {} changes in {rounds} export cycles ({:?})",
+        expected.events.len(),
+        expected.changes.len(),
+        started.elapsed()
+    );
+    // The last snapshot is the current one; check the ones before it as history.
+    history.pop();
+    check_readers(app, &setup, &namespaces, &expected, &history).await;
+}
+
+#[tokio::test]
+async fn duckdb_and_pyiceberg_read_exactly_the_acknowledged_writes() {
+    let db = TestDatabase::new();
+    let app = spawn_app_with(&db, |s| s.export_interval_ms = 3_600_000).await;
+    // PyIceberg opens the database file itself when there is one; on sqld it reads the metadata file.
+    let db_file = db.file_path().map(|p| p.display().to_string());
+    let namespaces = (0..3).map(|i| unique_ns(&format!("analytics{i}"))).collect();
+    interop(&app, ReadSetup { db_file, s3: None }, namespaces, 20, 3).await;
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_warehouse_on_s3_is_read_through_the_s3_api() {
+    let db = TestDatabase::new();
+    let s3 = S3Server::start(Some("lake")).await;
+    let settings = s3.settings("lake");
+    let app = spawn_app_with(&db, |s| {
+        s.objects = settings;
+        s.export_interval_ms = 3_600_000;
+    })
+    .await;
+    let listed: Value = app.client.get(app.url("/v1/analytics/tables")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed["warehouse"], "s3://lake/warehouse");
+    let setup = ReadSetup {
+        db_file: db.file_path().map(|p| p.display().to_string()),
+        s3: Some(json!({
+            "endpoint": s3.endpoint,
+            "access_key_id": common::s3::ACCESS_KEY,
+            "secret_access_key": common::s3::SECRET_KEY,
+            "region": "us-east-1",
+        })),
+    };
+    // Short namespaces: s3s-fs keeps each object's metadata in a file named by the
+    // base64 of its key, so keys over ~180 bytes fail there (S3 and R2 allow 1024).
+    let namespaces = vec!["s3a".to_string(), "s3b".to_string(), "s3c".to_string()];
+    interop(&app, setup, namespaces, 8, 2).await;
+    // Everything the tables name is really in the bucket.
+    let files: Vec<_> = walk(&s3.root.join("lake/warehouse/statehouse"));
+    assert!(files.iter().any(|f| f.ends_with(".parquet")), "no Parquet files in the bucket: {files:?}");
+    assert!(files.iter().any(|f| f.contains("/events/data/ns=")), "events are not partitioned by ns: {files:?}");
+    app.stop().await;
+}
+
+fn walk(dir: &std::path::Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path.display().to_string());
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_exporter_is_a_singleton_and_empty_tables_exist_from_the_start() {
+    let db = TestDatabase::new();
+    let a = spawn_app_with(&db, |s| s.export_interval_ms = 3_600_000).await;
+    let b = spawn_app_with(&db, |s| {
+        s.export_interval_ms = 3_600_000;
+        s.objects.objects_dir = db.dir.path().join("objects");
+    })
+    .await;
+    let ns = unique_ns("single");
+    let r = a
+        .client
+        .post(a.url(&format!("/v1/objects/{ns}/o/events")))
+        .json(&json!({"events": [{"type": "T"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // A exports; B's request is forwarded to A (the exporter), which finds nothing left.
+    let first = export_now(&a).await;
+    assert_eq!(first["snapshots"].as_array().unwrap().len(), 1, "{first}");
+    let second = b.client.post(b.url("/v1/admin/export")).send().await.unwrap();
+    assert_eq!(second.status(), 200);
+    assert_eq!(
+        second.headers()["statehouse-instance"],
+        a.client.get(a.url("/healthz")).send().await.unwrap().headers()["statehouse-instance"]
+    );
+    let second: Value = second.json().await.unwrap();
+    assert_eq!(second["nothing_to_do"], true, "{second}");
+    let listed = tables(&b.client, &b.base).await;
+    assert_eq!(listed["events"]["rows"], 1);
+    assert_eq!(listed["changes"]["exists"], true);
+    assert_eq!(listed["changes"]["rows"], 0);
+    // Metrics show the outbox drained and what this replica exported.
+    let metrics = a.client.get(a.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("statehouse_export_outbox_rows 0"), "{metrics}");
+    assert!(metrics.contains("statehouse_export_rows_total{table=\"events\"} 1"), "{metrics}");
+    a.stop().await;
+    b.stop().await;
+}
+
+/// SIGKILL the exporting process at random points while writes go on through
+/// another replica; then the tables hold every acknowledged event exactly once.
+#[tokio::test]
+async fn killing_the_exporter_at_random_points_loses_and_duplicates_nothing() {
+    let db = TestDatabase::new();
+    let objects = db.dir.path().join("objects");
+    let lease_ms = 600;
+    let env = |export: bool| {
+        vec![
+            ("STATEHOUSE_OBJECTS_DIR", objects.display().to_string()),
+            ("STATEHOUSE_LEASE_MS", lease_ms.to_string()),
+            ("STATEHOUSE_EXPORT_ENABLED", export.to_string()),
+            ("STATEHOUSE_EXPORT_INTERVAL_MS", "100".to_string()),
+            // Small snapshots: each cycle commits several, so kills land between and inside them.
+            ("STATEHOUSE_EXPORT_BATCH_ROWS", "150".to_string()),
+        ]
+    };
+    let writer = Process::start(&db.url, 0, &env(false));
+    let ns = unique_ns("crash");
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let acked = Arc::new(std::sync::Mutex::new(BTreeSet::<String>::new()));
+    let unknown = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for w in 0..3 {
+        let (client, base, ns) = (client.clone(), writer.base.clone(), ns.clone());
+        let (acked, unknown, stop) = (acked.clone(), unknown.clone(), stop.clone());
+        writers.push(tokio::spawn(async move {
+            let mut n = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let events: Vec<Value> =
+                    (0..5).map(|e| json!({"type": "Tick", "data": {"w": w, "n": n, "e": e}})).collect();
+                let sent = client
+                    .post(format!("{base}/v1/objects/{ns}/w{w}-{}/events", n % 7))
+                    .json(&json!({"events": events}))
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) if r.status() == 200 => {
+                        let body: Value = r.json().await.unwrap();
+                        let mut acked = acked.lock().unwrap();
+                        for id in body["event_ids"].as_array().unwrap() {
+                            acked.insert(id.as_str().unwrap().to_string());
+                        }
+                    }
+                    _ => {
+                        unknown.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    }
+                }
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        }));
+    }
+    let rounds = 20;
+    let mut lived = Vec::new();
+    for round in 0..rounds {
+        let mut exporter = Process::start(&db.url, 0, &env(true));
+        // Up to a lease to take the exporter lease from the killed one, then a random time exporting.
+        let life = Duration::from_millis(rand::random_range(lease_ms / 2..lease_ms * 3) as u64);
+        tokio::time::sleep(life).await;
+        exporter.kill();
+        lived.push(life);
+        let log = exporter.log();
+        assert!(!log.contains("panicked"), "round {round}: the exporter panicked:\n{log}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    // A last exporter drains the outbox.
+    let last = Process::start(&db.url, 0, &env(true));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let listed = tables(&client, &last.base).await;
+        if listed["events"]["pending_rows"] == 0 && listed["events"]["exists"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the outbox never drained: {:?}", listed["events"]);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let listed = tables(&client, &last.base).await;
+    let read = read_tables(&json!({
+        "table": "events",
+        "metadata_location": listed["events"]["metadata_location"],
+        "db_file": db.file_path().map(|p| p.display().to_string()),
+        "warehouse": objects.join("warehouse").display().to_string(),
+        "snapshot_ids": [],
+        "s3": null,
+    }))
+    .await;
+    let acked = acked.lock().unwrap().clone();
+    let unknown = unknown.load(std::sync::atomic::Ordering::Relaxed);
+    for reader in ["duckdb", "pyiceberg"] {
+        let rows = read[reader]["rows"].as_array().unwrap();
+        let ids: Vec<&str> = rows.iter().map(|r| r["event_id"].as_str().unwrap()).collect();
+        let unique: BTreeSet<String> = ids.iter().map(|s| s.to_string()).collect();
+        let missing = acked.difference(&unique).count();
+        let extra = unique.difference(&acked).count();
+        println!(
+            "{reader}: {rounds} exporter kills after {}; acknowledged {} events, {} requests unknown, \
+             stored {} rows, {} unique, {} missing, {} not acknowledged, {} snapshots",
+            common::ledger::summarize(&lived),
+            acked.len(),
+            unknown,
+            ids.len(),
+            unique.len(),
+            missing,
+            extra,
+            read[reader]["snapshots"].as_array().unwrap().len()
+        );
+        assert_eq!(ids.len(), unique.len(), "{reader}: duplicated events");
+        assert_eq!(missing, 0, "{reader}: acknowledged events missing");
+        // Only requests whose answer was lost may add events nobody saw acknowledged.
+        assert!(extra <= unknown * 5, "{reader}: {extra} events were never sent");
+    }
+    assert!(acked.len() > 1000, "too little load to mean anything: {}", acked.len());
+    drop(writer);
+    drop(last);
+}
+
+/// An exporter that lost the lease cannot publish: the catalog's fenced
+/// compare-and-set refuses it, and the outbox rows stay for the new owner.
+#[tokio::test]
+async fn an_exporter_whose_lease_moved_cannot_commit() {
+    use iceberg::transaction::{ApplyTransactionAction, Transaction};
+    use iceberg::{Catalog, NamespaceIdent, TableIdent};
+    use statehouse::analytics::{singleton, LibsqlCatalog, WarehouseStorage};
+
+    let db = TestDatabase::new();
+    let a = spawn_app_with(&db, |s| {
+        s.export_interval_ms = 3_600_000;
+        s.lease_ms = 300;
+    })
+    .await;
+    let ns = unique_ns("fenced");
+    let post = |app: &TestApp, n: usize| {
+        let url = app.url(&format!("/v1/objects/{ns}/o/events"));
+        let client = app.client.clone();
+        async move {
+            let r = client.post(url).json(&json!({"events": [{"type": "T", "data": n}]})).send().await.unwrap();
+            assert_eq!(r.status(), 200);
+        }
+    };
+    post(&a, 1).await;
+    export_now(&a).await;
+    let a_instance = a.client.get(a.url("/healthz")).send().await.unwrap().headers()["statehouse-instance"]
+        .to_str()
+        .unwrap()
+        .to_string();
+
+    // Open the same database and store as A did, and take A's view of the events table.
+    let settings = statehouse::config::Settings::for_database(&db.url).unwrap();
+    let database = Arc::new(statehouse::db::Database::open(&settings.database).await.unwrap());
+    let conn = database.connect().await.unwrap();
+    let mut rows = conn
+        .query("SELECT fence FROM objects WHERE ns = ?1 AND id = ?2", [singleton().ns, singleton().id])
+        .await
+        .unwrap();
+    let a_fence: i64 = rows.next().await.unwrap().unwrap().get(0).unwrap();
+    let metrics = Arc::new(statehouse::telemetry::Metrics::new("test", "full"));
+    let writer = statehouse::writer::Writer::spawn(database.clone(), metrics);
+    let objects = db.dir.path().join("objects");
+    let store = Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&objects).unwrap());
+    let warehouse = WarehouseStorage::new(std::fs::canonicalize(&objects).unwrap().display().to_string(), store);
+    let catalog = LibsqlCatalog::new(database.clone(), writer, &warehouse);
+    let ident = TableIdent::new(NamespaceIdent::new("statehouse".into()), "events".into());
+    let stale_view = catalog.load_table(&ident).await.unwrap();
+
+    // A stops; B takes the exporter lease (fence + 1) and exports a new event.
+    a.stop().await;
+    let b = spawn_app_with(&db, |s| s.export_interval_ms = 3_600_000).await;
+    post(&b, 2).await;
+    post(&b, 3).await;
+    let pending_before = tables(&b.client, &b.base).await["events"]["pending_rows"].as_u64().unwrap();
+    assert_eq!(pending_before, 2);
+
+    // A's late commit, under its old fence: refused, nothing moves.
+    let pointer_before = catalog.pointer(&ident).await.unwrap();
+    let late = catalog.fenced(statehouse::analytics::Fenced { object: singleton(), owner: a_instance, fence: a_fence });
+    let tx = Transaction::new(&stale_view);
+    let append =
+        tx.fast_append().with_check_duplicate(false).add_data_files(vec![]).set_snapshot_properties(
+            [(statehouse::analytics::OUTBOX_THROUGH.to_string(), i64::MAX.to_string())].into(),
+        );
+    let refused = append.apply(tx).unwrap().commit(&late).await.expect_err("a fenced-out exporter committed");
+    assert_eq!(refused.kind(), iceberg::ErrorKind::CatalogCommitConflicts, "{refused}");
+    println!("late commit under fence {a_fence} refused: {refused}");
+    assert_eq!(catalog.pointer(&ident).await.unwrap(), pointer_before, "the pointer moved");
+    let listed = tables(&b.client, &b.base).await;
+    assert_eq!(listed["events"]["pending_rows"], 2, "the refused commit deleted outbox rows");
+
+    // B, the exporter now, publishes them.
+    let report = export_now(&b).await;
+    assert_eq!(report["snapshots"][0]["rows"], 2, "{report}");
+    let listed = tables(&b.client, &b.base).await;
+    assert_eq!(listed["events"]["rows"], 3);
+    b.stop().await;
+}
