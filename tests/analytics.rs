@@ -568,3 +568,78 @@ async fn an_exporter_whose_lease_moved_cannot_commit() {
     assert_eq!(listed["events"]["rows"], 3);
     b.stop().await;
 }
+
+/// The object store goes away while the exporter runs: cycles fail and back
+/// off, writes go on into the outbox, and once the store is back everything
+/// is exported exactly once.
+#[tokio::test]
+async fn an_object_store_outage_delays_the_export_and_loses_nothing() {
+    let db = TestDatabase::new();
+    let mut s3 = S3Server::start(Some("lake")).await;
+    let settings = s3.settings("lake");
+    let app = spawn_app_with(&db, |s| {
+        s.objects = settings;
+        s.export_interval_ms = 200;
+    })
+    .await;
+    wait_for_tables(&app).await;
+    let ns = "outage".to_string();
+    let mut expected = Expected::default();
+    let post_events = |n: usize| {
+        let url = app.url(&format!("/v1/objects/{ns}/o{}/events", n % 3));
+        let client = app.client.clone();
+        async move {
+            let events = vec![json!({"type": "DuringOutage", "data": {"n": n}})];
+            let r = ok_json(client.post(url).json(&json!({"events": events})).send().await.unwrap()).await;
+            (r, events, n % 3)
+        }
+    };
+    s3.stop();
+    for n in 0..60 {
+        let (r, events, o) = post_events(n).await;
+        expected.events_from(&ns, &format!("o{o}"), r["version"].as_i64().unwrap(), &r["event_ids"], &events);
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let forced = app.client.post(app.url("/v1/admin/export")).send().await.unwrap();
+    assert_eq!(forced.status(), 503, "an export with the store down must fail cleanly");
+    assert_eq!(forced.headers()["content-type"], "application/problem+json");
+    let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    let failures: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("statehouse_export_failures_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap();
+    assert!(failures >= 1, "no failed export cycles counted:\n{metrics}");
+    assert!(metrics.contains("statehouse_export_outbox_rows 60"), "{metrics}");
+    s3.restart().await;
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(60);
+    loop {
+        if let Ok(r) = app.client.get(app.url("/v1/analytics/tables")).send().await {
+            if r.status() == 200 {
+                let body: Value = r.json().await.unwrap();
+                if body["tables"][0]["pending_rows"] == 0 {
+                    break;
+                }
+            }
+        }
+        assert!(Instant::now() < deadline, "the export never caught up after the store came back");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    println!(
+        "outage: {failures} failed cycles while the store was down, 60 events waited in the outbox, \
+         exported {:?} after the store came back",
+        started.elapsed()
+    );
+    let setup = ReadSetup {
+        db_file: db.file_path().map(|p| p.display().to_string()),
+        s3: Some(json!({
+            "endpoint": s3.endpoint,
+            "access_key_id": common::s3::ACCESS_KEY,
+            "secret_access_key": common::s3::SECRET_KEY,
+            "region": "us-east-1",
+        })),
+    };
+    check_readers(&app, &setup, &[ns.clone()], &expected, &[]).await;
+    app.stop().await;
+}

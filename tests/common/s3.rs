@@ -27,26 +27,18 @@ impl S3Server {
         if let Some(bucket) = bucket {
             std::fs::create_dir(root.join(bucket)).unwrap();
         }
-        let fs = s3s_fs::FileSystem::new(&root).unwrap();
-        let mut builder = S3ServiceBuilder::new(fs);
-        builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
-        let service = builder.build();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let endpoint = format!("http://{}", listener.local_addr().unwrap());
-        let task = tokio::spawn(async move {
-            let http = ConnBuilder::new(TokioExecutor::new());
-            // Connections live in this task's set: stopping the server drops them all.
-            let mut connections = tokio::task::JoinSet::new();
-            loop {
-                let Ok((socket, _)) = listener.accept().await else { continue };
-                let conn = http.serve_connection(TokioIo::new(socket), service.clone()).into_owned();
-                connections.spawn(async move {
-                    let _ = conn.await;
-                });
-                while connections.try_join_next().is_some() {}
-            }
-        });
+        let task = serve(listener, &root);
         S3Server { endpoint, root, _dir: dir, task }
+    }
+
+    /// Serves again on the same address and folder after `stop`.
+    pub async fn restart(&mut self) {
+        self.task.abort();
+        let addr = self.endpoint.trim_start_matches("http://").to_string();
+        let listener = tokio::net::TcpListener::bind(&addr).await.expect("rebind the S3 address");
+        self.task = serve(listener, &self.root);
     }
 
     /// Object-store settings pointing at this server.
@@ -66,6 +58,26 @@ impl S3Server {
     pub fn stop(&self) {
         self.task.abort();
     }
+}
+
+fn serve(listener: tokio::net::TcpListener, root: &std::path::Path) -> tokio::task::JoinHandle<()> {
+    let fs = s3s_fs::FileSystem::new(root).unwrap();
+    let mut builder = S3ServiceBuilder::new(fs);
+    builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+    let service = builder.build();
+    tokio::spawn(async move {
+        let http = ConnBuilder::new(TokioExecutor::new());
+        // Connections live in this task's set: stopping the server drops them all.
+        let mut connections = tokio::task::JoinSet::new();
+        loop {
+            let Ok((socket, _)) = listener.accept().await else { continue };
+            let conn = http.serve_connection(TokioIo::new(socket), service.clone()).into_owned();
+            connections.spawn(async move {
+                let _ = conn.await;
+            });
+            while connections.try_join_next().is_some() {}
+        }
+    })
 }
 
 impl Drop for S3Server {
