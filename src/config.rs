@@ -101,12 +101,12 @@ pub struct Settings {
           value_parser = clap::value_parser!(u64).range(0..=(1u64 << 30)))]
     pub change_value_cap_bytes: u64,
 
-    /// How often one replica deletes the bytes of replaced, deleted and abandoned blobs, in milliseconds.
+    /// How often unreferenced blob bytes are deleted and Iceberg snapshots expired and orphan files removed, in ms.
     #[arg(long = "sweep-interval-ms", env = "STATEHOUSE_SWEEP_INTERVAL_MS", default_value_t = 300_000,
           value_parser = clap::value_parser!(u64).range(100..))]
     pub sweep_interval_ms: u64,
 
-    /// Uploads never committed are deleted once this old, in milliseconds.
+    /// Uploads never committed, and warehouse files no snapshot refers to, are deleted once this old, in ms.
     #[arg(long = "orphan-grace-ms", env = "STATEHOUSE_ORPHAN_GRACE_MS", default_value_t = 3_600_000,
           value_parser = clap::value_parser!(u64).range(0..))]
     pub orphan_grace_ms: u64,
