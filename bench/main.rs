@@ -17,6 +17,7 @@ struct Args {
     connections: Vec<usize>,
     workloads: Vec<String>,
     binary: String,
+    export_events: usize,
 }
 
 fn args() -> Args {
@@ -25,6 +26,7 @@ fn args() -> Args {
         connections: vec![32, 256],
         workloads: WORKLOADS.iter().map(|w| w.to_string()).collect(),
         binary: concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/statehouse").to_string(),
+        export_events: 200_000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -34,6 +36,7 @@ fn args() -> Args {
             "--connections" => args.connections = value.split(',').map(|c| c.parse().expect("numbers")).collect(),
             "--workloads" => args.workloads = value.split(',').map(str::to_string).collect(),
             "--binary" => args.binary = value,
+            "--export-events" => args.export_events = value.parse().expect("--export-events takes a number"),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -57,21 +60,8 @@ async fn main() {
     println!("baseline=raw_libsql_single_commit rows_per_s={single:.0} (one row per fsync'd commit, synchronous=FULL)");
     println!("baseline=raw_libsql_batched rows_per_s={batched:.0} (1000 rows per commit)");
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    let mut server = std::process::Command::new(&args.binary)
-        .env("TURSO_URL", format!("file:{}/bench.db", dir.path().display()))
-        .env("STATEHOUSE_OBJECTS_DIR", dir.path().join("objects"))
-        .env("STATEHOUSE_LISTEN", format!("127.0.0.1:{port}"))
-        .env("STATEHOUSE_LOG", "warn")
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot start {} ({e}); run `cargo build --release` first", args.binary));
-    let base = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::builder().pool_max_idle_per_host(1024).build().unwrap();
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !client.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
-        assert!(Instant::now() < deadline, "the server did not become ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (mut server, base) = start_server(&args.binary, dir.path(), "bench", &[], &client).await;
     // Fixtures: a hot key, and an object with 1000 keys for listing.
     client.put(format!("{base}/v1/objects/bench/hot/kv/k")).body("hot value of some length").send().await.unwrap();
     for chunk in 0..8 {
@@ -99,6 +89,186 @@ async fn main() {
             );
         }
     }
+    let _ = server.kill();
+    let _ = server.wait();
+
+    if args.export_events > 0 {
+        export_throughput(&args, dir.path(), &client).await;
+        export_lag(&args, dir.path(), &client).await;
+    }
+}
+
+/// Starts the release binary on `<dir>/<name>.db` and waits until it is ready.
+async fn start_server(
+    binary: &str,
+    dir: &std::path::Path,
+    name: &str,
+    env: &[(&str, String)],
+    client: &reqwest::Client,
+) -> (std::process::Child, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut command = std::process::Command::new(binary);
+    command
+        .env("TURSO_URL", format!("file:{}/{name}.db", dir.display()))
+        .env("STATEHOUSE_OBJECTS_DIR", dir.join(format!("{name}-objects")))
+        .env("STATEHOUSE_LISTEN", format!("127.0.0.1:{port}"))
+        .env("STATEHOUSE_LOG", "warn");
+    for (key, value) in env {
+        command.env(key, value);
+    }
+    let server =
+        command.spawn().unwrap_or_else(|e| panic!("cannot start {binary} ({e}); run `cargo build --release` first"));
+    let base = format!("http://127.0.0.1:{port}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !client.get(format!("{base}/readyz")).send().await.is_ok_and(|r| r.status() == 200) {
+        assert!(Instant::now() < deadline, "the server did not become ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    (server, base)
+}
+
+async fn events_table(client: &reqwest::Client, base: &str) -> serde_json::Value {
+    let body: serde_json::Value =
+        client.get(format!("{base}/v1/analytics/tables")).send().await.unwrap().json().await.unwrap();
+    body["tables"].as_array().unwrap().iter().find(|t| t["name"] == "statehouse.events").unwrap().clone()
+}
+
+/// Events/s from the outbox to a committed Iceberg snapshot: a backlog of
+/// events exported by one `POST /v1/admin/export` (read rows, encode Parquet,
+/// write files and metadata, commit and delete the rows).
+async fn export_throughput(args: &Args, dir: &std::path::Path, client: &reqwest::Client) {
+    let env = [
+        ("STATEHOUSE_EXPORT_INTERVAL_MS", "3600000".to_string()),
+        ("STATEHOUSE_EXPORT_BATCH_ROWS", args.export_events.max(1).to_string()),
+    ];
+    let (mut server, base) = start_server(&args.binary, dir, "export", &env, client).await;
+    while events_table(client, &base).await["exists"] != true {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let calls = args.export_events.div_ceil(1000);
+    let loaded = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for call in 0..calls {
+        let (client, base) = (client.clone(), base.clone());
+        tasks.spawn(async move {
+            let events: Vec<_> = (0..1000)
+                .map(|i| {
+                    let event_type = ["OrderPlaced", "OrderShipped", "CartUpdated"][i % 3];
+                    json!({"type": event_type, "data": {"call": call, "i": i, "total": 42.5, "sku": "ABC-123"}})
+                })
+                .collect();
+            let r = client
+                .post(format!("{base}/v1/objects/ns{}/obj{}/events", call % 4, call % 100))
+                .json(&json!({"events": events}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        });
+        while tasks.len() >= 8 {
+            tasks.join_next().await;
+        }
+    }
+    while tasks.join_next().await.is_some() {}
+    let load_s = loaded.elapsed().as_secs_f64();
+    let cpu_before = cpu_seconds(server.id());
+    let started = Instant::now();
+    let report: serde_json::Value =
+        client.post(format!("{base}/v1/admin/export")).send().await.unwrap().json().await.unwrap();
+    let elapsed = started.elapsed().as_secs_f64();
+    let cpu = cpu_seconds(server.id()) - cpu_before;
+    let rows: u64 = report["snapshots"].as_array().unwrap().iter().map(|s| s["rows"].as_u64().unwrap()).sum();
+    let files: u64 = report["snapshots"].as_array().unwrap().iter().map(|s| s["data_files"].as_u64().unwrap()).sum();
+    let bytes: u64 = walk_sizes(&dir.join("export-objects/warehouse/statehouse/events/data"));
+    println!(
+        "export=throughput events={rows} seconds={elapsed:.2} events_per_s={:.0} server_cpu_s={cpu:.2} \
+         events_per_cpu_s={:.0} data_files={files} parquet_bytes={bytes} bytes_per_event={:.1} \
+         (loading them took {load_s:.1} s, {:.0} events/s through the API)",
+        rows as f64 / elapsed,
+        rows as f64 / cpu.max(0.001),
+        bytes as f64 / rows.max(1) as f64,
+        rows as f64 / load_s
+    );
+    let _ = server.kill();
+    let _ = server.wait();
+}
+
+/// User + system CPU time of a process so far (Linux), in seconds.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start after the last ')'.
+    let fields: Vec<&str> = stat.rsplit_once(')').map_or("", |(_, rest)| rest).split_whitespace().collect();
+    let ticks: f64 = fields.get(11..13).map_or(0.0, |f| f.iter().filter_map(|v| v.parse::<f64>().ok()).sum());
+    ticks / 100.0
+}
+
+fn walk_sizes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| if e.path().is_dir() { walk_sizes(&e.path()) } else { e.metadata().map_or(0, |m| m.len()) })
+        .sum()
+}
+
+/// Event-to-queryable lag with a 1 s export interval: one client posts an
+/// event every 10 ms; another polls the table's row count every 10 ms. Event
+/// k is queryable once the current snapshot holds at least k rows.
+async fn export_lag(args: &Args, dir: &std::path::Path, client: &reqwest::Client) {
+    let env = [("STATEHOUSE_EXPORT_INTERVAL_MS", "1000".to_string())];
+    let (mut server, base) = start_server(&args.binary, dir, "lag", &env, client).await;
+    while events_table(client, &base).await["exists"] != true {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let seconds = args.seconds.max(5);
+    let poller = {
+        let (client, base) = (client.clone(), base.clone());
+        tokio::spawn(async move {
+            let mut seen: Vec<(Instant, u64)> = Vec::new();
+            let stop_at = Instant::now() + Duration::from_secs(seconds + 5);
+            while Instant::now() < stop_at {
+                let rows = events_table(&client, &base).await["rows"].as_u64().unwrap_or(0);
+                if seen.last().is_none_or(|(_, r)| *r != rows) {
+                    seen.push((Instant::now(), rows));
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            seen
+        })
+    };
+    let mut acked: Vec<Instant> = Vec::new();
+    let stop_at = Instant::now() + Duration::from_secs(seconds);
+    while Instant::now() < stop_at {
+        let r = client
+            .post(format!("{base}/v1/objects/lag/o/events"))
+            .json(&json!({"events": [{"type": "Tick", "data": {"n": acked.len()}}]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        acked.push(Instant::now());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let seen = poller.await.unwrap();
+    let mut lags: Vec<f64> = acked
+        .iter()
+        .enumerate()
+        .filter_map(|(k, at)| {
+            seen.iter()
+                .find(|(_, rows)| *rows as usize > k)
+                .map(|(when, _)| when.duration_since(*at).as_secs_f64() * 1000.0)
+        })
+        .collect();
+    let missing = acked.len() - lags.len();
+    lags.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let q = |p: f64| lags.get(((lags.len() as f64 - 1.0) * p) as usize).copied().unwrap_or(f64::NAN);
+    println!(
+        "export=lag interval_ms=1000 events={} p50_ms={:.0} p99_ms={:.0} max_ms={:.0} not_visible_after_5s={missing}",
+        acked.len(),
+        q(0.5),
+        q(0.99),
+        q(1.0)
+    );
     let _ = server.kill();
     let _ = server.wait();
 }
