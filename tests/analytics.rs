@@ -172,6 +172,21 @@ struct ReadSetup {
     s3: Option<Value>,
 }
 
+impl ReadSetup {
+    /// Readers of a warehouse in `s3`'s bucket, with the catalog in `db` when it is a file.
+    fn on_s3(db: &TestDatabase, s3: &S3Server) -> ReadSetup {
+        ReadSetup {
+            db_file: db.file_path().map(|p| p.display().to_string()),
+            s3: Some(json!({
+                "endpoint": s3.endpoint,
+                "access_key_id": common::s3::ACCESS_KEY,
+                "secret_access_key": common::s3::SECRET_KEY,
+                "region": "us-east-1",
+            })),
+        }
+    }
+}
+
 /// Both readers, current and older snapshots, against what was acknowledged.
 async fn check_readers(
     app: &TestApp,
@@ -295,15 +310,7 @@ async fn the_warehouse_on_s3_is_read_through_the_s3_api() {
     .await;
     let listed: Value = app.client.get(app.url("/v1/analytics/tables")).send().await.unwrap().json().await.unwrap();
     assert_eq!(listed["warehouse"], "s3://lake/warehouse");
-    let setup = ReadSetup {
-        db_file: db.file_path().map(|p| p.display().to_string()),
-        s3: Some(json!({
-            "endpoint": s3.endpoint,
-            "access_key_id": common::s3::ACCESS_KEY,
-            "secret_access_key": common::s3::SECRET_KEY,
-            "region": "us-east-1",
-        })),
-    };
+    let setup = ReadSetup::on_s3(&db, &s3);
     // Short namespaces: s3s-fs keeps each object's metadata in a file named by the
     // base64 of its key, so keys over ~180 bytes fail there (S3 and R2 allow 1024).
     let namespaces = vec!["s3a".to_string(), "s3b".to_string(), "s3c".to_string()];
@@ -631,15 +638,7 @@ async fn an_object_store_outage_delays_the_export_and_loses_nothing() {
          exported {:?} after the store came back",
         started.elapsed()
     );
-    let setup = ReadSetup {
-        db_file: db.file_path().map(|p| p.display().to_string()),
-        s3: Some(json!({
-            "endpoint": s3.endpoint,
-            "access_key_id": common::s3::ACCESS_KEY,
-            "secret_access_key": common::s3::SECRET_KEY,
-            "region": "us-east-1",
-        })),
-    };
+    let setup = ReadSetup::on_s3(&db, &s3);
     check_readers(&app, &setup, &[ns.clone()], &expected, &[]).await;
     app.stop().await;
 }

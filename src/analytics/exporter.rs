@@ -208,6 +208,8 @@ pub struct Exporter {
     metrics: ExportMetrics,
     /// One cycle at a time on this replica (the loop and `POST /v1/admin/export`).
     cycle: tokio::sync::Mutex<Option<Instant>>,
+    /// The exporter's own runtime, once `spawn` started it.
+    runtime: std::sync::OnceLock<tokio::runtime::Handle>,
 }
 
 impl Exporter {
@@ -230,6 +232,7 @@ impl Exporter {
             policy,
             metrics: ExportMetrics::new(metrics),
             cycle: tokio::sync::Mutex::new(None),
+            runtime: std::sync::OnceLock::new(),
         }
     }
 
@@ -237,8 +240,34 @@ impl Exporter {
         &self.catalog
     }
 
+    /// Runs the export loop on a thread and runtime of its own: encoding
+    /// Parquet is CPU work that must not hold up the threads serving requests.
     pub fn spawn(self: Arc<Self>, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
-        tokio::spawn(async move {
+        tokio::task::spawn_blocking(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .thread_name("statehouse-export")
+                .build()
+                .expect("a runtime for the exporter");
+            let _ = self.runtime.set(runtime.handle().clone());
+            runtime.block_on(self.export_loop(shutdown));
+        })
+    }
+
+    /// Runs one cycle now on the exporter's own runtime (from an HTTP request).
+    pub async fn run_cycle_now(self: &Arc<Self>) -> Result<CycleReport, ExportError> {
+        let Some(runtime) = self.runtime.get() else {
+            return self.run_cycle().await;
+        };
+        let me = self.clone();
+        runtime
+            .spawn(async move { me.run_cycle().await })
+            .await
+            .map_err(|_| ExportError::Database(StoreError::Unavailable("the exporter is shutting down".into())))?
+    }
+
+    async fn export_loop(self: &Arc<Self>, shutdown: CancellationToken) {
+        {
             let poll = self.policy.interval.min(Duration::from_millis(500));
             let mut next_cycle = Instant::now();
             let mut backoff = self.policy.interval;
@@ -277,7 +306,7 @@ impl Exporter {
                     }
                 }
             }
-        })
+        }
     }
 
     /// Updates the outbox gauges; returns the number of rows waiting.
@@ -627,7 +656,7 @@ mod tests {
         assert_eq!(directory_safe("v1.2-beta_x"), "v1_2-beta_x");
         assert_eq!(directory_safe(""), "_");
         assert_eq!(directory_safe("a/b c%2F"), "a_b_c_2F");
-        assert_eq!(directory_safe("ünï"), "___");
+        assert_eq!(directory_safe("ünï"), "_n_");
         assert_eq!(directory_safe(&"x".repeat(300)).len(), 64);
     }
 }

@@ -41,7 +41,7 @@ pub async fn export_now(State(state): State<SharedState>, replay: Replay) -> Res
                 .into(),
         ));
     }
-    match state.exporter.run_cycle().await {
+    match state.exporter.run_cycle_now().await {
         Ok(report) => Ok(axum::Json(ExportBody {
             nothing_to_do: report.snapshots.is_empty(),
             snapshots: report.snapshots,
