@@ -72,6 +72,9 @@ pub async fn run(
     let guard = Arc::new(Guard::new(me, settings.lease(), writer.clone(), metrics.clone()));
 
     let stop = CancellationToken::new();
+    // Every background task ends with the server, also when the server's
+    // future is dropped without a graceful shutdown.
+    let _stop_on_drop = stop.clone().drop_guard();
     let renewal = guard.clone().spawn_renewal(stop.child_token());
     let sweeper = Sweeper {
         db: db.clone(),

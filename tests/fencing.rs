@@ -66,7 +66,12 @@ async fn round_robin_writes_through_three_replicas() {
     let elapsed = started.elapsed();
     ledger.verify(&format!("{} round-robin", db.mode()), &client(), &bases[0], &ns, &objects).await;
     let acked = ledger.acked().len();
-    assert_eq!(acked, 900, "with every replica alive, every write is acknowledged");
+    assert_eq!(
+        acked,
+        900,
+        "with every replica alive, every write is acknowledged; the others: {:#?}",
+        ledger.unknown_reasons.lock().unwrap()
+    );
     println!(
         "{} round-robin: {acked} writes through 3 replicas in {:.2}s ({:.0}/s)",
         db.mode(),

@@ -57,6 +57,8 @@ async fn writes_to_a_non_owner_are_forwarded_and_handed_over_on_shutdown() {
     let r = b.client.put(b.url(&path)).header("statehouse-forwarded-by", "someone").body("loop").send().await.unwrap();
     assert_eq!(r.status(), 503);
     assert!(r.headers().contains_key("retry-after"));
+    // Marked as certainly not applied, so a forwarding replica may route it again.
+    assert_eq!(header(&r, "statehouse-not-applied"), "lease-moved");
     assert_eq!(a.client.get(a.url(&path)).send().await.unwrap().text().await.unwrap(), "via-b");
 
     // A graceful stop releases the lease: B takes over at once with a new fence.

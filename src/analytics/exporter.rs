@@ -152,10 +152,14 @@ struct ExportMetrics {
 impl ExportMetrics {
     fn new(metrics: &Metrics) -> ExportMetrics {
         let m = ExportMetrics {
-            outbox_rows: IntGauge::new("statehouse_export_outbox_rows", "Outbox rows waiting to be exported").unwrap(),
+            outbox_rows: IntGauge::new(
+                "statehouse_export_outbox_rows",
+                "Outbox rows waiting to be exported (reported by the exporting replica; 0 elsewhere)",
+            )
+            .unwrap(),
             lag_seconds: Gauge::new(
                 "statehouse_export_lag_seconds",
-                "Age of the oldest outbox row not yet exported (0 when the outbox is empty)",
+                "Age of the oldest outbox row not yet exported (reported by the exporting replica; 0 elsewhere)",
             )
             .unwrap(),
             rows: IntCounterVec::new(
@@ -243,14 +247,21 @@ impl Exporter {
     /// Runs the export loop on a thread and runtime of its own: encoding
     /// Parquet is CPU work that must not hold up the threads serving requests.
     pub fn spawn(self: Arc<Self>, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
-        tokio::task::spawn_blocking(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .thread_name("statehouse-export")
-                .build()
-                .expect("a runtime for the exporter");
-            let _ = self.runtime.set(runtime.handle().clone());
-            runtime.block_on(self.export_loop(shutdown));
+        let (done, finished) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new()
+            .name("statehouse-export".into())
+            .spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .expect("a runtime for the exporter");
+                let _ = self.runtime.set(runtime.handle().clone());
+                runtime.block_on(self.export_loop(shutdown));
+                let _ = done.send(());
+            })
+            .expect("spawn the exporter thread");
+        tokio::spawn(async move {
+            let _ = finished.await;
         })
     }
 
@@ -267,43 +278,55 @@ impl Exporter {
     }
 
     async fn export_loop(self: &Arc<Self>, shutdown: CancellationToken) {
-        {
-            let poll = self.policy.interval.min(Duration::from_millis(500));
-            let mut next_cycle = Instant::now();
-            let mut backoff = self.policy.interval;
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    _ = tokio::time::sleep(poll) => {}
+        if !self.policy.enabled {
+            return;
+        }
+        // Between cycles only the exporting replica watches the outbox (one
+        // query per poll), to start early on a large backlog; the others just
+        // try for the lease once per interval.
+        let poll = self.policy.interval.min(Duration::from_millis(500));
+        let mut next_cycle = Instant::now();
+        let mut backoff = self.policy.interval;
+        let mut exporting_here = false;
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep(poll) => {}
+            }
+            let mut due = Instant::now() >= next_cycle;
+            if exporting_here && !due {
+                match self.observe_outbox().await {
+                    Ok(backlog) => due = backlog >= self.policy.batch_rows as u64,
+                    Err(err) => tracing::warn!(error = %err, "cannot read the outbox depth"),
                 }
-                let backlog = match self.observe_outbox().await {
-                    Ok(rows) => rows,
-                    Err(err) => {
-                        tracing::warn!(error = %err, "cannot read the outbox depth");
-                        continue;
+            }
+            if !due {
+                continue;
+            }
+            match self.run_cycle().await {
+                Ok(report) => {
+                    exporting_here = true;
+                    backoff = self.policy.interval;
+                    next_cycle = Instant::now() + self.policy.interval;
+                    if !report.snapshots.is_empty() {
+                        let rows: usize = report.snapshots.iter().map(|s| s.rows).sum();
+                        tracing::info!(rows, snapshots = report.snapshots.len(), "exported the outbox to Iceberg");
                     }
-                };
-                let due = Instant::now() >= next_cycle || backlog >= self.policy.batch_rows as u64;
-                if !self.policy.enabled || !due {
-                    continue;
                 }
-                match self.run_cycle().await {
-                    Ok(report) => {
-                        backoff = self.policy.interval;
-                        next_cycle = Instant::now() + self.policy.interval;
-                        if !report.snapshots.is_empty() {
-                            let rows: usize = report.snapshots.iter().map(|s| s.rows).sum();
-                            tracing::info!(rows, snapshots = report.snapshots.len(), "exported the outbox to Iceberg");
-                        }
-                    }
-                    Err(ExportError::NotOwner(_)) => next_cycle = Instant::now() + self.policy.interval,
-                    Err(err) => {
-                        self.metrics.failures.inc();
-                        // Nothing is lost: the rows stay in the outbox until a cycle publishes them.
-                        tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "export failed; will retry");
-                        next_cycle = Instant::now() + backoff;
-                        backoff = (backoff * 2).min(MAX_BACKOFF);
-                    }
+                Err(ExportError::NotOwner(_)) => {
+                    exporting_here = false;
+                    // Another replica reports the outbox.
+                    self.metrics.outbox_rows.set(0);
+                    self.metrics.lag_seconds.set(0.0);
+                    next_cycle = Instant::now() + self.policy.interval;
+                }
+                Err(err) => {
+                    self.metrics.failures.inc();
+                    // Nothing is lost: the rows stay in the outbox until a cycle publishes them.
+                    tracing::warn!(error = %err, retry_in_ms = backoff.as_millis() as u64, "export failed; will retry");
+                    let _ = self.observe_outbox().await;
+                    next_cycle = Instant::now() + backoff;
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             }
         }

@@ -86,6 +86,7 @@ pub fn list_limit(limit: Option<usize>) -> Result<usize, ApiError> {
 
 /// A whole write request, kept as it arrived so that it can be replayed on the
 /// owner replica if this one does not hold the object's lease.
+#[derive(Clone)]
 pub struct Replay {
     pub method: Method,
     pub uri: Uri,

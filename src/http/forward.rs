@@ -10,6 +10,14 @@ use crate::guard::Owner;
 
 const FLY_REPLAY: HeaderName = HeaderName::from_static("fly-replay");
 const VIA: HeaderName = HeaderName::from_static("statehouse-via");
+/// On a refused second hop: the request was certainly not applied (the lease
+/// moved while it travelled), so the replica that forwarded it may route again.
+const NOT_APPLIED: HeaderName = HeaderName::from_static("statehouse-not-applied");
+
+/// A forwarded write came back unapplied because the lease had moved on: the
+/// forwarder may route it again, once, from a fresh look at the owner.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteAgain;
 
 /// Request headers that carry meaning to the owner; the rest are hop-specific.
 static FORWARDED_REQUEST_HEADERS: [HeaderName; 6] = [
@@ -50,16 +58,16 @@ pub async fn forward(state: &AppState, owner: &Owner, replay: Replay) -> Respons
     }
     if let Some(from) = &replay.forwarded_by {
         state.metrics.forwarded.with_label_values(&["second_hop_refused"]).inc();
-        return not_delivered(
-            ApiError::unavailable(
-                format!(
-                    "forwarded by {from}, but the object is owned by {} here too; not forwarding twice",
-                    owner.instance
-                ),
-                owner.retry_after_secs(),
-            )
-            .into_response(),
-        );
+        let mut response = ApiError::unavailable(
+            format!(
+                "forwarded by {from}, but the object is owned by {} here too; not forwarding twice",
+                owner.instance
+            ),
+            owner.retry_after_secs(),
+        )
+        .into_response();
+        response.headers_mut().insert(NOT_APPLIED, HeaderValue::from_static("lease-moved"));
+        return not_delivered(response);
     }
     let Some(base) = &owner.url else {
         return not_delivered(
@@ -103,6 +111,7 @@ pub async fn forward(state: &AppState, owner: &Owner, replay: Replay) -> Respons
             headers.push((name.clone(), value.clone()));
         }
     }
+    let route_again = answer.headers().get(NOT_APPLIED).is_some_and(|v| v == "lease-moved");
     let body = match answer.bytes().await {
         Ok(body) => body,
         Err(err) => {
@@ -117,6 +126,10 @@ pub async fn forward(state: &AppState, owner: &Owner, replay: Replay) -> Respons
     };
     state.metrics.forwarded.with_label_values(&["relayed"]).inc();
     let mut response = Response::new(Body::from(body));
+    if route_again {
+        response.extensions_mut().insert(RouteAgain);
+        response.extensions_mut().insert(NotDelivered);
+    }
     *response.status_mut() = status;
     for (name, value) in headers {
         response.headers_mut().append(name, value);

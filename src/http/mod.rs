@@ -169,7 +169,16 @@ async fn commit(state: &AppState, object: &ObjectRef, mutation: Mutation, replay
     loop {
         attempts_left -= 1;
         match state.guard.route(object).await? {
-            Route::Remote(owner) => return Ok(Routed::Forwarded(forward::forward(state, &owner, replay).await)),
+            Route::Remote(owner) => {
+                let response = forward::forward(state, &owner, replay.clone()).await;
+                // The replica we asked no longer owns the object and applied nothing:
+                // look up the owner again (once) instead of failing the client.
+                if attempts_left > 0 && response.extensions().get::<forward::RouteAgain>().is_some() {
+                    state.metrics.transaction_retries.inc();
+                    continue;
+                }
+                return Ok(Routed::Forwarded(response));
+            }
             Route::Local { fence } => {
                 let job = WriteJob {
                     object: object.clone(),

@@ -24,6 +24,8 @@ pub struct Ledger {
     pub refused: Mutex<Vec<(String, String)>>,
     /// 503s and transport errors: the outcome is unknown to the client.
     pub unknown: Mutex<Vec<(String, String)>>,
+    /// Why each unknown outcome happened (the problem detail or the transport error).
+    pub unknown_reasons: Mutex<Vec<String>>,
 }
 
 pub enum Outcome {
@@ -52,13 +54,18 @@ impl Ledger {
             }
             Ok(r) if r.status() == 409 || r.status() == 412 => Outcome::Refused,
             Ok(r) if r.status() == 503 => {
+                let detail = r.text().await.unwrap_or_default();
                 if std::env::var("LEDGER_DEBUG").is_ok() {
-                    eprintln!("503 from {base}: {}", r.text().await.unwrap_or_default());
+                    eprintln!("503 from {base}: {detail}");
                 }
+                self.unknown_reasons.lock().unwrap().push(format!("503 from {base}: {detail}"));
                 Outcome::Unknown
             }
             Ok(r) => panic!("unexpected answer {} from {url}: {}", r.status(), r.text().await.unwrap_or_default()),
-            Err(_) => Outcome::Unknown,
+            Err(err) => {
+                self.unknown_reasons.lock().unwrap().push(format!("{base}: {err}"));
+                Outcome::Unknown
+            }
         };
         let entry = (object.to_string(), key.to_string());
         match &outcome {
