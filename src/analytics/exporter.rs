@@ -423,13 +423,16 @@ impl Exporter {
     ) -> Result<Option<(Table, CommittedSnapshot)>, ExportError> {
         let after = exported_through(&current);
         let limit = self.policy.batch_rows;
+        let started = Instant::now();
         let Some((batch, through)) =
             self.db.read(move |conn| async move { table.read_outbox(&conn, after, limit).await }).await?
         else {
             return Ok(None);
         };
         let rows = batch.num_rows();
+        let read = started.elapsed();
         let files = write_data_files(&current, batch).await?;
+        let written = started.elapsed();
         let data_files = files.len();
         let properties = HashMap::from([
             (OUTBOX_THROUGH.to_string(), through.to_string()),
@@ -445,6 +448,16 @@ impl Exporter {
             .set_snapshot_properties(properties);
         let committed = append.apply(transaction)?.commit(catalog).await?;
         let snapshot_id = committed.metadata().current_snapshot_id().unwrap_or_default();
+        tracing::info!(
+            table = table.name(),
+            rows,
+            data_files,
+            snapshot_id,
+            read_ms = read.as_millis() as u64,
+            parquet_ms = (written - read).as_millis() as u64,
+            commit_ms = (started.elapsed() - written).as_millis() as u64,
+            "committed an export snapshot"
+        );
         self.metrics.rows.with_label_values(&[table.name()]).inc_by(rows as u64);
         self.metrics.files.with_label_values(&[table.name()]).inc_by(data_files as u64);
         self.metrics.snapshots.with_label_values(&[table.name()]).inc();
