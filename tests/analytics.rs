@@ -196,6 +196,8 @@ async fn check_readers(
     history: &[(i64, i64, Expected)],
 ) {
     let listed = tables(&app.client, &app.base).await;
+    let body: Value = app.client.get(app.url("/v1/analytics/tables")).send().await.unwrap().json().await.unwrap();
+    let warehouse = body["warehouse"].clone();
     for table in ["events", "changes"] {
         let info = &listed[table];
         assert_eq!(info["pending_rows"], 0, "{table}: rows left in the outbox after the export: {info}");
@@ -204,7 +206,7 @@ async fn check_readers(
             "table": table,
             "metadata_location": info["metadata_location"],
             "db_file": setup.db_file,
-            "warehouse": app.client.get(app.url("/v1/analytics/tables")).send().await.unwrap().json::<Value>().await.unwrap()["warehouse"],
+            "warehouse": warehouse,
             "snapshot_ids": at,
             "s3": setup.s3,
         });

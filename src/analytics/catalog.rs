@@ -122,6 +122,13 @@ impl LibsqlCatalog {
             .map_err(database)
     }
 
+    /// The table, or None when it does not exist yet (one read of its pointer).
+    pub async fn load_existing(&self, ident: &TableIdent) -> Result<Option<Table>> {
+        let Some(location) = self.pointer(ident).await? else { return Ok(None) };
+        let metadata = TableMetadata::read_from(&self.file_io, &location).await?;
+        self.table(ident.clone(), location, metadata).map(Some)
+    }
+
     fn table(&self, ident: TableIdent, location: String, metadata: TableMetadata) -> Result<Table> {
         Table::builder()
             .identifier(ident)
@@ -214,12 +221,9 @@ impl Catalog for LibsqlCatalog {
     }
 
     async fn load_table(&self, ident: &TableIdent) -> Result<Table> {
-        let location = self
-            .pointer(ident)
+        self.load_existing(ident)
             .await?
-            .ok_or_else(|| Error::new(ErrorKind::TableNotFound, format!("no table {ident}")))?;
-        let metadata = TableMetadata::read_from(&self.file_io, &location).await?;
-        self.table(ident.clone(), location, metadata)
+            .ok_or_else(|| Error::new(ErrorKind::TableNotFound, format!("no table {ident}")))
     }
 
     async fn drop_table(&self, _: &TableIdent) -> Result<()> {

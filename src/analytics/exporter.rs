@@ -359,6 +359,7 @@ impl Exporter {
             self.catalog.fenced(Fenced { object: singleton(), owner: self.guard.me().instance.clone(), fence });
         let started = Instant::now();
         let mut report = CycleReport::default();
+        let mut latest = Vec::new();
         for table in ExportTable::ALL {
             let mut current = self.ensure_table(&catalog, table).await?;
             for _ in 0..MAX_SNAPSHOTS_PER_TABLE_PER_CYCLE {
@@ -372,14 +373,14 @@ impl Exporter {
                     break;
                 }
             }
+            latest.push(current);
         }
         if !report.snapshots.is_empty() {
             self.metrics.cycle_seconds.observe(started.elapsed().as_secs_f64());
         }
         if last_maintenance.is_none_or(|at| at.elapsed() >= self.policy.maintenance_interval) {
             *last_maintenance = Some(Instant::now());
-            for table in ExportTable::ALL {
-                let current = self.ensure_table(&catalog, table).await?;
+            for current in latest {
                 let current = self.expire_snapshots(&catalog, current, &mut report).await?;
                 report.orphan_files_deleted += self.delete_orphans(&current).await?;
             }
@@ -395,8 +396,8 @@ impl Exporter {
 
     async fn ensure_table(&self, catalog: &LibsqlCatalog, table: ExportTable) -> Result<Table, ExportError> {
         let ident = Self::ident(table);
-        if catalog.table_exists(&ident).await? {
-            return Ok(catalog.load_table(&ident).await?);
+        if let Some(existing) = catalog.load_existing(&ident).await? {
+            return Ok(existing);
         }
         let creation = TableCreation::builder()
             .name(table.name().to_string())
@@ -559,7 +560,7 @@ impl Exporter {
                 .await?;
             let ident = Self::ident(table);
             let name = format!("{NAMESPACE}.{}", table.name());
-            if !self.catalog.table_exists(&ident).await? {
+            let Some(loaded) = self.catalog.load_existing(&ident).await? else {
                 infos.push(TableInfo {
                     name,
                     exists: false,
@@ -574,8 +575,7 @@ impl Exporter {
                     pending_rows: pending as u64,
                 });
                 continue;
-            }
-            let loaded = self.catalog.load_table(&ident).await?;
+            };
             let metadata = loaded.metadata();
             let total = |key: &str| {
                 metadata
