@@ -28,6 +28,80 @@ pub enum Command {
     Serve(Settings),
     /// Apply pending database migrations and exit.
     Migrate(DatabaseSettings),
+    /// Create a random bearer token and print it with its line for STATEHOUSE_AUTH_TOKENS.
+    Token(TokenRequest),
+}
+
+/// `statehouse token`: the token is printed once; only its hash goes into the configuration.
+#[derive(Debug, Clone, Args)]
+pub struct TokenRequest {
+    /// A name for the token, shown in logs and used for its rate limit (not secret).
+    #[arg(long)]
+    pub name: String,
+    /// Namespace patterns the token may touch: `*`, `orders`, `payments.*` (comma-separated).
+    #[arg(long, default_value = "*")]
+    pub namespaces: String,
+    /// Rights: any of read, write, admin (comma-separated; admin needs namespaces `*`).
+    #[arg(long, default_value = "read,write")]
+    pub rights: String,
+}
+
+/// Who may call, how often, and from which browser origins.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct AccessSettings {
+    /// Bearer tokens, one per line or `;`: `<name> sha256:<hex> <namespaces> <rights> [rate=<per-sec>[/<burst>]]`.
+    #[arg(long = "auth-tokens", env = "STATEHOUSE_AUTH_TOKENS", hide_env_values = true)]
+    #[serde(serialize_with = "redact")]
+    pub auth_tokens: Option<String>,
+
+    /// A file with more token lines in the same format (e.g. a mounted secret).
+    #[arg(long = "auth-file", env = "STATEHOUSE_AUTH_FILE")]
+    pub auth_file: Option<std::path::PathBuf>,
+
+    /// Shared secret (at least 32 bytes) that verifies HS256 JWTs.
+    #[arg(long = "jwt-hs256-secret", env = "STATEHOUSE_JWT_HS256_SECRET", hide_env_values = true)]
+    #[serde(serialize_with = "redact")]
+    pub jwt_hs256_secret: Option<String>,
+
+    /// A JWKS file whose RSA (RS256) and P-256 (ES256) keys verify JWTs.
+    #[arg(long = "jwt-jwks-file", env = "STATEHOUSE_JWT_JWKS_FILE")]
+    pub jwt_jwks_file: Option<std::path::PathBuf>,
+
+    /// The `aud` every JWT must carry (required when JWTs are accepted).
+    #[arg(long = "jwt-audience", env = "STATEHOUSE_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// The `iss` every JWT must carry (required when JWTs are accepted).
+    #[arg(long = "jwt-issuer", env = "STATEHOUSE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Secret (at least 32 bytes, the same on every replica) that signs writes forwarded between replicas.
+    #[arg(long = "peer-secret", env = "STATEHOUSE_PEER_SECRET", hide_env_values = true)]
+    #[serde(serialize_with = "redact")]
+    pub peer_secret: Option<String>,
+
+    /// Serve without authentication on a non-loopback address (never in production).
+    #[arg(long = "insecure", env = "STATEHOUSE_INSECURE", default_value_t = false, action = clap::ArgAction::Set)]
+    pub insecure: bool,
+
+    /// Requests per second each caller may make (token bucket; 0 = unlimited).
+    #[arg(long = "rate-limit-per-sec", env = "STATEHOUSE_RATE_LIMIT_PER_SEC", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    pub rate_limit_per_sec: u64,
+
+    /// Requests a caller may make at once above its rate (0 = one second's worth).
+    #[arg(long = "rate-limit-burst", env = "STATEHOUSE_RATE_LIMIT_BURST", default_value_t = 0,
+          value_parser = clap::value_parser!(u64).range(0..=10_000_000))]
+    pub rate_limit_burst: u64,
+
+    /// Most client connections served at once; more wait in the listen backlog.
+    #[arg(long = "max-connections", env = "STATEHOUSE_MAX_CONNECTIONS", default_value_t = 4096,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub max_connections: u64,
+
+    /// Browser origins allowed by CORS: `*` or a comma-separated list of origins (unset = CORS off).
+    #[arg(long = "cors-origins", env = "STATEHOUSE_CORS_ORIGINS", value_parser = parse_cors_origins)]
+    pub cors_origins: Option<String>,
 }
 
 /// Where the state lives. Shared by `serve` and `migrate`.
@@ -90,6 +164,10 @@ pub struct Settings {
     #[command(flatten)]
     #[serde(flatten)]
     pub objects: ObjectStoreSettings,
+
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub access: AccessSettings,
 
     /// Largest blob accepted by `PUT .../blobs/{name}`, in bytes.
     #[arg(long = "max-blob-bytes", env = "STATEHOUSE_MAX_BLOB_BYTES", default_value_t = 5 * 1024 * 1024 * 1024,
@@ -261,6 +339,21 @@ fn parse_http_url(raw: &str) -> Result<String, String> {
     Ok(raw.trim_end_matches('/').to_string())
 }
 
+fn parse_cors_origins(raw: &str) -> Result<String, String> {
+    let raw = raw.trim();
+    if raw == "*" {
+        return Ok(raw.to_string());
+    }
+    for origin in raw.split(',').map(str::trim) {
+        let url = url::Url::parse(origin).map_err(|_| format!("{origin:?} is not an origin like https://app.example.com"))?;
+        let bare = url.path() == "/" && !origin.ends_with('/') && url.query().is_none();
+        if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() || !bare {
+            return Err(format!("{origin:?} is not an origin (scheme://host[:port], no path)"));
+        }
+    }
+    Ok(raw.to_string())
+}
+
 fn parse_bucket(raw: &str) -> Result<String, String> {
     let ok = (3..=63).contains(&raw.len())
         && raw.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-.".contains(&b));
@@ -373,6 +466,18 @@ pub const ENV_VARS: &[&str] = &[
     "STATEHOUSE_EXPORT_BATCH_ROWS",
     "STATEHOUSE_EXPORT_SNAPSHOT_MAX_AGE_MS",
     "STATEHOUSE_EXPORT_MIN_SNAPSHOTS",
+    "STATEHOUSE_AUTH_TOKENS",
+    "STATEHOUSE_AUTH_FILE",
+    "STATEHOUSE_JWT_HS256_SECRET",
+    "STATEHOUSE_JWT_JWKS_FILE",
+    "STATEHOUSE_JWT_AUDIENCE",
+    "STATEHOUSE_JWT_ISSUER",
+    "STATEHOUSE_PEER_SECRET",
+    "STATEHOUSE_INSECURE",
+    "STATEHOUSE_RATE_LIMIT_PER_SEC",
+    "STATEHOUSE_RATE_LIMIT_BURST",
+    "STATEHOUSE_MAX_CONNECTIONS",
+    "STATEHOUSE_CORS_ORIGINS",
     "STATEHOUSE_LISTEN",
     "STATEHOUSE_ADVERTISE_URL",
     "STATEHOUSE_LEASE_MS",

@@ -6,12 +6,14 @@
 //! → `objects` (the SQL of a fenced change) → `db` (libSQL, local or remote).
 
 pub mod analytics;
+pub mod auth;
 pub mod blobs;
 pub mod clock;
 pub mod config;
 pub mod db;
 pub mod guard;
 pub mod http;
+pub mod limits;
 pub mod objects;
 pub mod server;
 pub mod telemetry;

@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
-use statehouse::config::{Cli, Command, Settings};
-use statehouse::{server, telemetry};
+use statehouse::config::{Cli, Command, Settings, TokenRequest};
+use statehouse::{auth, server, telemetry};
 
 fn main() -> ExitCode {
     let cli = Cli::parse_or_exit();
@@ -15,6 +15,7 @@ fn main() -> ExitCode {
             println!("database at {} is migrated", String::from(database.turso_url));
             Ok(())
         }),
+        Some(Command::Token(request)) => print_new_token(&request),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -23,6 +24,19 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Prints a fresh token (stdout, once) and the line that grants it, after
+/// checking the line parses exactly as the server will read it.
+fn print_new_token(request: &TokenRequest) -> anyhow::Result<()> {
+    let token = auth::new_token();
+    let line = format!("{} {} {} {}", request.name, auth::hash_token(&token), request.namespaces, request.rights);
+    auth::TokenTable::parse(&line, "the token line").map_err(anyhow::Error::msg)?;
+    println!("token: {token}");
+    println!("line:  {line}");
+    eprintln!("Give the token to its client; put the line into STATEHOUSE_AUTH_TOKENS or STATEHOUSE_AUTH_FILE.");
+    eprintln!("The token is shown only now: the server keeps only its hash.");
+    Ok(())
 }
 
 async fn serve(settings: Settings) -> anyhow::Result<()> {

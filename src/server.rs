@@ -16,7 +16,8 @@ use crate::blobs::{Storage, Sweeper};
 use crate::config::{DatabaseSettings, Settings, SyncMode};
 use crate::db::{self, Database};
 use crate::guard::{Guard, Replica};
-use crate::http::{self, AppState};
+use crate::http::{self, Access, AppState};
+use crate::limits::LimitedListener;
 use crate::telemetry::Metrics;
 use crate::writer::Writer;
 
@@ -63,9 +64,11 @@ pub async fn run(
         SyncMode::Normal => "normal",
     };
 
+    let metrics = Arc::new(Metrics::new(&instance, sync));
+    let access = Access::from_settings(&settings, &metrics).map_err(anyhow::Error::msg)?;
+    check_exposure(&access, &settings, addr)?;
     let db = Arc::new(open_database(&settings.database).await?);
     let storage = Storage::open(&settings.objects).await.context("cannot open the object store")?;
-    let metrics = Arc::new(Metrics::new(&instance, sync));
     let writer = Writer::spawn(db.clone(), metrics.clone());
     let me =
         Replica { instance: instance.clone(), url: advertise_url.clone(), machine: settings.fly_machine_id.clone() };
@@ -115,6 +118,7 @@ pub async fn run(
         metrics,
         peers,
         exporter,
+        access,
     });
 
     tracing::info!(
@@ -132,6 +136,8 @@ pub async fn run(
         shutdown.await;
         signal.cancel();
     });
+    let max_connections = settings.access.max_connections as usize;
+    let listener = LimitedListener::new(listener, max_connections, state.access.connections_open.clone());
     let serving = axum::serve(listener, http::app(state)).with_graceful_shutdown(stop.clone().cancelled_owned());
     let served = serving.await;
 
@@ -144,6 +150,26 @@ pub async fn run(
         Err(err) => tracing::warn!(error = %err, "could not release leases; peers take over when they expire"),
     }
     served.context("the HTTP server failed")
+}
+
+/// Without credentials anyone who reaches the port owns every namespace:
+/// allowed on loopback (a laptop), elsewhere only when asked for explicitly.
+fn check_exposure(access: &Access, settings: &Settings, addr: SocketAddr) -> anyhow::Result<()> {
+    if access.authenticator.is_some() {
+        return Ok(());
+    }
+    if !addr.ip().is_loopback() && !settings.access.insecure {
+        anyhow::bail!(
+            "refusing to serve {addr} without authentication: set STATEHOUSE_AUTH_TOKENS, STATEHOUSE_AUTH_FILE or \
+             STATEHOUSE_JWT_* (see `statehouse token`), listen on 127.0.0.1, or set STATEHOUSE_INSECURE=true"
+        );
+    }
+    tracing::warn!(
+        addr = %addr,
+        "DEVELOPMENT MODE: no authentication is configured, so anyone who can reach {addr} may read, write and \
+         administer every namespace"
+    );
+    Ok(())
 }
 
 /// Peers reach us at our bound address; a wildcard bind needs a host name instead.

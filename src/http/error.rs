@@ -17,6 +17,10 @@ pub enum ApiError {
     #[error("{0}")]
     BadRequest(String),
     #[error("{0}")]
+    Unauthorized(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
     NotFound(String),
     #[error("{0}")]
     MethodNotAllowed(String),
@@ -32,6 +36,8 @@ pub enum ApiError {
     RangeNotSatisfiable { detail: String, size: u64 },
     #[error("{0}")]
     Conflict(String),
+    #[error("{detail}")]
+    TooManyRequests { detail: String, retry_after_secs: u64 },
     #[error("{detail}")]
     Unavailable { detail: String, retry_after_secs: Option<u64> },
     #[error("{0}")]
@@ -59,6 +65,8 @@ impl ApiError {
     fn kind(&self) -> (StatusCode, &'static str, &'static str) {
         match self {
             ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad-request", "Bad request"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized", "Unauthorized"),
+            ApiError::Forbidden(_) => (StatusCode::FORBIDDEN, "forbidden", "Forbidden"),
             ApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not-found", "Not found"),
             ApiError::MethodNotAllowed(_) => {
                 (StatusCode::METHOD_NOT_ALLOWED, "method-not-allowed", "Method not allowed")
@@ -75,6 +83,7 @@ impl ApiError {
                 (StatusCode::RANGE_NOT_SATISFIABLE, "range-not-satisfiable", "Range not satisfiable")
             }
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict"),
+            ApiError::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate-limited", "Too many requests"),
             ApiError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
         }
@@ -93,6 +102,7 @@ impl IntoResponse for ApiError {
         }
         let retry_after = match &self {
             ApiError::Unavailable { retry_after_secs, .. } => *retry_after_secs,
+            ApiError::TooManyRequests { retry_after_secs, .. } => Some(*retry_after_secs),
             _ => None,
         };
         let op_index = match &self {
@@ -112,6 +122,9 @@ impl IntoResponse for ApiError {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
         if let Some(secs) = retry_after {
             headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let ApiError::Unauthorized(_) = &self {
+            headers.insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer realm=\"statehouse\""));
         }
         if let ApiError::RangeNotSatisfiable { size, .. } = &self {
             if let Ok(value) = HeaderValue::from_str(&format!("bytes */{size}")) {

@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::extract::Replay;
 use super::{ApiError, AppState, FORWARDED_BY};
+use crate::auth::{Signed, PEER_SIGNATURE};
 use crate::guard::Owner;
 
 const FLY_REPLAY: HeaderName = HeaderName::from_static("fly-replay");
@@ -90,6 +91,16 @@ pub async fn forward(state: &AppState, owner: &Owner, replay: Replay) -> Respons
         for value in replay.headers.get_all(name) {
             request = request.header(name, value);
         }
+    }
+    if let Some(key) = &state.access.peer {
+        let signed = Signed {
+            method: &replay.method,
+            path_and_query: path,
+            forwarded_by: &me.instance,
+            authorization: replay.headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()),
+            body: &replay.body,
+        };
+        request = request.header(PEER_SIGNATURE, key.sign(&signed, crate::clock::now_ms()));
     }
     let answer = match request.send().await {
         Ok(answer) => answer,

@@ -1,6 +1,7 @@
 //! The HTTP surface: a pure `app(state) -> Router`, its middleware, and the
 //! write path that sends each write to the replica owning the object.
 
+mod access;
 mod analytics;
 mod blobs;
 mod error;
@@ -16,18 +17,20 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{HeaderName, HeaderValue, StatusCode};
+use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
 use tower_http::request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer};
 use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
+pub use access::{need, Access, Need};
 pub use error::{ApiError, Problem, PROBLEM_BASE};
 pub use openapi::openapi_json;
 
@@ -56,6 +59,7 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub peers: reqwest::Client,
     pub exporter: Arc<Exporter>,
+    pub access: Access,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -65,6 +69,7 @@ pub fn app(state: SharedState) -> Router {
     let batch_limit = state.settings.max_batch_bytes as usize;
     let instance = HeaderValue::from_str(&state.guard.me().instance).expect("instance ids are header-safe");
     let timeout = state.settings.request_timeout();
+    let cors = cors_layer(state.settings.access.cors_origins.as_deref());
 
     let api = Router::new()
         .route("/v1/objects/{ns}", get(objects::list_objects))
@@ -92,6 +97,7 @@ pub fn app(state: SharedState) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi))
+        .route_layer(middleware::from_fn_with_state(state.clone(), access::authorize))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(timeout, enforce_timeout))
@@ -104,7 +110,13 @@ pub fn app(state: SharedState) -> Router {
                 TraceLayer::new_for_http()
                     .make_span_with(|req: &Request| {
                         let request_id = req.headers().get(REQUEST_ID).and_then(|v| v.to_str().ok()).unwrap_or("");
-                        tracing::info_span!("request", method = %req.method(), path = %req.uri().path(), request_id)
+                        tracing::info_span!(
+                            "request",
+                            method = %req.method(),
+                            path = %req.uri().path(),
+                            request_id,
+                            caller = tracing::field::Empty
+                        )
                     })
                     .on_request(())
                     .on_response(DefaultOnResponse::new().level(Level::INFO)),
@@ -113,9 +125,39 @@ pub fn app(state: SharedState) -> Router {
             .layer(SetResponseHeaderLayer::if_not_present(INSTANCE, instance))
             .layer(CatchPanicLayer::custom(|_| {
                 ApiError::Internal("the request handler panicked".into()).into_response()
-            })),
+            }))
+            // Outermost: a browser's preflight carries no credentials and must be answered before access control.
+            .option_layer(cors),
     )
     .with_state(state)
+}
+
+/// CORS for `STATEHOUSE_CORS_ORIGINS` (`*` or a list of origins); `None` leaves it off.
+fn cors_layer(origins: Option<&str>) -> Option<CorsLayer> {
+    let origins = origins?.trim();
+    let allow_origin = if origins == "*" {
+        AllowOrigin::any()
+    } else {
+        // The setting was validated at start (config::parse_cors_origins).
+        AllowOrigin::list(origins.split(',').filter_map(|o| HeaderValue::from_str(o.trim()).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allow_origin)
+            .allow_methods([Method::GET, Method::HEAD, Method::PUT, Method::POST, Method::DELETE])
+            // Blob uploads carry their own x-statehouse-meta-* headers: allow what the preflight asks for.
+            .allow_headers(AllowHeaders::mirror_request())
+            .expose_headers([
+                header::ETAG,
+                header::RETRY_AFTER,
+                header::CONTENT_RANGE,
+                header::LOCATION,
+                REQUEST_ID,
+                INSTANCE,
+                FENCE,
+            ])
+            .max_age(Duration::from_secs(600)),
+    )
 }
 
 #[derive(Clone)]
