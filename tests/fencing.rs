@@ -13,6 +13,9 @@ use common::{unique_ns, Process, TestDatabase};
 use rand::Rng;
 
 const LEASE_MS: u64 = 400;
+const PEER_SECRET: &str = "fencing-test-peer-secret-0123456789abcdef";
+/// Authentication is on, so every write one replica forwards to another is signed and re-checked.
+static TOKEN: std::sync::LazyLock<String> = std::sync::LazyLock::new(statehouse::auth::new_token);
 
 /// A replica that gives up on an unresponsive owner after 300 ms, so that
 /// clients learn quickly about a paused or killed one.
@@ -28,12 +31,20 @@ fn replica_with_forward_timeout(db: &TestDatabase, forward_timeout_ms: u64) -> P
             ("STATEHOUSE_LEASE_MS", LEASE_MS.to_string()),
             ("STATEHOUSE_FORWARD_TIMEOUT_MS", forward_timeout_ms.to_string()),
             ("STATEHOUSE_REQUEST_TIMEOUT_MS", "20000".to_string()),
+            ("STATEHOUSE_AUTH_TOKENS", format!("fencing {} * read,write", statehouse::auth::hash_token(&TOKEN))),
+            ("STATEHOUSE_PEER_SECRET", PEER_SECRET.to_string()),
         ],
     )
 }
 
 fn client() -> reqwest::Client {
-    reqwest::Client::builder().timeout(Duration::from_millis(1500)).build().unwrap()
+    client_with_timeout(Duration::from_millis(1500))
+}
+
+fn client_with_timeout(timeout: Duration) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert("authorization", format!("Bearer {}", *TOKEN).parse().unwrap());
+    reqwest::Client::builder().timeout(timeout).default_headers(headers).build().unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -52,7 +63,7 @@ async fn round_robin_writes_through_three_replicas() {
         let (ledger, bases, objects, ns) = (ledger.clone(), bases.clone(), objects.clone(), ns.clone());
         tasks.push(tokio::spawn(async move {
             // Every replica is alive: nothing should hang, so wait as long as a slow server needs.
-            let client = reqwest::Client::builder().timeout(Duration::from_secs(15)).build().unwrap();
+            let client = client_with_timeout(Duration::from_secs(15));
             for i in 0..150 {
                 let base = &bases[(writer + i) % bases.len()];
                 let object = &objects[i % objects.len()];
@@ -172,7 +183,7 @@ async fn paused_owner_is_fenced_out_after_takeover() {
         .map(|i| {
             let (ledger, base, ns, object) = (ledger.clone(), a.base.clone(), ns.clone(), object.clone());
             tokio::spawn(async move {
-                let patient = reqwest::Client::builder().timeout(Duration::from_secs(20)).build().unwrap();
+                let patient = client_with_timeout(Duration::from_secs(20));
                 ledger.put(&patient, &base, &ns, &object, &format!("in-flight-{i}")).await
             })
         })
