@@ -345,7 +345,8 @@ fn parse_cors_origins(raw: &str) -> Result<String, String> {
         return Ok(raw.to_string());
     }
     for origin in raw.split(',').map(str::trim) {
-        let url = url::Url::parse(origin).map_err(|_| format!("{origin:?} is not an origin like https://app.example.com"))?;
+        let url =
+            url::Url::parse(origin).map_err(|_| format!("{origin:?} is not an origin like https://app.example.com"))?;
         let bare = url.path() == "/" && !origin.ends_with('/') && url.query().is_none();
         if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() || !bare {
             return Err(format!("{origin:?} is not an origin (scheme://host[:port], no path)"));

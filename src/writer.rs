@@ -170,7 +170,7 @@ async fn write_loop(db: Arc<Database>, receiver: Arc<Mutex<mpsc::Receiver<Box<dy
         };
         let started = Instant::now();
         metrics.write_batch_size.observe(batch.len() as f64);
-        if let Err(err) = commit_batch(&connection, &mut batch, &metrics).await {
+        if let Err(err) = commit_batch(&connection, &mut batch, &metrics, !db.is_remote()).await {
             tracing::warn!(error = %err, jobs = batch.len(), "write transaction failed; nothing in it was committed");
             // A fresh connection next time: the old one may be in a broken state.
             conn = None;
@@ -192,8 +192,13 @@ fn fail_all(batch: Vec<Box<dyn Job>>, err: StoreError) {
 
 /// One transaction for the whole batch. Returns an error only when the
 /// transaction as a whole did not commit.
-async fn commit_batch(conn: &Connection, batch: &mut [Box<dyn Job>], metrics: &Metrics) -> Result<(), StoreError> {
-    let tx = begin_immediate(conn, metrics).await?;
+async fn commit_batch(
+    conn: &Connection,
+    batch: &mut [Box<dyn Job>],
+    metrics: &Metrics,
+    local: bool,
+) -> Result<(), StoreError> {
+    let tx = begin_immediate(conn, metrics, local).await?;
     // Alone in its transaction, a job needs no savepoint: a refusal rolls the
     // whole transaction back. On a remote server that saves two round trips.
     if let [job] = batch {
@@ -221,14 +226,21 @@ async fn commit_batch(conn: &Connection, batch: &mut [Box<dyn Job>], metrics: &M
     Ok(())
 }
 
-async fn begin_immediate(conn: &Connection, metrics: &Metrics) -> Result<libsql::Transaction, StoreError> {
+/// Takes the write lock. A quick transient failure is retried; a local file's
+/// SQLITE_BUSY is not: its busy handler already waited `BUSY_TIMEOUT` for the
+/// lock, and waiting again would multiply the time the whole queue waits for
+/// its 503 (past the request timeout, where outcomes become unknown).
+async fn begin_immediate(conn: &Connection, metrics: &Metrics, local: bool) -> Result<libsql::Transaction, StoreError> {
+    const SQLITE_BUSY: i32 = 5;
     let mut attempt = 1;
     loop {
         match conn.transaction_with_behavior(TransactionBehavior::Immediate).await {
             Ok(tx) => return Ok(tx),
             Err(err) => {
+                let waited =
+                    local && matches!(&err, libsql::Error::SqliteFailure(code, _) if code & 0xff == SQLITE_BUSY);
                 let err = StoreError::from(err);
-                if attempt >= BEGIN_ATTEMPTS || !matches!(err, StoreError::Unavailable(_)) {
+                if waited || attempt >= BEGIN_ATTEMPTS || !matches!(err, StoreError::Unavailable(_)) {
                     return Err(err);
                 }
                 metrics.transaction_retries.inc();

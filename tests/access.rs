@@ -93,7 +93,8 @@ async fn tokens_grant_rights_on_namespace_patterns_only() {
     assert_eq!(send(&app, Method::GET, "/v1/objects/shared", Some(&reader.secret), "").await.status(), 200);
     // Refused writes changed nothing.
     assert_eq!(send(&app, Method::GET, &key, Some(&admin.secret), "").await.text().await.unwrap(), "v1");
-    let listed: Value = send(&app, Method::GET, &format!("/v1/objects/{b}"), Some(&admin.secret), "").await.json().await.unwrap();
+    let listed: Value =
+        send(&app, Method::GET, &format!("/v1/objects/{b}"), Some(&admin.secret), "").await.json().await.unwrap();
     assert_eq!(listed["items"], json!([]));
 
     // Server-wide routes need admin; health, readiness and the API description are open.
@@ -144,9 +145,12 @@ async fn every_operation_refuses_other_namespaces_and_non_admins() {
                     problem(send(&app, method.clone(), &theirs, Some(&scoped.secret), body).await, 403).await;
                     problem(send(&app, method.clone(), &theirs, Some(&admin.secret), body).await, 403).await;
                     problem(send(&app, method.clone(), &fill(template, &own), None, body).await, 401).await;
-                    let status = send(&app, method.clone(), &fill(template, &own), Some(&scoped.secret), body).await.status();
+                    let status =
+                        send(&app, method.clone(), &fill(template, &own), Some(&scoped.secret), body).await.status();
                     assert!(
-                        status != StatusCode::UNAUTHORIZED && status != StatusCode::FORBIDDEN && !status.is_server_error(),
+                        status != StatusCode::UNAUTHORIZED
+                            && status != StatusCode::FORBIDDEN
+                            && !status.is_server_error(),
                         "{method} {template} in its own namespace: {status}"
                     );
                 }
@@ -156,7 +160,9 @@ async fn every_operation_refuses_other_namespaces_and_non_admins() {
                     let status = send(&app, method.clone(), template, Some(&admin.secret), body).await.status();
                     assert!(status.is_success(), "{method} {template} as admin: {status}");
                 }
-                statehouse::http::Need::Peer(_) => panic!("{template} is internal and must not be in the OpenAPI document"),
+                statehouse::http::Need::Peer(_) => {
+                    panic!("{template} is internal and must not be in the OpenAPI document")
+                }
             }
             checked += 1;
         }
@@ -187,7 +193,6 @@ async fn every_operation_refuses_other_namespaces_and_non_admins() {
     assert!(body["detail"].as_str().unwrap().contains("no peer signature"), "{body}");
     app.stop().await;
 }
-
 
 fn fixture(name: &str) -> Vec<u8> {
     std::fs::read(format!("{}/tests/fixtures/jwt/{name}", env!("CARGO_MANIFEST_DIR"))).unwrap()
@@ -257,11 +262,8 @@ async fn jwts_are_verified_by_algorithm_key_time_audience_and_issuer() {
     // An HS256 token keyed with the RSA public modulus: the classic algorithm confusion.
     let jwks_doc: Value = serde_json::from_slice(&fixture("jwks.json")).unwrap();
     let public_as_secret = EncodingKey::from_secret(jwks_doc["keys"][0]["n"].as_str().unwrap().as_bytes());
-    let unsigned = format!(
-        "{}.{}.",
-        base64_url(br#"{"alg":"none","typ":"JWT"}"#),
-        base64_url(writer.to_string().as_bytes())
-    );
+    let unsigned =
+        format!("{}.{}.", base64_url(br#"{"alg":"none","typ":"JWT"}"#), base64_url(writer.to_string().as_bytes()));
     for (label, jwt, why) in [
         ("expired", sign(Algorithm::HS256, None, &hs, &expired), "expired"),
         ("not yet valid", sign(Algorithm::HS256, None, &hs, &early), "not valid yet"),
@@ -462,13 +464,8 @@ async fn cors_is_off_unless_origins_are_configured() {
     let response = preflight(&on, "https://evil.example.com").await.unwrap();
     assert!(response.headers().get("access-control-allow-origin").is_none());
     // Answers (refusals included) carry the headers a browser needs to read them.
-    let refused = on
-        .client
-        .get(on.url("/v1/objects/a"))
-        .header("origin", "https://app.example.com")
-        .send()
-        .await
-        .unwrap();
+    let refused =
+        on.client.get(on.url("/v1/objects/a")).header("origin", "https://app.example.com").send().await.unwrap();
     assert_eq!(refused.status(), 401);
     assert_eq!(refused.headers()["access-control-allow-origin"], "https://app.example.com");
     on.stop().await;
@@ -488,13 +485,18 @@ fn without_credentials_the_server_stays_on_loopback() {
     let dir = tempfile::tempdir().unwrap();
     let db = format!("file:{}/s.db", dir.path().display());
     let objects = dir.path().join("objects");
-    let base = [("TURSO_URL", db.as_str()), ("STATEHOUSE_OBJECTS_DIR", objects.to_str().unwrap()), ("STATEHOUSE_LOG", "warn")];
+    let base =
+        [("TURSO_URL", db.as_str()), ("STATEHOUSE_OBJECTS_DIR", objects.to_str().unwrap()), ("STATEHOUSE_LOG", "warn")];
     let line = token("t", "*", "read").line;
     let cases: [(&[(&str, &str)], &str); 6] = [
         (&[("STATEHOUSE_LISTEN", "0.0.0.0:0")], "refusing to serve 0.0.0.0:"),
         (&[("STATEHOUSE_LISTEN", "127.0.0.1:0"), ("STATEHOUSE_AUTH_TOKENS", &line)], "set STATEHOUSE_PEER_SECRET"),
         (
-            &[("STATEHOUSE_LISTEN", "127.0.0.1:0"), ("STATEHOUSE_AUTH_TOKENS", &line), ("STATEHOUSE_PEER_SECRET", "short")],
+            &[
+                ("STATEHOUSE_LISTEN", "127.0.0.1:0"),
+                ("STATEHOUSE_AUTH_TOKENS", &line),
+                ("STATEHOUSE_PEER_SECRET", "short"),
+            ],
             "STATEHOUSE_PEER_SECRET must be at least 32 bytes",
         ),
         (&[("STATEHOUSE_AUTH_TOKENS", "t plaintext * read")], "STATEHOUSE_AUTH_TOKENS, entry 1"),

@@ -52,7 +52,9 @@ impl JwtVerifier {
         }
         // Without both, a token minted by the same provider for another service would work here.
         let (Some(audience), Some(issuer)) = (&settings.jwt_audience, &settings.jwt_issuer) else {
-            return Err("JWTs are accepted, so STATEHOUSE_JWT_AUDIENCE and STATEHOUSE_JWT_ISSUER must both be set".into());
+            return Err(
+                "JWTs are accepted, so STATEHOUSE_JWT_AUDIENCE and STATEHOUSE_JWT_ISSUER must both be set".into()
+            );
         };
         Ok(Some(JwtVerifier { hs256, jwks, audience: audience.clone(), issuer: issuer.clone() }))
     }

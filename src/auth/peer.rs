@@ -46,8 +46,14 @@ impl PeerKey {
     }
 
     /// Checks a signature in constant time; the error says what is wrong.
-    pub fn verify(&self, signature: Option<&HeaderValue>, request: &Signed<'_>, now_ms: i64) -> Result<(), &'static str> {
-        let text = signature.ok_or("it carries no peer signature")?.to_str().map_err(|_| "its signature is not ASCII")?;
+    pub fn verify(
+        &self,
+        signature: Option<&HeaderValue>,
+        request: &Signed<'_>,
+        now_ms: i64,
+    ) -> Result<(), &'static str> {
+        let text =
+            signature.ok_or("it carries no peer signature")?.to_str().map_err(|_| "its signature is not ASCII")?;
         let (t, v1) = text
             .split_once(',')
             .and_then(|(t, v1)| Some((t.strip_prefix("t=")?.parse::<i64>().ok()?, v1.strip_prefix("v1=")?)))

@@ -32,8 +32,6 @@ pub enum StorageError {
     Unavailable(String),
     #[error("{0}")]
     NotSupported(String),
-    #[error("the requested range is not satisfiable: {0}")]
-    InvalidRange(String),
     #[error("bad object-store settings: {0}")]
     Config(String),
 }
@@ -45,14 +43,9 @@ impl From<object_store::Error> for StorageError {
             object_store::Error::NotImplemented { .. } | object_store::Error::NotSupported { .. } => {
                 StorageError::NotSupported(err.to_string())
             }
-            other => {
-                let text = other.to_string();
-                if text.contains("Range") || text.contains("range") {
-                    StorageError::InvalidRange(text)
-                } else {
-                    StorageError::Unavailable(text)
-                }
-            }
+            // Ranges are checked against the blob's recorded size before the store
+            // is asked, so a store-side range error means stored bytes and metadata disagree.
+            other => StorageError::Unavailable(other.to_string()),
         }
     }
 }
@@ -227,7 +220,13 @@ impl Storage {
             }
             Err(err) => {
                 if let Err(abort) = writer.abort().await {
-                    tracing::warn!(key = %key, error = %abort, "could not abort a multipart upload; the sweeper will retry");
+                    // Nothing here lists open uploads later (object_store cannot): the
+                    // bucket's AbortIncompleteMultipartUpload lifecycle rule removes the parts.
+                    tracing::warn!(
+                        key = %key,
+                        error = %abort,
+                        "could not abort a multipart upload; its parts stay until the bucket's lifecycle rule aborts it"
+                    );
                 }
                 Err(err)
             }

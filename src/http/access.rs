@@ -65,7 +65,8 @@ impl Access {
                         set STATEHOUSE_PEER_SECRET (at least 32 bytes, the same on every replica)"
                 .into());
         }
-        let rate = (access.rate_limit_per_sec > 0).then(|| Rate::new(access.rate_limit_per_sec, access.rate_limit_burst));
+        let rate =
+            (access.rate_limit_per_sec > 0).then(|| Rate::new(access.rate_limit_per_sec, access.rate_limit_burst));
         let refused = IntCounterVec::new(
             Opts::new("statehouse_access_refused_total", "Requests refused by access control, by reason"),
             &["reason"],
@@ -169,12 +170,13 @@ async fn verify_peer(state: &SharedState, req: Request) -> Result<(Request, bool
         // Development mode: nothing to verify against.
         return Ok((req, true));
     };
-    let from = from.to_str().map_err(|_| ApiError::BadRequest("statehouse-forwarded-by is not ASCII".into()))?.to_string();
+    let from =
+        from.to_str().map_err(|_| ApiError::BadRequest("statehouse-forwarded-by is not ASCII".into()))?.to_string();
     let (parts, body) = req.into_parts();
     let limit = state.settings.max_value_bytes.max(state.settings.max_batch_bytes) as usize;
-    let body = axum::body::to_bytes(body, limit).await.map_err(|_| {
-        ApiError::PayloadTooLarge(format!("a forwarded body was cut off or is over {limit} bytes"))
-    })?;
+    let body = axum::body::to_bytes(body, limit)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge(format!("a forwarded body was cut off or is over {limit} bytes")))?;
     let signed = crate::auth::Signed {
         method: &parts.method,
         path_and_query: parts.uri.path_and_query().map_or("/", |p| p.as_str()),
@@ -182,7 +184,8 @@ async fn verify_peer(state: &SharedState, req: Request) -> Result<(Request, bool
         authorization: parts.headers.get(header::AUTHORIZATION).map(|v| v.as_bytes()),
         body: &body,
     };
-    key.verify(parts.headers.get(PEER_SIGNATURE), &signed, crate::clock::now_ms())
-        .map_err(|why| access.refuse("peer", ApiError::Unauthorized(format!("a forwarded request was refused: {why}"))))?;
+    key.verify(parts.headers.get(PEER_SIGNATURE), &signed, crate::clock::now_ms()).map_err(|why| {
+        access.refuse("peer", ApiError::Unauthorized(format!("a forwarded request was refused: {why}")))
+    })?;
     Ok((Request::from_parts(parts, Body::from(body)), true))
 }

@@ -146,14 +146,18 @@ impl From<StoreError> for ApiError {
 
 impl From<StorageError> for ApiError {
     fn from(err: StorageError) -> Self {
+        // The store's own messages name its endpoint, bucket and keys: they go
+        // to the log, and the client learns only what happened.
+        tracing::warn!(error = %err, "object store request failed");
         match err {
-            StorageError::NotFound(detail) => {
+            StorageError::NotFound(_) => {
                 // Metadata said it exists: the store lost it or is out of step; not the client's fault.
-                ApiError::unavailable(format!("the blob's data is missing from the object store ({detail})"), 5)
+                ApiError::unavailable("the blob's data is missing from the object store", 5)
             }
             StorageError::NotSupported(detail) => ApiError::Conflict(detail),
-            StorageError::InvalidRange(detail) => ApiError::RangeNotSatisfiable { detail, size: 0 },
-            StorageError::Unavailable(detail) | StorageError::Config(detail) => ApiError::unavailable(detail, 1),
+            StorageError::Unavailable(_) | StorageError::Config(_) => {
+                ApiError::unavailable("the object store did not answer; retry later", 1)
+            }
         }
     }
 }

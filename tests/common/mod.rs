@@ -29,18 +29,22 @@ pub struct TestDatabase {
 
 impl TestDatabase {
     pub fn new() -> TestDatabase {
-        let dir = tempfile::tempdir().expect("a temp dir");
         match std::env::var("STATEHOUSE_TEST_DATABASE").as_deref() {
             Ok("sqld") => {
+                let dir = tempfile::tempdir().expect("a temp dir");
                 let server = sqld::Sqld::start(&dir.path().join("sqld"), &[]);
                 TestDatabase { url: server.url(), dir, server: Some(server) }
             }
-            Ok("file") | Err(_) => {
-                let url = format!("file:{}", dir.path().join("statehouse.db").display());
-                TestDatabase { url, dir, server: None }
-            }
+            Ok("file") | Err(_) => TestDatabase::file(),
             Ok(other) => panic!("STATEHOUSE_TEST_DATABASE must be `file` or `sqld`, not {other:?}"),
         }
+    }
+
+    /// A libSQL file whatever the mode: for faults that need the file itself.
+    pub fn file() -> TestDatabase {
+        let dir = tempfile::tempdir().expect("a temp dir");
+        let url = format!("file:{}", dir.path().join("statehouse.db").display());
+        TestDatabase { url, dir, server: None }
     }
 
     pub fn is_file(&self) -> bool {
@@ -143,14 +147,43 @@ pub struct Process {
     pub port: u16,
     logs: Arc<Mutex<Vec<String>>>,
     _objects: tempfile::TempDir,
+    _program: Option<tempfile::TempDir>,
+}
+
+/// The `statehouse` binary, to be run as `user` (uid, gid) when given: then it
+/// is linked (or copied) into a directory that user can reach, since the build
+/// folder may not be (e.g. under /root). Faults that root would not notice,
+/// such as a read-only database file, need another user.
+pub fn statehouse_command(user: Option<(u32, u32)>) -> (Command, Option<tempfile::TempDir>) {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    let built = std::path::Path::new(env!("CARGO_BIN_EXE_statehouse"));
+    let Some((uid, gid)) = user else { return (Command::new(built), None) };
+    let dir = tempfile::tempdir().expect("a temp dir for the binary");
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let program = dir.path().join("statehouse");
+    if std::fs::hard_link(built, &program).is_err() {
+        std::fs::copy(built, &program).expect("copy the statehouse binary");
+    }
+    let mut cmd = Command::new(&program);
+    cmd.uid(uid).gid(gid);
+    (cmd, Some(dir))
 }
 
 impl Process {
     /// Starts the binary on `db` with extra environment, on `port` (0 = any),
     /// and waits for its "listening" log line.
     pub fn start(db_url: &str, port: u16, env: &[(&str, String)]) -> Process {
+        Process::start_as(db_url, port, env, None)
+    }
+
+    /// `start`, as another user when `user` (uid, gid) is given; the objects folder is theirs.
+    pub fn start_as(db_url: &str, port: u16, env: &[(&str, String)], user: Option<(u32, u32)>) -> Process {
         let objects = tempfile::tempdir().expect("a temp dir for objects");
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_statehouse"));
+        if let Some((uid, gid)) = user {
+            std::os::unix::fs::chown(objects.path(), Some(uid), Some(gid)).expect("chown the objects folder");
+        }
+        let (mut cmd, program) = statehouse_command(user);
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("TURSO_URL", db_url)
@@ -192,7 +225,7 @@ impl Process {
             }
         };
         let port = addr.rsplit(':').next().unwrap().parse().unwrap();
-        Process { child, base: format!("http://{addr}"), instance, port, logs, _objects: objects }
+        Process { child, base: format!("http://{addr}"), instance, port, logs, _objects: objects, _program: program }
     }
 
     pub fn pid(&self) -> i32 {
