@@ -26,7 +26,7 @@ use super::storage::WarehouseStorage;
 use super::tables::ExportTable;
 use crate::db::{Database, StoreError};
 use crate::objects::ObjectRef;
-use crate::writer::{BoxFuture, Work, Writer};
+use crate::writer::{BoxFuture, Work, WriteTx, Writer};
 
 pub const CATALOG_NAME: &str = "statehouse";
 /// Snapshot property: the last outbox `seq` the snapshot's rows go up to.
@@ -329,7 +329,7 @@ impl Publish {
 impl Work for Publish {
     type Output = std::result::Result<(), PublishRefused>;
 
-    fn apply<'a>(&'a mut self, conn: &'a Connection) -> BoxFuture<'a, std::result::Result<Self::Output, StoreError>> {
+    fn apply<'a>(&'a mut self, conn: &'a WriteTx<'a>) -> BoxFuture<'a, std::result::Result<Self::Output, StoreError>> {
         Box::pin(async move {
             if !self.fence_holds(conn).await? {
                 return Ok(Err(PublishRefused::Fenced));

@@ -1,11 +1,11 @@
 //! A fenced write: the SQL run inside the writer's transaction.
 
-use libsql::{params, Connection};
+use libsql::params;
 
 use super::{Committed, Event, Mutation, ObjectRef, Op, OpResult, Rejection};
 use crate::blobs::meta as blobs;
 use crate::db::StoreError;
-use crate::writer::{BoxFuture, Work};
+use crate::writer::{BoxFuture, Work, WriteTx};
 
 pub struct WriteJob {
     pub object: ObjectRef,
@@ -34,8 +34,8 @@ impl Work for WriteJob {
         self.mutation.weight()
     }
 
-    fn apply<'a>(&'a mut self, conn: &'a Connection) -> BoxFuture<'a, Result<Self::Output, StoreError>> {
-        Box::pin(self.run(conn))
+    fn apply<'a>(&'a mut self, tx: &'a WriteTx<'a>) -> BoxFuture<'a, Result<Self::Output, StoreError>> {
+        Box::pin(self.run(tx))
     }
 
     fn keep(output: &Self::Output) -> bool {
@@ -49,24 +49,22 @@ struct Totals {
 }
 
 impl WriteJob {
-    async fn run(&self, conn: &Connection) -> Result<Result<Committed, Rejection>, StoreError> {
+    async fn run(&self, conn: &WriteTx<'_>) -> Result<Result<Committed, Rejection>, StoreError> {
         let ObjectRef { ns, id } = &self.object;
         // The fence check, in the same transaction as the change: exactly one
         // row must match, or another replica owns the object now.
-        let mut rows = conn
-            .query(
+        let fenced = conn
+            .first_row(
                 "UPDATE objects SET version = version + 1, updated_at = ?5
                  WHERE ns = ?1 AND id = ?2 AND fence = ?3 AND owner = ?4
                  RETURNING version, key_count, bytes",
                 params![ns.as_str(), id.as_str(), self.fence, self.owner.as_str(), self.now_ms],
+                |row| Ok((row.get::<i64>(0)?, Totals { keys: row.get(1)?, bytes: row.get(2)? })),
             )
             .await?;
-        let Some(row) = rows.next().await? else {
+        let Some((version, mut totals)) = fenced else {
             return Ok(Err(Rejection::Fenced));
         };
-        let version: i64 = row.get(0)?;
-        let mut totals = Totals { keys: row.get(1)?, bytes: row.get(2)? };
-        drop(rows);
 
         let mut changed = false;
         let mut results = Vec::new();
@@ -129,7 +127,7 @@ impl WriteJob {
                             if !pre.holds(current.map(|(v, _)| v)) {
                                 return Ok(Err(Rejection::PreconditionFailed { op_index, key: key.clone() }));
                             }
-                            conn.execute(
+                            conn.exec(
                                 "INSERT INTO kv (ns, id, key, value, content_type, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
                                  ON CONFLICT (ns, id, key) DO UPDATE SET
                                    value = excluded.value, content_type = excluded.content_type, version = excluded.version",
@@ -160,7 +158,7 @@ impl WriteJob {
                                 return Ok(Err(Rejection::PreconditionFailed { op_index, key: key.clone() }));
                             }
                             if let Some((_, old_size)) = current {
-                                conn.execute(
+                                conn.exec(
                                     "DELETE FROM kv WHERE ns = ?1 AND id = ?2 AND key = ?3",
                                     params![ns.as_str(), id.as_str(), key.as_bytes()],
                                 )
@@ -187,7 +185,7 @@ impl WriteJob {
             }
         }
         if changed {
-            conn.execute(
+            conn.exec(
                 "UPDATE objects SET key_count = ?3, bytes = ?4 WHERE ns = ?1 AND id = ?2",
                 params![ns.as_str(), id.as_str(), totals.keys, totals.bytes],
             )
@@ -207,10 +205,10 @@ impl WriteJob {
         Ok(Ok(Committed { version, fence: self.fence, changed, results }))
     }
 
-    async fn record_change(&self, conn: &Connection, version: i64, change: &Change<'_>) -> Result<(), StoreError> {
+    async fn record_change(&self, conn: &WriteTx<'_>, version: i64, change: &Change<'_>) -> Result<(), StoreError> {
         let capped = change.value.map(|v| &v[..v.len().min(self.value_cap)]);
         let truncated = change.value.map(|v| i64::from(v.len() > self.value_cap));
-        conn.execute(
+        conn.exec(
             "INSERT INTO outbox (kind, ns, id, version, fence, instance, ts, op, key, content_type, size, value, value_truncated, committed_ms)
              VALUES ('change', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
             params![
@@ -233,8 +231,8 @@ impl WriteJob {
         Ok(())
     }
 
-    async fn record_event(&self, conn: &Connection, version: i64, event: &Event) -> Result<(), StoreError> {
-        conn.execute(
+    async fn record_event(&self, conn: &WriteTx<'_>, version: i64, event: &Event) -> Result<(), StoreError> {
+        conn.exec(
             "INSERT INTO outbox (kind, ns, id, version, fence, instance, ts, event_id, type, data, committed_ms)
              VALUES ('event', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
             params![
@@ -255,16 +253,12 @@ impl WriteJob {
     }
 
     /// The key's version and stored size (key + value bytes), if it exists.
-    async fn current(&self, conn: &Connection, key: &str) -> Result<Option<(i64, i64)>, StoreError> {
-        let mut rows = conn
-            .query(
-                "SELECT version, length(key) + length(value) FROM kv WHERE ns = ?1 AND id = ?2 AND key = ?3",
-                params![self.object.ns.as_str(), self.object.id.as_str(), key.as_bytes()],
-            )
-            .await?;
-        match rows.next().await? {
-            Some(row) => Ok(Some((row.get(0)?, row.get(1)?))),
-            None => Ok(None),
-        }
+    async fn current(&self, conn: &WriteTx<'_>, key: &str) -> Result<Option<(i64, i64)>, StoreError> {
+        conn.first_row(
+            "SELECT version, length(key) + length(value) FROM kv WHERE ns = ?1 AND id = ?2 AND key = ?3",
+            params![self.object.ns.as_str(), self.object.id.as_str(), key.as_bytes()],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .await
     }
 }
