@@ -1,10 +1,14 @@
 //! The libSQL database: opening it (embedded file or remote server), the read
 //! connections, migrations, and what its errors mean for a client.
 
+use std::collections::HashMap;
+use std::ops::Deref;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use libsql::{Connection, TransactionBehavior};
+use libsql::params::IntoParams;
+use libsql::{Connection, Row, Statement, TransactionBehavior};
 use tokio::sync::Mutex;
 
 use crate::config::{DatabaseSettings, DatabaseUrl, SyncMode};
@@ -73,8 +77,94 @@ pub struct Database {
 }
 
 struct Reader {
-    conn: Connection,
+    session: Session,
     last_used: Instant,
+}
+
+/// A connection and the statements prepared on it. It derefs to the
+/// connection; `exec` and `first_row` run statements prepared once, which
+/// matters on the hot paths: SQLite takes longer to parse and plan their
+/// small statements than to run them.
+#[derive(Clone)]
+pub struct Session {
+    conn: Connection,
+    prepared: Arc<Prepared>,
+}
+
+impl Deref for Session {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
+
+impl Session {
+    /// The same prepared statements, run through `conn` (a transaction's handle on this connection).
+    pub fn within(&self, conn: &Connection) -> Session {
+        Session { conn: conn.clone(), prepared: self.prepared.clone() }
+    }
+
+    /// Runs a statement that returns no rows; the number of rows it changed.
+    pub async fn exec(&self, sql: &'static str, params: impl IntoParams) -> Result<usize, StoreError> {
+        let Some(statement) = self.prepared.get(&self.conn, sql).await? else {
+            return Ok(self.conn.execute(sql, params).await? as usize);
+        };
+        let changed = statement.execute(params).await;
+        statement.reset();
+        Ok(changed?)
+    }
+
+    /// The first row a statement returns, read by `read` (an `UPDATE ... RETURNING`
+    /// has made all its changes by then).
+    pub async fn first_row<T>(
+        &self,
+        sql: &'static str,
+        params: impl IntoParams,
+        read: impl FnOnce(&Row) -> Result<T, libsql::Error>,
+    ) -> Result<Option<T>, StoreError> {
+        let statement = self.prepared.get(&self.conn, sql).await?;
+        let first = async {
+            let mut rows = match &statement {
+                Some(statement) => statement.query(params).await?,
+                None => self.conn.query(sql, params).await?,
+            };
+            match rows.next().await? {
+                Some(row) => read(&row).map(Some),
+                None => Ok(None),
+            }
+        }
+        .await;
+        // Reset at once: a statement left mid-step would hold its read open.
+        if let Some(statement) = statement {
+            statement.reset();
+        }
+        Ok(first?)
+    }
+}
+
+/// Statements prepared on one connection, by their SQL text. Only on a local
+/// file: a remote server parses every statement anyway, and a remote
+/// statement belongs to the stream of one transaction.
+struct Prepared {
+    local: bool,
+    statements: std::sync::Mutex<HashMap<&'static str, Arc<Statement>>>,
+}
+
+impl Prepared {
+    /// The prepared statement for `sql`, reset for new parameters; `None` on a remote server.
+    async fn get(&self, conn: &Connection, sql: &'static str) -> Result<Option<Arc<Statement>>, StoreError> {
+        if !self.local {
+            return Ok(None);
+        }
+        if let Some(statement) = self.statements.lock().expect("statement cache lock").get(sql) {
+            statement.reset();
+            return Ok(Some(statement.clone()));
+        }
+        let statement = Arc::new(conn.prepare(sql).await?);
+        self.statements.lock().expect("statement cache lock").insert(sql, statement.clone());
+        Ok(Some(statement))
+    }
 }
 
 impl Database {
@@ -106,10 +196,10 @@ impl Database {
             let mut rows = first.query("PRAGMA journal_mode=WAL", ()).await?;
             while rows.next().await?.is_some() {}
         }
-        db.readers.push(Mutex::new(Reader { conn: first, last_used: Instant::now() }));
+        db.readers.push(Mutex::new(Reader { session: db.session_on(first), last_used: Instant::now() }));
         for _ in 1..READ_CONNECTIONS {
-            let conn = db.connect().await?;
-            db.readers.push(Mutex::new(Reader { conn, last_used: Instant::now() }));
+            let session = db.session().await?;
+            db.readers.push(Mutex::new(Reader { session, last_used: Instant::now() }));
         }
         Ok(db)
     }
@@ -128,6 +218,16 @@ impl Database {
         Ok(conn)
     }
 
+    /// A new connection that keeps the statements it prepares.
+    pub async fn session(&self) -> Result<Session, StoreError> {
+        Ok(self.session_on(self.connect().await?))
+    }
+
+    fn session_on(&self, conn: Connection) -> Session {
+        let prepared = Prepared { local: !self.is_remote(), statements: Default::default() };
+        Session { conn, prepared: Arc::new(prepared) }
+    }
+
     pub fn is_remote(&self) -> bool {
         self.url.is_remote()
     }
@@ -138,7 +238,7 @@ impl Database {
     /// server restart) is replaced and the read tried once more.
     pub async fn read<T, F, Fut>(&self, read: F) -> Result<T, StoreError>
     where
-        F: Fn(Connection) -> Fut,
+        F: Fn(Session) -> Fut,
         Fut: std::future::Future<Output = Result<T, StoreError>>,
     {
         let start = self.next_reader.fetch_add(1, Ordering::Relaxed);
@@ -154,13 +254,13 @@ impl Database {
             None => self.readers[start % self.readers.len()].lock().await,
         };
         if self.is_remote() && reader.last_used.elapsed() > REMOTE_STREAM_MAX_IDLE {
-            reader.conn = self.connect().await?;
+            reader.session = self.session().await?;
         }
         reader.last_used = Instant::now();
-        match read(reader.conn.clone()).await {
+        match read(reader.session.clone()).await {
             Err(StoreError::Unavailable(_)) if self.is_remote() => {
-                reader.conn = self.connect().await?;
-                read(reader.conn.clone()).await
+                reader.session = self.session().await?;
+                read(reader.session.clone()).await
             }
             result => result,
         }

@@ -13,10 +13,10 @@ use libsql::params;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
-use crate::db::StoreError;
+use crate::db::{Session, StoreError};
 use crate::objects::ObjectRef;
 use crate::telemetry::Metrics;
-use crate::writer::{BoxFuture, Work, WriteTx, Writer};
+use crate::writer::{BoxFuture, Work, Writer};
 
 /// This replica, as its peers see it.
 #[derive(Debug, Clone)]
@@ -236,7 +236,7 @@ struct Acquire {
 impl Work for Acquire {
     type Output = Acquired;
 
-    fn apply<'a>(&'a mut self, conn: &'a WriteTx<'a>) -> BoxFuture<'a, Result<Acquired, StoreError>> {
+    fn apply<'a>(&'a mut self, conn: &'a Session) -> BoxFuture<'a, Result<Acquired, StoreError>> {
         Box::pin(async move {
             let ObjectRef { ns, id } = &self.object;
             let mut rows = conn
@@ -302,7 +302,7 @@ struct Renew {
 impl Work for Renew {
     type Output = Vec<bool>;
 
-    fn apply<'a>(&'a mut self, conn: &'a WriteTx<'a>) -> BoxFuture<'a, Result<Vec<bool>, StoreError>> {
+    fn apply<'a>(&'a mut self, conn: &'a Session) -> BoxFuture<'a, Result<Vec<bool>, StoreError>> {
         Box::pin(async move {
             let mut renewed = Vec::with_capacity(self.leases.len());
             for (object, fence) in &self.leases {
@@ -333,7 +333,7 @@ struct Release {
 impl Work for Release {
     type Output = ();
 
-    fn apply<'a>(&'a mut self, conn: &'a WriteTx<'a>) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn apply<'a>(&'a mut self, conn: &'a Session) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             for (object, fence) in &self.leases {
                 conn.execute(

@@ -5,18 +5,15 @@
 //! fence undoes only that piece), commits once, and only then answers each
 //! caller. Nothing is acknowledged before the commit returns.
 
-use std::collections::HashMap;
 use std::future::Future;
-use std::ops::Deref;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use libsql::params::IntoParams;
-use libsql::{Connection, Row, Statement, TransactionBehavior};
+use libsql::{Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
-use crate::db::{Database, StoreError};
+use crate::db::{Database, Session, StoreError};
 use crate::telemetry::Metrics;
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -39,100 +36,16 @@ pub trait Work: Send + 'static {
 
     /// Runs inside an open transaction. Errors mean the database failed;
     /// a refusal the caller should see (a failed condition) is an `Output`.
-    fn apply<'a>(&'a mut self, tx: &'a WriteTx<'a>) -> BoxFuture<'a, Result<Self::Output, StoreError>>;
+    fn apply<'a>(&'a mut self, tx: &'a Session) -> BoxFuture<'a, Result<Self::Output, StoreError>>;
 
     /// Whether the changes made by `apply` are kept. Refusals roll back their savepoint.
     fn keep(output: &Self::Output) -> bool;
 }
 
-/// The open write transaction a `Work` runs in. It derefs to the connection;
-/// `exec` and `first_row` run statements prepared once per connection, which
-/// matters on the hot path: SQLite takes longer to parse and plan these small
-/// statements than to run them.
-pub struct WriteTx<'a> {
-    conn: &'a Connection,
-    prepared: &'a Prepared,
-}
-
-impl Deref for WriteTx<'_> {
-    type Target = Connection;
-
-    fn deref(&self) -> &Connection {
-        self.conn
-    }
-}
-
-impl WriteTx<'_> {
-    /// Runs a statement that returns no rows; the number of rows it changed.
-    pub async fn exec(&self, sql: &'static str, params: impl IntoParams) -> Result<usize, StoreError> {
-        let Some(statement) = self.prepared.get(self.conn, sql).await? else {
-            return Ok(self.conn.execute(sql, params).await? as usize);
-        };
-        let changed = statement.execute(params).await;
-        statement.reset();
-        Ok(changed?)
-    }
-
-    /// The first row a statement returns, read by `read` (an `UPDATE ... RETURNING`
-    /// has made all its changes by then).
-    pub async fn first_row<T>(
-        &self,
-        sql: &'static str,
-        params: impl IntoParams,
-        read: impl FnOnce(&Row) -> Result<T, libsql::Error>,
-    ) -> Result<Option<T>, StoreError> {
-        let statement = self.prepared.get(self.conn, sql).await?;
-        let first = async {
-            let mut rows = match &statement {
-                Some(statement) => statement.query(params).await?,
-                None => self.conn.query(sql, params).await?,
-            };
-            match rows.next().await? {
-                Some(row) => read(&row).map(Some),
-                None => Ok(None),
-            }
-        }
-        .await;
-        // Reset at once: a statement left mid-step would hold its read open.
-        if let Some(statement) = statement {
-            statement.reset();
-        }
-        Ok(first?)
-    }
-}
-
-/// Statements prepared on the writer's connection, by their SQL text. Only
-/// on a local file: a remote server parses every statement anyway, and a
-/// remote statement belongs to the stream of one transaction.
-struct Prepared {
-    local: bool,
-    statements: std::sync::Mutex<HashMap<&'static str, Arc<Statement>>>,
-}
-
-impl Prepared {
-    fn new(local: bool) -> Prepared {
-        Prepared { local, statements: Default::default() }
-    }
-
-    /// The prepared statement for `sql`, reset for new parameters; `None` on a remote server.
-    async fn get(&self, conn: &Connection, sql: &'static str) -> Result<Option<Arc<Statement>>, StoreError> {
-        if !self.local {
-            return Ok(None);
-        }
-        if let Some(statement) = self.statements.lock().expect("statement cache lock").get(sql) {
-            statement.reset();
-            return Ok(Some(statement.clone()));
-        }
-        let statement = Arc::new(conn.prepare(sql).await?);
-        self.statements.lock().expect("statement cache lock").insert(sql, statement.clone());
-        Ok(Some(statement))
-    }
-}
-
 /// Object-safe form of a queued `Work` with its reply channel.
 trait Job: Send {
     fn weight(&self) -> usize;
-    fn apply<'a>(&'a mut self, tx: &'a WriteTx<'a>) -> BoxFuture<'a, Result<bool, StoreError>>;
+    fn apply<'a>(&'a mut self, tx: &'a Session) -> BoxFuture<'a, Result<bool, StoreError>>;
     fn finish(self: Box<Self>, fate: Result<(), StoreError>);
 }
 
@@ -147,7 +60,7 @@ impl<W: Work> Job for Pending<W> {
         self.work.weight()
     }
 
-    fn apply<'a>(&'a mut self, tx: &'a WriteTx<'a>) -> BoxFuture<'a, Result<bool, StoreError>> {
+    fn apply<'a>(&'a mut self, tx: &'a Session) -> BoxFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
             match self.work.apply(tx).await {
                 Ok(output) => {
@@ -229,7 +142,7 @@ async fn supervise(db: Arc<Database>, receiver: Arc<Mutex<mpsc::Receiver<Box<dyn
 async fn write_loop(db: Arc<Database>, receiver: Arc<Mutex<mpsc::Receiver<Box<dyn Job>>>>, metrics: Arc<Metrics>) {
     let mut receiver = receiver.lock().await;
     // The connection with the statements prepared on it; replaced together.
-    let mut conn: Option<(Connection, Arc<Prepared>)> = None;
+    let mut conn: Option<Session> = None;
     while let Some(first) = receiver.recv().await {
         let mut weight = first.weight();
         let mut batch = vec![first];
@@ -242,13 +155,12 @@ async fn write_loop(db: Arc<Database>, receiver: Arc<Mutex<mpsc::Receiver<Box<dy
                 Err(_) => break,
             }
         }
-        let (connection, prepared) = match &conn {
-            Some((c, p)) => (c.clone(), p.clone()),
-            None => match db.connect().await {
-                Ok(c) => {
-                    let p = Arc::new(Prepared::new(!db.is_remote()));
-                    conn = Some((c.clone(), p.clone()));
-                    (c, p)
+        let session = match &conn {
+            Some(session) => session.clone(),
+            None => match db.session().await {
+                Ok(session) => {
+                    conn = Some(session.clone());
+                    session
                 }
                 Err(err) => {
                     tracing::warn!(error = %err, "writer cannot connect to the database");
@@ -259,7 +171,7 @@ async fn write_loop(db: Arc<Database>, receiver: Arc<Mutex<mpsc::Receiver<Box<dy
         };
         let started = Instant::now();
         metrics.write_batch_size.observe(batch.len() as f64);
-        if let Err(err) = commit_batch(&connection, &prepared, &mut batch, &metrics, !db.is_remote()).await {
+        if let Err(err) = commit_batch(&session, &mut batch, &metrics, !db.is_remote()).await {
             tracing::warn!(error = %err, jobs = batch.len(), "write transaction failed; nothing in it was committed");
             // A fresh connection next time: the old one may be in a broken state.
             conn = None;
@@ -282,16 +194,15 @@ fn fail_all(batch: Vec<Box<dyn Job>>, err: StoreError) {
 /// One transaction for the whole batch. Returns an error only when the
 /// transaction as a whole did not commit.
 async fn commit_batch(
-    conn: &Connection,
-    prepared: &Prepared,
+    session: &Session,
     batch: &mut [Box<dyn Job>],
     metrics: &Metrics,
     local: bool,
 ) -> Result<(), StoreError> {
-    let transaction = begin_immediate(conn, metrics, local).await?;
+    let transaction = begin_immediate(session, metrics, local).await?;
     // Statements go through the transaction's own handle: on a remote server
     // each transaction is a stream of its own.
-    let tx = WriteTx { conn: &transaction, prepared };
+    let tx = session.within(&transaction);
     // Alone in its transaction, a job needs no savepoint: a refusal rolls the
     // whole transaction back. On a remote server that saves two round trips.
     if let [job] = batch {

@@ -24,9 +24,9 @@ use libsql::{params, Connection};
 
 use super::storage::WarehouseStorage;
 use super::tables::ExportTable;
-use crate::db::{Database, StoreError};
+use crate::db::{Database, Session, StoreError};
 use crate::objects::ObjectRef;
-use crate::writer::{BoxFuture, Work, WriteTx, Writer};
+use crate::writer::{BoxFuture, Work, Writer};
 
 pub const CATALOG_NAME: &str = "statehouse";
 /// Snapshot property: the last outbox `seq` the snapshot's rows go up to.
@@ -329,7 +329,7 @@ impl Publish {
 impl Work for Publish {
     type Output = std::result::Result<(), PublishRefused>;
 
-    fn apply<'a>(&'a mut self, conn: &'a WriteTx<'a>) -> BoxFuture<'a, std::result::Result<Self::Output, StoreError>> {
+    fn apply<'a>(&'a mut self, conn: &'a Session) -> BoxFuture<'a, std::result::Result<Self::Output, StoreError>> {
         Box::pin(async move {
             if !self.fence_holds(conn).await? {
                 return Ok(Err(PublishRefused::Fenced));

@@ -12,10 +12,10 @@ use object_store::path::Path;
 use tokio_util::sync::CancellationToken;
 
 use super::Storage;
-use crate::db::{Database, StoreError};
+use crate::db::{Database, Session, StoreError};
 use crate::guard::{Guard, Route};
 use crate::objects::ObjectRef;
-use crate::writer::{BoxFuture, Work, WriteTx, Writer};
+use crate::writer::{BoxFuture, Work, Writer};
 
 const GARBAGE_BATCH: i64 = 1000;
 
@@ -134,7 +134,7 @@ struct ForgetGarbage {
 impl Work for ForgetGarbage {
     type Output = ();
 
-    fn apply<'a>(&'a mut self, conn: &'a WriteTx<'a>) -> BoxFuture<'a, Result<(), StoreError>> {
+    fn apply<'a>(&'a mut self, conn: &'a Session) -> BoxFuture<'a, Result<(), StoreError>> {
         Box::pin(async move {
             for key in &self.keys {
                 conn.execute("DELETE FROM blob_garbage WHERE storage_key = ?1", params![key.as_str()]).await?;

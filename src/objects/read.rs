@@ -2,11 +2,11 @@
 //! take a lease and never wait behind the writer.
 
 use bytes::Bytes;
-use libsql::{params, Connection, Value};
+use libsql::{params, Value};
 
 use super::encoding::prefix_successor;
 use super::ObjectRef;
-use crate::db::{Database, StoreError};
+use crate::db::{Database, Session, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -22,24 +22,20 @@ pub async fn get_entry(db: &Database, object: &ObjectRef, key: &str) -> Result<O
     db.read(|conn| async move { get_entry_on(&conn, object, key).await }).await
 }
 
-pub(super) async fn get_entry_on(
-    conn: &Connection,
-    object: &ObjectRef,
-    key: &str,
-) -> Result<Option<Entry>, StoreError> {
-    let mut rows = conn
-        .query(
-            "SELECT value, content_type, version FROM kv WHERE ns = ?1 AND id = ?2 AND key = ?3",
-            params![object.ns.as_str(), object.id.as_str(), key.as_bytes()],
-        )
-        .await?;
-    let Some(row) = rows.next().await? else { return Ok(None) };
-    Ok(Some(Entry {
-        key: key.to_string(),
-        value: Bytes::from(row.get::<Vec<u8>>(0)?),
-        content_type: row.get(1)?,
-        version: row.get(2)?,
-    }))
+pub(super) async fn get_entry_on(conn: &Session, object: &ObjectRef, key: &str) -> Result<Option<Entry>, StoreError> {
+    conn.first_row(
+        "SELECT value, content_type, version FROM kv WHERE ns = ?1 AND id = ?2 AND key = ?3",
+        params![object.ns.as_str(), object.id.as_str(), key.as_bytes()],
+        |row| {
+            Ok(Entry {
+                key: key.to_string(),
+                value: Bytes::from(row.get::<Vec<u8>>(0)?),
+                content_type: row.get(1)?,
+                version: row.get(2)?,
+            })
+        },
+    )
+    .await
 }
 
 /// Which keys a listing covers, in byte order of their UTF-8 encoding.

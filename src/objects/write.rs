@@ -4,8 +4,8 @@ use libsql::params;
 
 use super::{Committed, Event, Mutation, ObjectRef, Op, OpResult, Rejection};
 use crate::blobs::meta as blobs;
-use crate::db::StoreError;
-use crate::writer::{BoxFuture, Work, WriteTx};
+use crate::db::{Session, StoreError};
+use crate::writer::{BoxFuture, Work};
 
 pub struct WriteJob {
     pub object: ObjectRef,
@@ -34,7 +34,7 @@ impl Work for WriteJob {
         self.mutation.weight()
     }
 
-    fn apply<'a>(&'a mut self, tx: &'a WriteTx<'a>) -> BoxFuture<'a, Result<Self::Output, StoreError>> {
+    fn apply<'a>(&'a mut self, tx: &'a Session) -> BoxFuture<'a, Result<Self::Output, StoreError>> {
         Box::pin(self.run(tx))
     }
 
@@ -49,7 +49,7 @@ struct Totals {
 }
 
 impl WriteJob {
-    async fn run(&self, conn: &WriteTx<'_>) -> Result<Result<Committed, Rejection>, StoreError> {
+    async fn run(&self, conn: &Session) -> Result<Result<Committed, Rejection>, StoreError> {
         let ObjectRef { ns, id } = &self.object;
         // The fence check, in the same transaction as the change: exactly one
         // row must match, or another replica owns the object now.
@@ -205,7 +205,7 @@ impl WriteJob {
         Ok(Ok(Committed { version, fence: self.fence, changed, results }))
     }
 
-    async fn record_change(&self, conn: &WriteTx<'_>, version: i64, change: &Change<'_>) -> Result<(), StoreError> {
+    async fn record_change(&self, conn: &Session, version: i64, change: &Change<'_>) -> Result<(), StoreError> {
         let capped = change.value.map(|v| &v[..v.len().min(self.value_cap)]);
         let truncated = change.value.map(|v| i64::from(v.len() > self.value_cap));
         conn.exec(
@@ -231,7 +231,7 @@ impl WriteJob {
         Ok(())
     }
 
-    async fn record_event(&self, conn: &WriteTx<'_>, version: i64, event: &Event) -> Result<(), StoreError> {
+    async fn record_event(&self, conn: &Session, version: i64, event: &Event) -> Result<(), StoreError> {
         conn.exec(
             "INSERT INTO outbox (kind, ns, id, version, fence, instance, ts, event_id, type, data, committed_ms)
              VALUES ('event', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
@@ -253,7 +253,7 @@ impl WriteJob {
     }
 
     /// The key's version and stored size (key + value bytes), if it exists.
-    async fn current(&self, conn: &WriteTx<'_>, key: &str) -> Result<Option<(i64, i64)>, StoreError> {
+    async fn current(&self, conn: &Session, key: &str) -> Result<Option<(i64, i64)>, StoreError> {
         conn.first_row(
             "SELECT version, length(key) + length(value) FROM kv WHERE ns = ?1 AND id = ?2 AND key = ?3",
             params![self.object.ns.as_str(), self.object.id.as_str(), key.as_bytes()],
