@@ -1,10 +1,17 @@
-//! The OpenAPI document, generated from the handlers' annotations.
+//! The OpenAPI document, generated from the handlers' annotations, plus what
+//! the handlers do not declare because every route shares it: bearer
+//! authentication (as the access table requires it), the problem+json answers
+//! of the layers around the handlers, and the grammar of namespaces and ids.
 
 use std::sync::OnceLock;
 
-use utoipa::OpenApi;
+use axum::http::Method;
+use utoipa::openapi::path::{Operation, ParameterIn};
+use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
+use utoipa::openapi::{Content, HeaderBuilder, ObjectBuilder, Ref, RefOr, Response, Type};
+use utoipa::{Modify, OpenApi};
 
-use super::{analytics, blobs, events, kv, objects, ops, Problem};
+use super::{analytics, blobs, events, kv, need, objects, ops, Need, Problem};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -34,11 +41,144 @@ use super::{analytics, blobs, events, kv, objects, ops, Problem};
         ops::metrics,
         ops::openapi,
     ),
-    components(schemas(Problem))
+    components(schemas(Problem)),
+    modifiers(&SharedResponses)
 )]
 struct ApiDoc;
 
 pub fn openapi_json() -> &'static str {
     static DOC: OnceLock<String> = OnceLock::new();
     DOC.get_or_init(|| ApiDoc::openapi().to_pretty_json().expect("the OpenAPI document serialises"))
+}
+
+const BEARER: &str = "bearerAuth";
+const PROBLEM_JSON: &str = "application/problem+json";
+const PROBLEM_REF: &str = "#/components/schemas/Problem";
+
+struct SharedResponses;
+
+impl Modify for SharedResponses {
+    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
+        doc.components
+            .get_or_insert_with(Default::default)
+            .add_security_scheme(BEARER, SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+        doc.security = Some(vec![SecurityRequirement::new(BEARER, Vec::<String>::new())]);
+        for (path, item) in doc.paths.paths.iter_mut() {
+            let operations = [
+                (Method::GET, &mut item.get),
+                (Method::HEAD, &mut item.head),
+                (Method::PUT, &mut item.put),
+                (Method::POST, &mut item.post),
+                (Method::DELETE, &mut item.delete),
+                (Method::PATCH, &mut item.patch),
+                (Method::OPTIONS, &mut item.options),
+                (Method::TRACE, &mut item.trace),
+            ];
+            for (method, operation) in operations {
+                if let Some(operation) = operation {
+                    let open = need(&method, path) == Some(Need::Nothing);
+                    // Handlers of the other methods read the request body.
+                    let reads_body = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE);
+                    complete(operation, open, reads_body);
+                }
+            }
+        }
+    }
+}
+
+/// Adds the problem responses `operation` can give without its handler
+/// saying so, and makes every problem response `application/problem+json`
+/// (utoipa labels any body `application/json`).
+fn complete(operation: &mut Operation, open: bool, reads_body: bool) {
+    let mut statuses = vec![400, 429, 503];
+    if open {
+        // An empty list overrides the document's global requirement.
+        operation.security = Some(Vec::new());
+    } else {
+        statuses.extend([401, 403]);
+    }
+    let mut has_path_params = false;
+    for parameter in operation.parameters.iter_mut().flatten() {
+        if matches!(parameter.parameter_in, ParameterIn::Path) {
+            has_path_params = true;
+            if let Some(pattern) = name_pattern(&parameter.name) {
+                parameter.schema = Some(ObjectBuilder::new().schema_type(Type::String).pattern(Some(pattern)).into());
+            }
+        }
+    }
+    // An empty segment matches no route: the fallback answers 404.
+    if has_path_params {
+        statuses.push(404);
+    }
+    if reads_body {
+        // Every write can be fenced (409) and every body has a size limit (413).
+        statuses.extend([409, 413]);
+    }
+    for status in statuses {
+        let status = status.to_string();
+        let description = problem_description(&status);
+        operation.responses.responses.entry(status).or_insert_with(|| {
+            let mut response = Response::new(description);
+            response.content.insert(PROBLEM_JSON.into(), Content::new(Some(Ref::new(PROBLEM_REF))));
+            RefOr::T(response)
+        });
+    }
+    for (status, response) in operation.responses.responses.iter_mut() {
+        if let RefOr::T(response) = response {
+            describe_problem(status, response);
+        }
+    }
+}
+
+/// The grammar of namespaces and object ids (objects::names), the same on
+/// every route; `.` and `..` match the id pattern but are refused.
+fn name_pattern(parameter: &str) -> Option<&'static str> {
+    match parameter {
+        "ns" => Some("^[a-z0-9][a-z0-9._-]{0,62}$"),
+        "id" => Some("^[A-Za-z0-9._~-]{1,256}$"),
+        _ => None,
+    }
+}
+
+fn describe_problem(status: &str, response: &mut Response) {
+    let is_problem =
+        |content: &Content| matches!(&content.schema, Some(RefOr::Ref(r)) if r.ref_location == PROBLEM_REF);
+    if response.content.get("application/json").is_some_and(is_problem) {
+        let content = response.content.shift_remove("application/json").expect("just found");
+        response.content.insert(PROBLEM_JSON.into(), content);
+    }
+    if !response.content.get(PROBLEM_JSON).is_some_and(is_problem) {
+        return;
+    }
+    if response.description.is_empty() {
+        response.description = problem_description(status).into();
+    }
+    let header = match status {
+        "401" => Some(("WWW-Authenticate", Type::String, "the scheme to authenticate with: Bearer")),
+        "429" | "503" => Some(("Retry-After", Type::Integer, "seconds to wait before retrying")),
+        _ => None,
+    };
+    if let Some((name, kind, description)) = header {
+        response.headers.entry(name.into()).or_insert_with(|| {
+            HeaderBuilder::new().schema(ObjectBuilder::new().schema_type(kind)).description(Some(description)).build()
+        });
+    }
+}
+
+fn problem_description(status: &str) -> &'static str {
+    match status {
+        "400" => "invalid namespace, id, key, query, header or body",
+        "401" => "missing or invalid credential",
+        "403" => "the credential does not allow this namespace or operation",
+        "404" => "no such object, key, blob or route",
+        "409" => {
+            "ownership of the object moved while the write was queued (retry it), or a conflict with the configuration"
+        }
+        "412" => "If-Match, If-None-Match, if_version or if_absent does not hold",
+        "413" => "the body is larger than this route allows",
+        "416" => "the range starts past the blob's end",
+        "429" => "too many requests from this caller",
+        "503" => "database, object store or owner replica unreachable or busy, or the request timed out",
+        _ => "see the problem's type and detail",
+    }
 }
