@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 
 use libsql::{params, Connection, Value};
 use object_store::path::Path;
+use sha2::{Digest, Sha256};
 
+use super::StorageError;
 use crate::db::{Database, StoreError};
 use crate::objects::{InvalidName, ObjectRef};
 
@@ -48,14 +50,34 @@ pub fn validate_name(name: &str) -> Result<(), InvalidName> {
     }
 }
 
-/// A key no other upload uses: `blobs/<ns>/<id>/<name>/<uuid v7>`. Uploads
-/// never overwrite each other, so a failed or fenced one cannot clobber data.
+/// A key no other upload uses: `blobs/<ns>/<object digest>/<name digest>/<uuid v7>`.
+/// Uploads never overwrite each other, so a failed or fenced one cannot
+/// clobber data. Ids and names enter only as digests: they may be longer than
+/// a file name (255 bytes) or, percent-encoded, than an S3 key (1,024 bytes).
 pub fn new_storage_key(object: &ObjectRef, name: &str) -> Path {
-    let mut parts: Vec<&str> = vec!["blobs", &object.ns, &object.id];
-    parts.extend(name.split('/'));
-    let upload = uuid::Uuid::now_v7().to_string();
-    parts.push(&upload);
-    Path::from_iter(parts)
+    Path::parse(format!("{}{}", upload_prefix(object, name), uuid::Uuid::now_v7()))
+        .expect("digests and a UUID are valid path segments")
+}
+
+/// Where every upload of `object` is stored (and where a committed key must be).
+pub fn object_prefix(object: &ObjectRef) -> String {
+    format!("blobs/{}/{}/", object.ns, digest(object.id.as_bytes()))
+}
+
+/// Where every upload of blob `name` of `object` is stored.
+pub fn upload_prefix(object: &ObjectRef, name: &str) -> String {
+    format!("{}{}/", object_prefix(object), digest(name.as_bytes()))
+}
+
+/// 64 bits: enough to keep objects and names apart (the UUID makes each key
+/// unique), short enough that keys stay far below every store's limits.
+fn digest(bytes: &[u8]) -> String {
+    hex::encode(&Sha256::digest(bytes)[..8])
+}
+
+/// A storage key as it was stored (already in object_store's encoded form).
+pub fn stored_path(key: &str) -> Result<Path, StorageError> {
+    Path::parse(key).map_err(|e| StorageError::Unavailable(format!("stored key {key:?} is not a valid path: {e}")))
 }
 
 fn row_to_meta(row: &libsql::Row) -> Result<BlobMeta, StoreError> {
@@ -233,11 +255,18 @@ mod tests {
     }
 
     #[test]
-    fn storage_keys_are_unique_and_keep_the_name() {
+    fn storage_keys_are_unique_short_and_round_trip() {
         let object = ObjectRef::new("ns", "id").unwrap();
         let a = new_storage_key(&object, "dir/file.bin").to_string();
         let b = new_storage_key(&object, "dir/file.bin").to_string();
         assert_ne!(a, b);
-        assert!(a.starts_with("blobs/ns/id/dir/file.bin/"), "{a}");
+        assert!(a.starts_with(&upload_prefix(&object, "dir/file.bin")), "{a}");
+        assert!(!a.starts_with(&upload_prefix(&object, "dir/other.bin")));
+        // The longest id (with `~`, which object_store encodes) and name still make a short key.
+        let long = ObjectRef::new(&"n".repeat(63), &"~".repeat(256)).unwrap();
+        let key = new_storage_key(&long, &"é/".repeat(300).trim_end_matches('/').to_string());
+        assert!(key.to_string().len() <= 6 + 63 + 1 + 16 + 1 + 16 + 1 + 36, "{key}");
+        assert!(key.to_string().starts_with(&object_prefix(&long)));
+        assert_eq!(stored_path(&key.to_string()).unwrap(), key, "a stored key reads back as the same path");
     }
 }

@@ -91,7 +91,8 @@ impl Sweeper {
                 break;
             }
             for key in &keys {
-                self.storage.delete(&Path::from(key.as_str())).await.map_err(|e| e.to_string())?;
+                let path = super::stored_path(key).map_err(|e| e.to_string())?;
+                self.storage.delete(&path).await.map_err(|e| e.to_string())?;
             }
             report.garbage_deleted += keys.len();
             let done = keys.len() < GARBAGE_BATCH as usize;

@@ -21,7 +21,7 @@ use super::extract::{
     etag, header_condition, list_limit, precondition, read_condition, stored_content_type, ApiQuery, ObjectPath, Replay,
 };
 use super::{commit, written, Routed, SharedState, FORWARDED_BY};
-use crate::blobs::{new_storage_key, validate_name, BlobMeta, UploadError};
+use crate::blobs::{new_storage_key, object_prefix, stored_path, upload_prefix, validate_name, BlobMeta, UploadError};
 use crate::objects::{decode_cursor, encode_cursor, Committed, Mutation, ObjectRef, OpResult};
 
 const USER_META_PREFIX: &str = "x-statehouse-meta-";
@@ -183,8 +183,7 @@ pub async fn commit_forwarded_blob(
     let blob: BlobMeta =
         serde_json::from_slice(&replay.body).map_err(|e| ApiError::BadRequest(format!("invalid blob commit: {e}")))?;
     validate_name(&blob.name)?;
-    let expected = format!("blobs/{}/{}/", object.ns, object.id);
-    if !blob.storage_key.starts_with(&expected) {
+    if !blob.storage_key.starts_with(&object_prefix(&object)) {
         return Err(ApiError::BadRequest("the storage key does not belong to this object".into()));
     }
     let pre = precondition(&replay.headers)?;
@@ -227,7 +226,7 @@ pub async fn get_blob(
     let mut response = if method == Method::HEAD || end == start {
         Response::new(Body::empty())
     } else {
-        let key = object_store::path::Path::from(blob.storage_key.as_str());
+        let key = stored_path(&blob.storage_key)?;
         let got = state.storage.get(&key, Some(GetRange::Bounded(start..end))).await?;
         let stream = got.into_stream().map_err(std::io::Error::other);
         Response::new(Body::from_stream(stream))
@@ -330,7 +329,11 @@ pub async fn delete_blob(
     };
     if let Some(key) = &removed {
         // Committed: the bytes can go now; if this fails the sweeper removes them.
-        if let Err(e) = state.storage.delete(&object_store::path::Path::from(key.as_str())).await {
+        let deleted = match stored_path(key) {
+            Ok(path) => state.storage.delete(&path).await,
+            Err(e) => Err(e),
+        };
+        if let Err(e) = deleted {
             tracing::warn!(key = %key, error = %e, "could not delete a blob's bytes yet; the sweeper will");
         }
     }
@@ -459,7 +462,7 @@ async fn presign(state: &SharedState, object: &ObjectRef, name: &str, body: &[u8
             let blob = crate::blobs::meta::get(&state.db, object, name)
                 .await?
                 .ok_or_else(|| ApiError::NotFound(format!("no blob {name:?} in object {object}")))?;
-            let key = object_store::path::Path::from(blob.storage_key.as_str());
+            let key = stored_path(&blob.storage_key)?;
             let url = state.storage.presign(reqwest::Method::GET, &key, ttl).await?;
             PresignBody { method: "GET".into(), url, expires_in, upload_key: None, commit_url: None }
         }
@@ -501,7 +504,7 @@ async fn commit_presigned_upload(
 ) -> Result<Response, ApiError> {
     let request: CommitRequest = serde_json::from_slice(&replay.body)
         .map_err(|e| ApiError::BadRequest(format!("invalid commit request: {e}")))?;
-    let prefix = format!("blobs/{}/{}/{}/", object.ns, object.id, name);
+    let prefix = upload_prefix(object, &name);
     let upload = request.upload_key.strip_prefix(&prefix).filter(|rest| uuid::Uuid::parse_str(rest).is_ok());
     if upload.is_none() {
         return Err(ApiError::BadRequest("upload_key is not one issued for this blob by presign".into()));
@@ -525,7 +528,8 @@ async fn commit_presigned_upload(
         }
         None => super::extract::DEFAULT_CONTENT_TYPE.into(),
     };
-    let key = object_store::path::Path::from(request.upload_key.as_str());
+    let key = object_store::path::Path::parse(&request.upload_key)
+        .map_err(|_| ApiError::BadRequest("upload_key is not one issued for this blob by presign".into()))?;
     let got = state.storage.get(&key, None).await.map_err(|e| match e {
         crate::blobs::StorageError::NotFound(_) => ApiError::NotFound("nothing was uploaded under upload_key".into()),
         other => other.into(),

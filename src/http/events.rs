@@ -4,8 +4,7 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use serde::Deserialize;
-use serde_json::json;
+use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, Problem};
@@ -72,11 +71,20 @@ pub fn accept(events: Vec<EventIn>) -> Result<Vec<Event>, ApiError> {
         .collect()
 }
 
+/// The answer to a recorded batch of events.
+#[derive(Serialize, ToSchema)]
+pub struct EventsRecorded {
+    /// The object's version after the commit.
+    version: i64,
+    /// The ids given to the events, in request order (UUID v7).
+    event_ids: Vec<String>,
+}
+
 /// Record application events on an object (bumps its version once).
 #[utoipa::path(post, path = "/v1/objects/{ns}/{id}/events", tag = "events",
     params(("ns" = String, Path), ("id" = String, Path)),
     request_body = EventsRequest,
-    responses((status = 200, description = "`{\"version\": N, \"event_ids\": [...]}` after the commit"),
+    responses((status = 200, body = EventsRecorded, description = "the object's new version and the events' ids, after the commit"),
               (status = 400, body = Problem), (status = 413, body = Problem), (status = 503, body = Problem)))]
 pub async fn post_events(
     State(state): State<SharedState>,
@@ -94,5 +102,6 @@ pub async fn post_events(
         Routed::Forwarded(response) => return Ok(response),
         Routed::Local(committed) => committed,
     };
-    Ok(written(&committed, StatusCode::OK, json!({ "version": committed.version, "event_ids": event_ids })))
+    let recorded = EventsRecorded { version: committed.version, event_ids };
+    Ok(written(&committed, StatusCode::OK, serde_json::to_value(recorded).expect("the answer serialises")))
 }

@@ -20,7 +20,7 @@ use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -77,21 +77,24 @@ pub fn app(state: SharedState) -> Router {
         .route("/v1/objects/{ns}/{id}/kv", get(kv::list_keys))
         .route(
             "/v1/objects/{ns}/{id}/kv/{*key}",
-            get(kv::get_key).put(kv::put_key).delete(kv::delete_key).layer(DefaultBodyLimit::max(value_limit)),
+            body_limit(get(kv::get_key).put(kv::put_key).delete(kv::delete_key), value_limit),
         )
-        .route("/v1/objects/{ns}/{id}/batch", post(kv::batch).layer(DefaultBodyLimit::max(batch_limit)))
-        .route("/v1/objects/{ns}/{id}/events", post(events::post_events).layer(DefaultBodyLimit::max(batch_limit)))
+        .route("/v1/objects/{ns}/{id}/batch", body_limit(post(kv::batch), batch_limit))
+        .route("/v1/objects/{ns}/{id}/events", body_limit(post(events::post_events), batch_limit))
         .route("/v1/objects/{ns}/{id}/blobs", get(blobs::list_blobs))
         .route(
             "/v1/objects/{ns}/{id}/blobs/{*name}",
+            // A blob PUT streams its body and enforces STATEHOUSE_MAX_BLOB_BYTES itself.
             get(blobs::get_blob)
                 .put(blobs::put_blob)
                 .delete(blobs::delete_blob)
-                .post(blobs::post_blob_action)
-                .layer(DefaultBodyLimit::max(64 * 1024)),
+                .merge(body_limit(post(blobs::post_blob_action), SMALL_BODY_LIMIT)),
         )
-        .route("/v1/internal/objects/{ns}/{id}/blob-commit", post(blobs::commit_forwarded_blob))
-        .route("/v1/admin/export", post(analytics::export_now).layer(DefaultBodyLimit::max(64 * 1024)))
+        .route(
+            "/v1/internal/objects/{ns}/{id}/blob-commit",
+            body_limit(post(blobs::commit_forwarded_blob), SMALL_BODY_LIMIT),
+        )
+        .route("/v1/admin/export", body_limit(post(analytics::export_now), SMALL_BODY_LIMIT))
         .route("/v1/analytics/tables", get(analytics::list_tables))
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
@@ -158,6 +161,26 @@ fn cors_layer(origins: Option<&str>) -> Option<CorsLayer> {
             ])
             .max_age(Duration::from_secs(600)),
     )
+}
+
+/// Bodies of the routes that take only a small JSON document.
+const SMALL_BODY_LIMIT: usize = 64 * 1024;
+
+/// A route's body limit: a body announced (Content-Length) over it is refused
+/// at once, before anything is read; one without a length is cut off at it.
+fn body_limit(route: MethodRouter<SharedState>, limit: usize) -> MethodRouter<SharedState> {
+    route
+        .layer::<_, std::convert::Infallible>(middleware::from_fn_with_state(limit, refuse_announced_oversize))
+        .layer(DefaultBodyLimit::max(limit))
+}
+
+async fn refuse_announced_oversize(State(limit): State<usize>, req: Request, next: Next) -> Response {
+    let announced = req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if let Some(length) = announced.filter(|length| *length > limit as u64) {
+        return ApiError::PayloadTooLarge(format!("the body is {length} bytes; this route takes at most {limit}"))
+            .into_response();
+    }
+    next.run(req).await
 }
 
 #[derive(Clone)]
