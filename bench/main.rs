@@ -59,6 +59,7 @@ async fn main() {
     let (single, batched) = baseline(dir.path()).await;
     println!("baseline=raw_libsql_single_commit rows_per_s={single:.0} (one row per fsync'd commit, synchronous=FULL)");
     println!("baseline=raw_libsql_batched rows_per_s={batched:.0} (1000 rows per commit)");
+    fence_cost(dir.path()).await;
 
     let client = reqwest::Client::builder().pool_max_idle_per_host(1024).build().unwrap();
     let (mut server, base) = start_server(&args.binary, dir.path(), "bench", &[], &client).await;
@@ -353,6 +354,117 @@ async fn run(base: &str, workload: &str, connections: usize, duration: Duration)
         p99_ms: pct(0.99),
         errors: errors.load(Ordering::Relaxed),
     }
+}
+
+/// What the fence costs: the same single-key puts (a kv row and an outbox row
+/// each) committed through the writer as the server does it, without HTTP (fence
+/// check, version, totals, a savepoint per write, group commit), and by raw
+/// libSQL (the same two INSERTs per write, prepared, 512 writes per commit).
+async fn fence_cost(dir: &std::path::Path) {
+    use statehouse::guard::{Guard, Replica, Route};
+    use statehouse::objects::{Mutation, ObjectRef, Op, Precondition, WriteJob};
+
+    const WRITES: usize = 100_000;
+    const IN_FLIGHT: usize = 512;
+    let url = format!("file:{}", dir.join("fenced.db").display());
+    let settings = statehouse::config::Settings::for_database(&url).unwrap();
+    let db = Arc::new(statehouse::server::open_database(&settings.database).await.unwrap());
+    let metrics = Arc::new(statehouse::telemetry::Metrics::new("bench", "full"));
+    let writer = statehouse::writer::Writer::spawn(db.clone(), metrics.clone());
+    let me = Replica { instance: "bench".into(), url: "http://127.0.0.1:1".into(), machine: None };
+    let guard = Guard::new(me, Duration::from_secs(600), writer.clone(), metrics);
+    let object = ObjectRef::new("bench", "fenced").unwrap();
+    let Route::Local { fence } = guard.route(&object).await.unwrap() else { panic!("the lease is free") };
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..IN_FLIGHT)
+        .map(|task| {
+            let (writer, object) = (writer.clone(), object.clone());
+            tokio::spawn(async move {
+                for i in 0..WRITES / IN_FLIGHT {
+                    let put = Op::Put {
+                        key: format!("k-{task}-{i}"),
+                        value: bytes::Bytes::from_static(b"value"),
+                        content_type: "application/octet-stream".into(),
+                        pre: Precondition::default(),
+                    };
+                    let job = WriteJob {
+                        object: object.clone(),
+                        fence,
+                        owner: "bench".into(),
+                        mutation: Mutation::Ops { ops: vec![put], events: Vec::new() },
+                        now_ms: statehouse::clock::now_ms(),
+                        value_cap: 65536,
+                    };
+                    writer.run(job).await.unwrap().unwrap();
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let done = (WRITES / IN_FLIGHT * IN_FLIGHT) as f64;
+    let fenced = done / started.elapsed().as_secs_f64();
+
+    let raw_url = format!("file:{}", dir.join("raw-same-rows.db").display());
+    let raw_settings = statehouse::config::Settings::for_database(&raw_url).unwrap();
+    let raw_db = statehouse::server::open_database(&raw_settings.database).await.unwrap();
+    let conn = raw_db.connect().await.unwrap();
+    let started = Instant::now();
+    for chunk in 0..(WRITES / IN_FLIGHT) {
+        let tx = conn.transaction().await.unwrap();
+        let kv = tx
+            .prepare("INSERT INTO kv (ns, id, key, value, content_type, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+            .await
+            .unwrap();
+        let outbox = tx
+            .prepare(
+                "INSERT INTO outbox (kind, ns, id, version, fence, instance, ts, op, key, content_type, size, value, value_truncated, committed_ms)
+                 VALUES ('change', ?1, ?2, ?3, ?4, ?5, ?6, 'put', ?7, ?8, ?9, ?10, 0, ?11)",
+            )
+            .await
+            .unwrap();
+        for i in 0..IN_FLIGHT {
+            let key = format!("k-{chunk}-{i}");
+            let version = (chunk * IN_FLIGHT + i) as i64;
+            let now = statehouse::clock::now_ms();
+            kv.execute(libsql::params![
+                "bench",
+                "raw",
+                key.as_bytes(),
+                b"value".as_slice(),
+                "application/octet-stream",
+                version
+            ])
+            .await
+            .unwrap();
+            kv.reset();
+            outbox
+                .execute(libsql::params![
+                    "bench",
+                    "raw",
+                    version,
+                    1,
+                    "bench",
+                    now * 1000,
+                    key.as_str(),
+                    "application/octet-stream",
+                    5,
+                    b"value".as_slice(),
+                    now
+                ])
+                .await
+                .unwrap();
+            outbox.reset();
+        }
+        tx.commit().await.unwrap();
+    }
+    let raw = done / started.elapsed().as_secs_f64();
+    println!("baseline=fenced_writes writes_per_s={fenced:.0} (single-key puts through the writer, {IN_FLIGHT} in flight, no HTTP)");
+    println!(
+        "baseline=raw_libsql_same_rows writes_per_s={raw:.0} (the same kv + outbox rows, prepared, {IN_FLIGHT} writes per commit) fence_cost={:.2}",
+        raw / fenced
+    );
 }
 
 /// Raw libSQL on the same disk: single-row commits, and the same rows batched.

@@ -40,11 +40,18 @@ pub trait Work: Send + 'static {
 
     /// Whether the changes made by `apply` are kept. Refusals roll back their savepoint.
     fn keep(output: &Self::Output) -> bool;
+
+    /// True when `apply` refuses only before changing anything, so it needs no
+    /// savepoint; if it fails with an error midway, the whole transaction is abandoned.
+    fn refuses_before_writing(&self) -> bool {
+        false
+    }
 }
 
 /// Object-safe form of a queued `Work` with its reply channel.
 trait Job: Send {
     fn weight(&self) -> usize;
+    fn refuses_before_writing(&self) -> bool;
     fn apply<'a>(&'a mut self, tx: &'a Session) -> BoxFuture<'a, Result<bool, StoreError>>;
     fn finish(self: Box<Self>, fate: Result<(), StoreError>);
 }
@@ -58,6 +65,10 @@ struct Pending<W: Work> {
 impl<W: Work> Job for Pending<W> {
     fn weight(&self) -> usize {
         self.work.weight()
+    }
+
+    fn refuses_before_writing(&self) -> bool {
+        self.work.refuses_before_writing()
     }
 
     fn apply<'a>(&'a mut self, tx: &'a Session) -> BoxFuture<'a, Result<bool, StoreError>> {
@@ -214,6 +225,12 @@ async fn commit_batch(
         return Ok(());
     }
     for job in batch.iter_mut() {
+        if job.refuses_before_writing() {
+            // No savepoint: a refusal changed nothing, and an error may have
+            // changed something, so it abandons the transaction.
+            job.apply(&tx).await?;
+            continue;
+        }
         tx.exec("SAVEPOINT job", ()).await?;
         let keep = match job.apply(&tx).await {
             Ok(keep) => keep,

@@ -631,3 +631,50 @@ async fn readyz_is_503_when_the_database_is_not_migrated() {
     assert_problem(r, 503, "unavailable").await;
     app.stop().await;
 }
+
+/// Many writes to one object land in shared transactions, where refused and
+/// no-op writes sit between accepted ones: the object's version, key count and
+/// byte total must still equal exactly what was accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_with_refusals_keep_the_object_totals_exact() {
+    let db = TestDatabase::new();
+    let app = spawn_app(&db).await;
+    let ns = unique_ns("totals");
+    let base = format!("/v1/objects/{ns}/o/kv");
+    for i in 0..20 {
+        assert_eq!(put(&app, &format!("{base}/seed{i}"), b"seed").await.status(), 200);
+    }
+    let requests = (0..300).map(|i| {
+        let client = app.client.clone();
+        let url = app.url(&format!("{base}/{}", ["seed", "new", "gone"][i % 3].to_string() + &(i % 40).to_string()));
+        async move {
+            let request = match i % 3 {
+                // Create-only on existing keys (seed0..19 exist; seed20..39 do not).
+                0 => client.put(&url).header("if-none-match", "*").body(vec![b'v'; i % 17]),
+                1 => client.put(&url).body(vec![b'w'; i % 23]),
+                // Deletes of keys that never existed: no change.
+                _ => client.delete(&url),
+            };
+            request.send().await.unwrap().status().as_u16()
+        }
+    });
+    let statuses = futures::future::join_all(requests).await;
+    let accepted_changes = statuses.iter().enumerate().filter(|(i, s)| **s == 200 && i % 3 != 2).count();
+    assert!(statuses.iter().all(|s| [200, 412].contains(s)), "{statuses:?}");
+    assert!(statuses.contains(&412) && accepted_changes > 0);
+
+    let listed: Value = app.client.get(app.url(&format!("{base}?limit=1000"))).send().await.unwrap().json().await.unwrap();
+    let items = listed["items"].as_array().unwrap();
+    let bytes: usize = items
+        .iter()
+        .map(|item| {
+            let key = item["key"].as_str().unwrap();
+            key.len() + item["value"].as_str().map_or(0, str::len)
+        })
+        .sum();
+    let info = json_of(app.client.get(app.url(&format!("/v1/objects/{ns}/o"))).send().await.unwrap()).await;
+    assert_eq!(info["keys"].as_u64(), Some(items.len() as u64), "{info}");
+    assert_eq!(info["bytes"].as_u64(), Some(bytes as u64), "{info}");
+    assert_eq!(info["version"].as_u64(), Some(20 + accepted_changes as u64), "one version per accepted change");
+    app.stop().await;
+}

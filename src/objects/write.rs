@@ -27,6 +27,22 @@ struct Change<'a> {
     value: Option<&'a [u8]>,
 }
 
+impl<'a> Change<'a> {
+    fn put(key: &'a str, content_type: &'a str, value: &'a [u8]) -> Change<'a> {
+        Change {
+            op: "put",
+            key: Some(key),
+            content_type: Some(content_type),
+            size: Some(value.len() as i64),
+            value: Some(value),
+        }
+    }
+
+    fn delete(key: &'a str) -> Change<'a> {
+        Change { op: "delete", key: Some(key), content_type: None, size: None, value: None }
+    }
+}
+
 impl Work for WriteJob {
     type Output = Result<Committed, Rejection>;
 
@@ -41,6 +57,10 @@ impl Work for WriteJob {
     fn keep(output: &Self::Output) -> bool {
         matches!(output, Ok(committed) if committed.changed)
     }
+
+    fn refuses_before_writing(&self) -> bool {
+        self.single_op().is_some()
+    }
 }
 
 struct Totals {
@@ -49,7 +69,103 @@ struct Totals {
 }
 
 impl WriteJob {
+    /// A put or delete of one key (with any events): the common write, which
+    /// takes the short path below.
+    fn single_op(&self) -> Option<(&Op, &[Event])> {
+        match &self.mutation {
+            Mutation::Ops { ops, events } => match ops.as_slice() {
+                [op @ (Op::Put { .. } | Op::Delete { .. })] => Some((op, events)),
+                _ => None,
+            },
+            _ => None,
+        }
+    }
+
     async fn run(&self, conn: &Session) -> Result<Result<Committed, Rejection>, StoreError> {
+        match self.single_op() {
+            Some((op, events)) => self.run_single(conn, op, events).await,
+            None => self.run_general(conn).await,
+        }
+    }
+
+    /// One key: every check (condition, fence) happens before the first
+    /// change, so a refusal leaves nothing to undo and needs no savepoint, and
+    /// the fence check, the version bump and the new totals are one statement.
+    async fn run_single(
+        &self,
+        conn: &Session,
+        op: &Op,
+        events: &[Event],
+    ) -> Result<Result<Committed, Rejection>, StoreError> {
+        let ObjectRef { ns, id } = &self.object;
+        let (key, pre) = match op {
+            Op::Put { key, pre, .. } | Op::Delete { key, pre } => (key, pre),
+            Op::Get { .. } => unreachable!("single_op is a put or a delete"),
+        };
+        let current = self.current(conn, key).await?;
+        if !pre.holds(current.map(|(version, _)| version)) {
+            return Ok(Err(Rejection::PreconditionFailed { op_index: 0, key: key.clone() }));
+        }
+        let (keys_delta, bytes_delta) = match (op, current) {
+            (Op::Put { value, .. }, None) => (1, (key.len() + value.len()) as i64),
+            (Op::Put { value, .. }, Some((_, old_size))) => (0, (key.len() + value.len()) as i64 - old_size),
+            (_, Some((_, old_size))) => (-1, -old_size),
+            (_, None) => (0, 0),
+        };
+        let deletes_nothing = matches!(op, Op::Delete { .. }) && current.is_none();
+        if deletes_nothing && events.is_empty() {
+            // Nothing changes, but the answer still comes from the owner.
+            let version = conn
+                .first_row(
+                    "SELECT version FROM objects WHERE ns = ?1 AND id = ?2 AND fence = ?3 AND owner = ?4",
+                    params![ns.as_str(), id.as_str(), self.fence, self.owner.as_str()],
+                    |row| row.get::<i64>(0),
+                )
+                .await?;
+            let Some(version) = version else { return Ok(Err(Rejection::Fenced)) };
+            let results = vec![OpResult::Delete { key: key.clone(), deleted: false }];
+            return Ok(Ok(Committed { version, fence: self.fence, changed: false, results }));
+        }
+        let version = conn
+            .first_row(
+                "UPDATE objects SET version = version + 1, updated_at = ?5,
+                   key_count = key_count + ?6, bytes = bytes + ?7
+                 WHERE ns = ?1 AND id = ?2 AND fence = ?3 AND owner = ?4
+                 RETURNING version",
+                params![
+                    ns.as_str(),
+                    id.as_str(),
+                    self.fence,
+                    self.owner.as_str(),
+                    self.now_ms,
+                    keys_delta,
+                    bytes_delta
+                ],
+                |row| row.get::<i64>(0),
+            )
+            .await?;
+        let Some(version) = version else { return Ok(Err(Rejection::Fenced)) };
+        let result = match op {
+            Op::Put { key, value, content_type, .. } => {
+                self.upsert(conn, key, value, content_type, version).await?;
+                self.record_change(conn, version, &Change::put(key, content_type, value)).await?;
+                OpResult::Put { key: key.clone(), version }
+            }
+            _ => {
+                if current.is_some() {
+                    self.remove(conn, key).await?;
+                    self.record_change(conn, version, &Change::delete(key)).await?;
+                }
+                OpResult::Delete { key: key.clone(), deleted: current.is_some() }
+            }
+        };
+        for event in events {
+            self.record_event(conn, version, event).await?;
+        }
+        Ok(Ok(Committed { version, fence: self.fence, changed: true, results: vec![result] }))
+    }
+
+    async fn run_general(&self, conn: &Session) -> Result<Result<Committed, Rejection>, StoreError> {
         let ObjectRef { ns, id } = &self.object;
         // The fence check, in the same transaction as the change: exactly one
         // row must match, or another replica owns the object now.
@@ -127,13 +243,7 @@ impl WriteJob {
                             if !pre.holds(current.map(|(v, _)| v)) {
                                 return Ok(Err(Rejection::PreconditionFailed { op_index, key: key.clone() }));
                             }
-                            conn.exec(
-                                "INSERT INTO kv (ns, id, key, value, content_type, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                                 ON CONFLICT (ns, id, key) DO UPDATE SET
-                                   value = excluded.value, content_type = excluded.content_type, version = excluded.version",
-                                params![ns.as_str(), id.as_str(), key.as_bytes(), value.as_ref(), content_type.as_str(), version],
-                            )
-                            .await?;
+                            self.upsert(conn, key, value, content_type, version).await?;
                             let size = (key.len() + value.len()) as i64;
                             match current {
                                 Some((_, old_size)) => totals.bytes += size - old_size,
@@ -144,13 +254,7 @@ impl WriteJob {
                             }
                             changed = true;
                             results.push(OpResult::Put { key: key.clone(), version });
-                            changes.push(Change {
-                                op: "put",
-                                key: Some(key),
-                                content_type: Some(content_type),
-                                size: Some(value.len() as i64),
-                                value: Some(value),
-                            });
+                            changes.push(Change::put(key, content_type, value));
                         }
                         Op::Delete { key, pre } => {
                             let current = self.current(conn, key).await?;
@@ -158,21 +262,11 @@ impl WriteJob {
                                 return Ok(Err(Rejection::PreconditionFailed { op_index, key: key.clone() }));
                             }
                             if let Some((_, old_size)) = current {
-                                conn.exec(
-                                    "DELETE FROM kv WHERE ns = ?1 AND id = ?2 AND key = ?3",
-                                    params![ns.as_str(), id.as_str(), key.as_bytes()],
-                                )
-                                .await?;
+                                self.remove(conn, key).await?;
                                 totals.keys -= 1;
                                 totals.bytes -= old_size;
                                 changed = true;
-                                changes.push(Change {
-                                    op: "delete",
-                                    key: Some(key),
-                                    content_type: None,
-                                    size: None,
-                                    value: None,
-                                });
+                                changes.push(Change::delete(key));
                             }
                             results.push(OpResult::Delete { key: key.clone(), deleted: current.is_some() });
                         }
@@ -247,6 +341,33 @@ impl WriteJob {
                 event.data.as_str(),
                 self.now_ms
             ],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn upsert(
+        &self,
+        conn: &Session,
+        key: &str,
+        value: &[u8],
+        content_type: &str,
+        version: i64,
+    ) -> Result<(), StoreError> {
+        conn.exec(
+            "INSERT INTO kv (ns, id, key, value, content_type, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+             ON CONFLICT (ns, id, key) DO UPDATE SET
+               value = excluded.value, content_type = excluded.content_type, version = excluded.version",
+            params![self.object.ns.as_str(), self.object.id.as_str(), key.as_bytes(), value, content_type, version],
+        )
+        .await?;
+        Ok(())
+    }
+
+    async fn remove(&self, conn: &Session, key: &str) -> Result<(), StoreError> {
+        conn.exec(
+            "DELETE FROM kv WHERE ns = ?1 AND id = ?2 AND key = ?3",
+            params![self.object.ns.as_str(), self.object.id.as_str(), key.as_bytes()],
         )
         .await?;
         Ok(())
