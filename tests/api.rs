@@ -663,7 +663,8 @@ async fn concurrent_writes_with_refusals_keep_the_object_totals_exact() {
     assert!(statuses.iter().all(|s| [200, 412].contains(s)), "{statuses:?}");
     assert!(statuses.contains(&412) && accepted_changes > 0);
 
-    let listed: Value = app.client.get(app.url(&format!("{base}?limit=1000"))).send().await.unwrap().json().await.unwrap();
+    let listed: Value =
+        app.client.get(app.url(&format!("{base}?limit=1000"))).send().await.unwrap().json().await.unwrap();
     let items = listed["items"].as_array().unwrap();
     let bytes: usize = items
         .iter()
