@@ -152,13 +152,13 @@ struct Prepared {
 }
 
 impl Prepared {
-    /// The prepared statement for `sql`, reset for new parameters; `None` on a remote server.
+    /// The prepared statement for `sql`; `None` on a remote server.
     async fn get(&self, conn: &Connection, sql: &'static str) -> Result<Option<Arc<Statement>>, StoreError> {
         if !self.local {
             return Ok(None);
         }
+        // Every use resets its statement when done, so a cached one is ready for new parameters.
         if let Some(statement) = self.statements.lock().expect("statement cache lock").get(sql) {
-            statement.reset();
             return Ok(Some(statement.clone()));
         }
         let statement = Arc::new(conn.prepare(sql).await?);

@@ -12,6 +12,7 @@ mod peer;
 mod tokens;
 
 use std::fmt;
+use std::sync::Arc;
 
 use axum::http::HeaderValue;
 
@@ -210,7 +211,8 @@ impl Authenticator {
         Ok(Some(Authenticator { tokens, jwt }))
     }
 
-    pub fn authenticate(&self, authorization: Option<&HeaderValue>) -> Result<Caller, AuthError> {
+    /// The caller a request's credential names (shared: tokens are looked up, not copied, per request).
+    pub fn authenticate(&self, authorization: Option<&HeaderValue>) -> Result<Arc<Caller>, AuthError> {
         let header = authorization.ok_or(AuthError::Missing)?;
         let text = header.to_str().map_err(|_| AuthError::Malformed("not visible ASCII"))?;
         let (scheme, credential) = text.split_once(' ').ok_or(AuthError::Malformed("expected `Bearer <token>`"))?;
@@ -223,7 +225,7 @@ impl Authenticator {
         }
         if let Some(jwt) = &self.jwt {
             if credential.split('.').count() == 3 {
-                return jwt.verify(credential);
+                return jwt.verify(credential).map(Arc::new);
             }
         }
         self.tokens.find(credential).cloned().ok_or(AuthError::Unknown)

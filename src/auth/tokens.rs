@@ -2,6 +2,8 @@
 //! a leaked configuration (env dump, mounted secret, `--dump-config`) grants
 //! nothing; a presented token is hashed and compared in constant time.
 
+use std::sync::Arc;
+
 use base64::Engine;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
@@ -14,7 +16,7 @@ const TOKEN_PREFIX: &str = "sh_";
 
 #[derive(Default)]
 pub struct TokenTable {
-    entries: Vec<([u8; 32], Caller)>,
+    entries: Vec<([u8; 32], Arc<Caller>)>,
 }
 
 /// A fresh random token (256 bits).
@@ -63,7 +65,7 @@ impl TokenTable {
 
     /// The caller a presented token belongs to. Every entry is compared, and
     /// without branching on the bytes, so timing reveals nothing about the hashes.
-    pub fn find(&self, token: &str) -> Option<&Caller> {
+    pub fn find(&self, token: &str) -> Option<&Arc<Caller>> {
         let presented: [u8; 32] = Sha256::digest(token.as_bytes()).into();
         let mut found = None;
         for (hash, caller) in &self.entries {
@@ -75,7 +77,7 @@ impl TokenTable {
     }
 }
 
-fn parse_line(line: &str) -> Result<([u8; 32], Caller), String> {
+fn parse_line(line: &str) -> Result<([u8; 32], Arc<Caller>), String> {
     let fields: Vec<&str> = line.split_whitespace().collect();
     let [name, hash, namespaces, rights, rest @ ..] = fields.as_slice() else {
         return Err("expected `<name> sha256:<hex> <namespaces> <rights> [rate=<per-sec>[/<burst>]]`".into());
@@ -98,7 +100,7 @@ fn parse_line(line: &str) -> Result<([u8; 32], Caller), String> {
         [rate] => Some(parse_rate(rate).map_err(prefixed(name))?),
         _ => return Err(format!("token {name:?}: unexpected fields after the rights")),
     };
-    Ok((hash, Caller::new(name.to_string(), namespaces, rights, rate)))
+    Ok((hash, Arc::new(Caller::new(name.to_string(), namespaces, rights, rate))))
 }
 
 fn prefixed(name: &str) -> impl Fn(String) -> String + '_ {

@@ -3,6 +3,8 @@
 //! peer's signature on forwarded writes and applies the caller's rate limit.
 //! It runs before any extractor, so a refused request is never read or parsed.
 
+use std::sync::Arc;
+
 use axum::body::Body;
 use axum::extract::rejection::RawPathParamsRejection;
 use axum::extract::{MatchedPath, RawPathParams, Request, State};
@@ -49,6 +51,8 @@ pub struct Access {
     /// `None`: development mode, every caller is anonymous and allowed everything.
     pub authenticator: Option<Authenticator>,
     pub peer: Option<PeerKey>,
+    /// Who every request is in development mode.
+    anonymous: Arc<Caller>,
     limiter: RateLimiter,
     refused: IntCounterVec,
     rate_limited: IntCounter,
@@ -80,7 +84,15 @@ impl Access {
         metrics.register(Box::new(refused.clone()));
         metrics.register(Box::new(rate_limited.clone()));
         metrics.register(Box::new(connections_open.clone()));
-        Ok(Access { authenticator, peer, limiter: RateLimiter::new(rate), refused, rate_limited, connections_open })
+        Ok(Access {
+            authenticator,
+            peer,
+            anonymous: Arc::new(Caller::anonymous()),
+            limiter: RateLimiter::new(rate),
+            refused,
+            rate_limited,
+            connections_open,
+        })
     }
 
     fn refuse(&self, reason: &str, error: ApiError) -> ApiError {
@@ -115,13 +127,13 @@ async fn admit(
     if need == Need::Nothing {
         return Ok(req);
     }
-    let (mut req, from_peer) = verify_peer(state, req).await?;
+    let (req, from_peer) = verify_peer(state, req).await?;
     if matches!(need, Need::Peer(_)) && !from_peer {
         return Err(ApiError::NotFound("no such route; see /openapi.json".into()));
     }
 
     let caller = match &access.authenticator {
-        None => Caller::anonymous(),
+        None => access.anonymous.clone(),
         Some(authenticator) => authenticator
             .authenticate(req.headers().get(header::AUTHORIZATION))
             .map_err(|e| access.refuse(e.reason(), ApiError::Unauthorized(e.to_string())))?,
@@ -152,7 +164,6 @@ async fn admit(
             });
         }
     }
-    req.extensions_mut().insert(caller);
     Ok(req)
 }
 
