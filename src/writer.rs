@@ -188,6 +188,7 @@ async fn write_loop(db: Arc<Database>, receiver: Arc<Mutex<mpsc::Receiver<Box<dy
             conn = None;
             fail_all(batch, err);
         } else {
+            db.committed();
             metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
             for job in batch {
                 job.finish(Ok(()));

@@ -51,3 +51,73 @@ async fn writes_survive_graceful_and_abrupt_restarts() {
     ledger.verify("restart", &client, &third.base, &ns, &objects).await;
     third.assert_no_panic();
 }
+
+/// Checkpoints run on a thread of their own: committed pages reach the
+/// database file while writes go on (without them the file would stay at its
+/// first few pages and the WAL would grow without end), and a crash between
+/// checkpoints loses nothing acknowledged.
+#[tokio::test]
+async fn committed_pages_reach_the_database_file_in_the_background() {
+    let db = TestDatabase::file();
+    let path = db.file_path().unwrap();
+    let wal = path.with_extension("db-wal");
+    let ns = unique_ns("checkpoint");
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    let mut server = Process::start(&db.url, 0, &[]);
+    let size = |path: &std::path::Path| std::fs::metadata(path).map_or(0, |m| m.len());
+    let before = size(&path);
+
+    // 24 MiB in 96 writes of 256 KiB, faster than anything else would checkpoint.
+    let value = "v".repeat(256 * 1024);
+    for i in 0..96 {
+        let response = client
+            .put(format!("{}/v1/objects/{ns}/big/kv/k{i}", server.base))
+            .body(value.clone())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
+    }
+    let started = Instant::now();
+    while size(&path) < before + 20 * 1024 * 1024 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the database file is {} bytes (was {before}) 5 s after 24 MiB were committed; the WAL is {} bytes: nothing checkpoints",
+            size(&path),
+            size(&wal)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    println!(
+        "checkpointed: database file {} bytes after {:?}, WAL {} bytes",
+        size(&path),
+        started.elapsed(),
+        size(&wal)
+    );
+
+    // More writes, then SIGKILL before the next checkpoint can have run: they are in the WAL only.
+    for i in 0..20 {
+        let response = client
+            .put(format!("{}/v1/objects/{ns}/small/kv/k{i}", server.base))
+            .body(format!("{i}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+    }
+    server.kill();
+    let server = Process::start(&db.url, 0, &[]);
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    for (object, count) in [("big", 96), ("small", 20)] {
+        let listed: serde_json::Value = client
+            .get(format!("{}/v1/objects/{ns}/{object}/kv?limit=1000", server.base))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(listed["items"].as_array().map(Vec::len), Some(count), "{object} after the crash: {listed}");
+    }
+    server.assert_no_panic();
+}
