@@ -2,13 +2,14 @@
 //! connections, migrations, and what its errors mean for a client.
 
 use std::collections::HashMap;
+use std::hash::BuildHasherDefault;
 use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libsql::params::IntoParams;
-use libsql::{Connection, Row, Statement, TransactionBehavior};
+use libsql::{Connection, Row, Statement, TransactionBehavior, Value};
 use tokio::sync::Mutex;
 
 use crate::config::{DatabaseSettings, DatabaseUrl, SyncMode};
@@ -109,8 +110,17 @@ impl Session {
 
     /// Runs a statement that returns no rows; the number of rows it changed.
     pub async fn exec(&self, sql: &'static str, params: impl IntoParams) -> Result<usize, StoreError> {
-        let Some(statement) = self.prepared.get(&self.conn, sql).await? else {
-            return Ok(self.conn.execute(sql, params).await? as usize);
+        self.exec_sql(Sql::Fixed(sql), params).await
+    }
+
+    /// `exec` for a statement shaped for `rows` rows.
+    pub async fn exec_rows(&self, shape: &'static Shape, rows: usize, params: Vec<Value>) -> Result<usize, StoreError> {
+        self.exec_sql(Sql::Shaped(shape, rows), params).await
+    }
+
+    async fn exec_sql(&self, sql: Sql, params: impl IntoParams) -> Result<usize, StoreError> {
+        let Some(statement) = self.prepared.get(&self.conn, &sql).await? else {
+            return Ok(self.conn.execute(&sql.text(), params).await? as usize);
         };
         let changed = statement.execute(params).await;
         statement.reset();
@@ -125,46 +135,142 @@ impl Session {
         params: impl IntoParams,
         read: impl FnOnce(&Row) -> Result<T, libsql::Error>,
     ) -> Result<Option<T>, StoreError> {
-        let statement = self.prepared.get(&self.conn, sql).await?;
-        let first = async {
+        let mut first = None;
+        let mut read = Some(read);
+        self.each_row(Sql::Fixed(sql), params, |row| {
+            if let Some(read) = read.take() {
+                first = Some(read(row)?);
+            }
+            Ok(false)
+        })
+        .await?;
+        Ok(first)
+    }
+
+    /// Every row of a statement shaped for `rows` rows, each given to `read`.
+    pub async fn rows_of(
+        &self,
+        shape: &'static Shape,
+        rows: usize,
+        params: Vec<Value>,
+        mut read: impl FnMut(&Row) -> Result<(), libsql::Error>,
+    ) -> Result<(), StoreError> {
+        self.each_row(Sql::Shaped(shape, rows), params, |row| read(row).map(|()| true)).await
+    }
+
+    /// Gives rows to `read` until it answers false or they run out.
+    async fn each_row(
+        &self,
+        sql: Sql,
+        params: impl IntoParams,
+        mut read: impl FnMut(&Row) -> Result<bool, libsql::Error>,
+    ) -> Result<(), StoreError> {
+        let statement = self.prepared.get(&self.conn, &sql).await?;
+        let all = async {
             let mut rows = match &statement {
                 Some(statement) => statement.query(params).await?,
-                None => self.conn.query(sql, params).await?,
+                None => self.conn.query(&sql.text(), params).await?,
             };
-            match rows.next().await? {
-                Some(row) => read(&row).map(Some),
-                None => Ok(None),
+            while let Some(row) = rows.next().await? {
+                if !read(&row)? {
+                    break;
+                }
             }
+            Ok::<(), libsql::Error>(())
         }
         .await;
         // Reset at once: a statement left mid-step would hold its read open.
         if let Some(statement) = statement {
             statement.reset();
         }
-        Ok(first?)
+        Ok(all?)
     }
 }
 
-/// Statements prepared on one connection, by their SQL text. Only on a local
-/// file: a remote server parses every statement anyway, and a remote
-/// statement belongs to the stream of one transaction.
+/// A statement whose text depends on how many rows it carries (a `VALUES`
+/// list, an `IN` list): prepared once per row count that occurs.
+pub struct Shape {
+    /// The statement's text for this many rows.
+    pub text: fn(usize) -> String,
+}
+
+/// `?first, ?first+1, ...`: `count` numbered parameters.
+pub fn numbered(first: usize, count: usize) -> String {
+    (first..first + count).map(|n| format!("?{n}")).collect::<Vec<_>>().join(", ")
+}
+
+enum Sql {
+    Fixed(&'static str),
+    Shaped(&'static Shape, usize),
+}
+
+impl Sql {
+    fn text(&self) -> std::borrow::Cow<'static, str> {
+        match self {
+            Sql::Fixed(sql) => (*sql).into(),
+            Sql::Shaped(shape, rows) => (shape.text)(*rows).into(),
+        }
+    }
+
+    /// Identifies the text by where it lives, which is cheaper than hashing
+    /// it; equal keys always mean equal texts (both are `'static`).
+    fn key(&self) -> StatementKey {
+        match self {
+            Sql::Fixed(sql) => StatementKey(sql.as_ptr() as usize, sql.len(), false),
+            Sql::Shaped(shape, rows) => StatementKey(*shape as *const Shape as usize, *rows, true),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct StatementKey(usize, usize, bool);
+
+/// Hashes a `StatementKey`'s few words by multiplication: its input is
+/// addresses and counts, not anything a client chooses.
+#[derive(Default)]
+struct AddressHasher(u64);
+
+impl std::hash::Hasher for AddressHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for byte in bytes {
+            self.write_u64(u64::from(*byte));
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        self.0 = (self.0.rotate_left(5) ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+
+    fn write_usize(&mut self, n: usize) {
+        self.write_u64(n as u64);
+    }
+}
+
+/// Statements prepared on one connection. Only on a local file: a remote
+/// server parses every statement anyway, and a remote statement belongs to
+/// the stream of one transaction.
 struct Prepared {
     local: bool,
-    statements: std::sync::Mutex<HashMap<&'static str, Arc<Statement>>>,
+    statements: std::sync::Mutex<HashMap<StatementKey, Arc<Statement>, BuildHasherDefault<AddressHasher>>>,
 }
 
 impl Prepared {
     /// The prepared statement for `sql`; `None` on a remote server.
-    async fn get(&self, conn: &Connection, sql: &'static str) -> Result<Option<Arc<Statement>>, StoreError> {
+    async fn get(&self, conn: &Connection, sql: &Sql) -> Result<Option<Arc<Statement>>, StoreError> {
         if !self.local {
             return Ok(None);
         }
+        let key = sql.key();
         // Every use resets its statement when done, so a cached one is ready for new parameters.
-        if let Some(statement) = self.statements.lock().expect("statement cache lock").get(sql) {
+        if let Some(statement) = self.statements.lock().expect("statement cache lock").get(&key) {
             return Ok(Some(statement.clone()));
         }
-        let statement = Arc::new(conn.prepare(sql).await?);
-        self.statements.lock().expect("statement cache lock").insert(sql, statement.clone());
+        let statement = Arc::new(conn.prepare(&sql.text()).await?);
+        self.statements.lock().expect("statement cache lock").insert(key, statement.clone());
         Ok(Some(statement))
     }
 }

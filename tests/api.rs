@@ -679,3 +679,134 @@ async fn concurrent_writes_with_refusals_keep_the_object_totals_exact() {
     assert_eq!(info["version"].as_u64(), Some(20 + accepted_changes as u64), "one version per accepted change");
     app.stop().await;
 }
+
+/// Random batches over four keys (puts, deletes and gets, with `if_absent` and
+/// `if_version` conditions that hold or not, some carrying an event) against a
+/// model of the batch semantics: ops apply in order, each seeing the ones
+/// before it; every key written gets the batch's one new version; a failed
+/// condition refuses the whole batch with its op index; a batch that changes
+/// nothing leaves the version alone. Results, versions and the object's key
+/// count and bytes must match the model after every batch.
+#[tokio::test]
+async fn batches_follow_the_sequential_model() {
+    use rand::{Rng, SeedableRng};
+    use std::collections::BTreeMap;
+
+    let db = TestDatabase::new();
+    let app = spawn_app(&db).await;
+    let ns = unique_ns("model");
+    let url = app.url(&format!("/v1/objects/{ns}/o/batch"));
+    let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+    let mut version = 0i64;
+    let mut stored: BTreeMap<String, (i64, Value)> = BTreeMap::new();
+    let (mut applied, mut refused, mut unchanged) = (0, 0, 0);
+
+    for round in 0..400 {
+        let new_version = version + 1;
+        let mut overlay = stored.clone();
+        let mut ops = Vec::new();
+        let mut expected_results = Vec::new();
+        let mut refusal = None;
+        let mut changed = false;
+        for op_index in 0..rng.random_range(1..=6) {
+            let key = ["a", "b", "c", "d"][rng.random_range(0..4)].to_string();
+            let current = overlay.get(&key).map(|(v, _)| *v);
+            let mut op = match rng.random_range(0..4) {
+                0 | 1 => json!({"op": "put", "key": key, "value": format!("v{round}-{op_index}")}),
+                2 => json!({"op": "delete", "key": key}),
+                _ => json!({"op": "get", "key": key}),
+            };
+            if op["op"] != "get" {
+                match rng.random_range(0..10) {
+                    0 if op["op"] == "put" => op["if_absent"] = json!(true),
+                    1 => op["if_version"] = json!(stored.get(&key).map_or(1, |(v, _)| *v)),
+                    2 => op["if_version"] = json!(new_version),
+                    3 => op["if_version"] = json!(rng.random_range(1..=new_version)),
+                    _ => {}
+                }
+            }
+            let holds = match (&op["if_absent"], &op["if_version"]) {
+                (Value::Bool(true), _) => current.is_none(),
+                (_, Value::Number(n)) => current == n.as_i64(),
+                _ => true,
+            };
+            if refusal.is_none() {
+                if !holds {
+                    refusal = Some(op_index);
+                } else {
+                    match op["op"].as_str().unwrap() {
+                        "put" => {
+                            overlay.insert(key.clone(), (new_version, op["value"].clone()));
+                            changed = true;
+                            expected_results.push(json!({"op": "put", "key": key, "version": new_version}));
+                        }
+                        "delete" => {
+                            let deleted = overlay.remove(&key).is_some();
+                            changed |= deleted;
+                            expected_results.push(json!({"op": "delete", "key": key, "deleted": deleted}));
+                        }
+                        _ => expected_results.push(match overlay.get(&key) {
+                            Some((v, value)) => {
+                                json!({"op": "get", "key": key, "found": true, "version": v, "value": value})
+                            }
+                            None => json!({"op": "get", "key": key, "found": false}),
+                        }),
+                    }
+                }
+            }
+            ops.push(op);
+        }
+        let mut body = json!({ "ops": ops });
+        if rng.random_range(0..10) == 0 {
+            body["events"] = json!([{"type": "Tick", "data": {"round": round}}]);
+            changed = true;
+        }
+
+        let response = app.client.post(&url).json(&body).send().await.unwrap();
+        let status = response.status().as_u16();
+        let answer = json_of(response).await;
+        if let Some(op_index) = refusal {
+            assert_eq!(
+                (status, answer["op_index"].as_u64()),
+                (412, Some(op_index as u64)),
+                "round {round}: {body} -> {answer}"
+            );
+            refused += 1;
+            continue;
+        }
+        assert_eq!(status, 200, "round {round}: {body} -> {answer}");
+        let results: Vec<Value> = answer["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                if let Some(r) = r.as_object_mut() {
+                    r.retain(|field, _| {
+                        ["op", "key", "version", "deleted", "found", "value"].contains(&field.as_str())
+                    });
+                }
+                r
+            })
+            .collect();
+        assert_eq!(results, expected_results, "round {round}: {body}");
+        if changed {
+            version = new_version;
+            stored = overlay;
+            applied += 1;
+        } else {
+            unchanged += 1;
+        }
+        assert_eq!(answer["version"], json!(version), "round {round}: {body} -> {answer}");
+        let info = json_of(app.client.get(app.url(&format!("/v1/objects/{ns}/o"))).send().await.unwrap()).await;
+        let bytes: usize = stored.iter().map(|(k, (_, v))| k.len() + serde_json::to_vec(v).unwrap().len()).sum();
+        assert_eq!(
+            (info["version"].as_i64(), info["keys"].as_u64(), info["bytes"].as_u64()),
+            (Some(version), Some(stored.len() as u64), Some(bytes as u64)),
+            "round {round}: {body}"
+        );
+    }
+    println!("model: {applied} batches applied, {refused} refused, {unchanged} changed nothing");
+    assert!(applied > 50 && refused > 50 && unchanged > 5, "the random batches cover every outcome");
+    app.stop().await;
+}

@@ -17,10 +17,8 @@ use super::extract::{
 use super::{commit, written, Routed, SharedState};
 use crate::objects::{
     self, decode_cursor, embed_value, encode_cursor, is_json_content_type, validate_key, Entry, KeyRange, Mutation, Op,
-    OpResult, Precondition, VersionMatch,
+    OpResult, Precondition, VersionMatch, MAX_BATCH_OPS,
 };
-
-pub const MAX_BATCH_OPS: usize = 128;
 
 #[derive(Serialize, ToSchema)]
 pub struct VersionBody {

@@ -13,6 +13,9 @@ pub use write::WriteJob;
 
 use bytes::Bytes;
 
+/// The most key operations one write may carry.
+pub const MAX_BATCH_OPS: usize = 128;
+
 use crate::blobs::BlobMeta;
 
 /// An entity-tag condition (`If-Match` / `If-None-Match`, or a batch op's

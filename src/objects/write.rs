@@ -1,10 +1,12 @@
 //! A fenced write: the SQL run inside the writer's transaction.
 
-use libsql::params;
+use std::collections::HashMap;
 
-use super::{Committed, Event, Mutation, ObjectRef, Op, OpResult, Rejection};
+use libsql::{params, Value};
+
+use super::{Committed, Entry, Event, Mutation, ObjectRef, Op, OpResult, Rejection};
 use crate::blobs::meta as blobs;
-use crate::db::{Session, StoreError};
+use crate::db::{numbered, Session, Shape, StoreError};
 use crate::writer::{BoxFuture, Work};
 
 pub struct WriteJob {
@@ -59,134 +61,192 @@ impl Work for WriteJob {
     }
 
     fn refuses_before_writing(&self) -> bool {
-        self.single_op().is_some()
+        matches!(self.mutation, Mutation::Ops { .. })
     }
 }
 
-struct Totals {
-    keys: i64,
-    bytes: i64,
+/// Where a key named by a batch stands as its ops are checked in order.
+#[derive(Clone, Copy)]
+enum KeyState {
+    /// As stored before this write: its version and size (key + value bytes).
+    Stored {
+        version: i64,
+        size: i64,
+    },
+    /// Put by the op at this index of this write.
+    Written(usize),
+    Absent,
 }
 
 impl WriteJob {
-    /// A put or delete of one key (with any events): the common write, which
-    /// takes the short path below.
-    fn single_op(&self) -> Option<(&Op, &[Event])> {
-        match &self.mutation {
-            Mutation::Ops { ops, events } => match ops.as_slice() {
-                [op @ (Op::Put { .. } | Op::Delete { .. })] => Some((op, events)),
-                _ => None,
-            },
-            _ => None,
-        }
-    }
-
     async fn run(&self, conn: &Session) -> Result<Result<Committed, Rejection>, StoreError> {
-        match self.single_op() {
-            Some((op, events)) => self.run_single(conn, op, events).await,
-            None => self.run_general(conn).await,
+        match &self.mutation {
+            Mutation::Ops { ops, events } => self.run_ops(conn, ops, events).await,
+            _ => self.run_general(conn).await,
         }
     }
 
-    /// One key: every check (condition, fence) happens before the first
-    /// change, so a refusal leaves nothing to undo and needs no savepoint, and
-    /// the fence check, the version bump and the new totals are one statement.
-    async fn run_single(
+    /// Key operations and events. Every check (the fence, each op's
+    /// condition against the state the ops before it leave) happens before the
+    /// first change, so a refusal leaves nothing to undo and needs no
+    /// savepoint; the changes are then a handful of multi-row statements
+    /// whatever the number of ops: the object's row, the final value of each
+    /// key, and the outbox rows.
+    async fn run_ops(
         &self,
         conn: &Session,
-        op: &Op,
+        ops: &[Op],
         events: &[Event],
     ) -> Result<Result<Committed, Rejection>, StoreError> {
-        let ObjectRef { ns, id } = &self.object;
-        let (key, pre) = match op {
-            Op::Put { key, pre, .. } | Op::Delete { key, pre } => (key, pre),
-            Op::Get { .. } => unreachable!("single_op is a put or a delete"),
-        };
-        let current = self.current(conn, key).await?;
-        if !pre.holds(current.map(|(version, _)| version)) {
-            return Ok(Err(Rejection::PreconditionFailed { op_index: 0, key: key.clone() }));
+        // Keys in the order they are first named, so that writes are deterministic.
+        let mut named: Vec<&str> = Vec::new();
+        let mut keys: HashMap<&str, KeyState> = HashMap::new();
+        for op in ops {
+            if let Op::Put { key, .. } | Op::Delete { key, .. } = op {
+                if keys.insert(key, KeyState::Absent).is_none() {
+                    named.push(key);
+                }
+            }
         }
-        let (keys_delta, bytes_delta) = match (op, current) {
-            (Op::Put { value, .. }, None) => (1, (key.len() + value.len()) as i64),
-            (Op::Put { value, .. }, Some((_, old_size))) => (0, (key.len() + value.len()) as i64 - old_size),
-            (_, Some((_, old_size))) => (-1, -old_size),
-            (_, None) => (0, 0),
+        let Some(stored_version) = self.current(conn, &named, &mut keys).await? else {
+            return Ok(Err(Rejection::Fenced));
         };
-        let deletes_nothing = matches!(op, Op::Delete { .. }) && current.is_none();
-        if deletes_nothing && events.is_empty() {
+        let before = keys.clone();
+        let version = stored_version + 1;
+        let state_version = |state: KeyState| match state {
+            KeyState::Stored { version, .. } => Some(version),
+            KeyState::Written(_) => Some(version),
+            KeyState::Absent => None,
+        };
+        let state_size = |state: KeyState| match state {
+            KeyState::Stored { size, .. } => Some(size),
+            KeyState::Written(index) => match &ops[index] {
+                Op::Put { key, value, .. } => Some((key.len() + value.len()) as i64),
+                _ => unreachable!("only puts write"),
+            },
+            KeyState::Absent => None,
+        };
+
+        let (mut keys_delta, mut bytes_delta) = (0i64, 0i64);
+        let mut results = Vec::with_capacity(ops.len());
+        let mut changes = Vec::new();
+        for (op_index, op) in ops.iter().enumerate() {
+            match op {
+                Op::Put { key, value, content_type, pre } => {
+                    let state = keys[key.as_str()];
+                    if !pre.holds(state_version(state)) {
+                        return Ok(Err(Rejection::PreconditionFailed { op_index, key: key.clone() }));
+                    }
+                    let size = (key.len() + value.len()) as i64;
+                    match state_size(state) {
+                        Some(old) => bytes_delta += size - old,
+                        None => {
+                            keys_delta += 1;
+                            bytes_delta += size;
+                        }
+                    }
+                    keys.insert(key, KeyState::Written(op_index));
+                    results.push(OpResult::Put { key: key.clone(), version });
+                    changes.push(Change::put(key, content_type, value));
+                }
+                Op::Delete { key, pre } => {
+                    let state = keys[key.as_str()];
+                    if !pre.holds(state_version(state)) {
+                        return Ok(Err(Rejection::PreconditionFailed { op_index, key: key.clone() }));
+                    }
+                    let old = state_size(state);
+                    if let Some(old) = old {
+                        keys_delta -= 1;
+                        bytes_delta -= old;
+                        keys.insert(key, KeyState::Absent);
+                        changes.push(Change::delete(key));
+                    }
+                    results.push(OpResult::Delete { key: key.clone(), deleted: old.is_some() });
+                }
+                Op::Get { key } => {
+                    let entry = match keys.get(key.as_str()) {
+                        Some(KeyState::Written(index)) => match &ops[*index] {
+                            Op::Put { key, value, content_type, .. } => Some(Entry {
+                                key: key.clone(),
+                                value: value.clone(),
+                                content_type: content_type.clone(),
+                                version,
+                            }),
+                            _ => unreachable!("only puts write"),
+                        },
+                        Some(KeyState::Absent) => None,
+                        // Nothing is written yet: the database has the key as it was.
+                        Some(KeyState::Stored { .. }) | None => {
+                            super::read::get_entry_on(conn, &self.object, key).await?
+                        }
+                    };
+                    results.push(OpResult::Get { key: key.clone(), entry });
+                }
+            }
+        }
+        if changes.is_empty() && events.is_empty() {
             // Nothing changes, but the answer still comes from the owner.
-            let version = conn
-                .first_row(
-                    "SELECT version FROM objects WHERE ns = ?1 AND id = ?2 AND fence = ?3 AND owner = ?4",
-                    params![ns.as_str(), id.as_str(), self.fence, self.owner.as_str()],
-                    |row| row.get::<i64>(0),
-                )
-                .await?;
-            let Some(version) = version else { return Ok(Err(Rejection::Fenced)) };
-            let results = vec![OpResult::Delete { key: key.clone(), deleted: false }];
-            return Ok(Ok(Committed { version, fence: self.fence, changed: false, results }));
+            return Ok(Ok(Committed { version: stored_version, fence: self.fence, changed: false, results }));
         }
-        let version = conn
-            .first_row(
-                "UPDATE objects SET version = version + 1, updated_at = ?5,
-                   key_count = key_count + ?6, bytes = bytes + ?7
-                 WHERE ns = ?1 AND id = ?2 AND fence = ?3 AND owner = ?4
-                 RETURNING version",
+
+        let ObjectRef { ns, id } = &self.object;
+        let bumped = conn
+            .exec(
+                "UPDATE objects SET version = ?5, updated_at = ?6, key_count = key_count + ?7, bytes = bytes + ?8
+                 WHERE ns = ?1 AND id = ?2 AND fence = ?3 AND owner = ?4",
                 params![
                     ns.as_str(),
                     id.as_str(),
                     self.fence,
                     self.owner.as_str(),
+                    version,
                     self.now_ms,
                     keys_delta,
                     bytes_delta
                 ],
-                |row| row.get::<i64>(0),
             )
             .await?;
-        let Some(version) = version else { return Ok(Err(Rejection::Fenced)) };
-        let result = match op {
-            Op::Put { key, value, content_type, .. } => {
-                self.upsert(conn, key, value, content_type, version).await?;
-                self.record_change(conn, version, &Change::put(key, content_type, value)).await?;
-                OpResult::Put { key: key.clone(), version }
-            }
-            _ => {
-                if current.is_some() {
-                    self.remove(conn, key).await?;
-                    self.record_change(conn, version, &Change::delete(key)).await?;
-                }
-                OpResult::Delete { key: key.clone(), deleted: current.is_some() }
-            }
-        };
-        for event in events {
-            self.record_event(conn, version, event).await?;
+        if bumped != 1 {
+            // The fence was read in this transaction, under the write lock.
+            return Err(StoreError::Internal(format!("the object's row changed within a transaction ({bumped} rows)")));
         }
-        Ok(Ok(Committed { version, fence: self.fence, changed: true, results: vec![result] }))
+        let mut written = Vec::new();
+        let mut deleted = Vec::new();
+        for key in named {
+            match (before[key], keys[key]) {
+                (_, KeyState::Written(index)) => written.push(&ops[index]),
+                (KeyState::Stored { .. }, KeyState::Absent) => deleted.push(key),
+                _ => {}
+            }
+        }
+        self.upsert(conn, &written, version).await?;
+        self.remove(conn, &deleted).await?;
+        // The outbox rows, in the same transaction: a write that rolls back or
+        // is fenced out leaves none.
+        self.record_changes(conn, version, &changes).await?;
+        self.record_events(conn, version, events).await?;
+        Ok(Ok(Committed { version, fence: self.fence, changed: true, results }))
     }
 
+    /// Blobs and deleting a whole object.
     async fn run_general(&self, conn: &Session) -> Result<Result<Committed, Rejection>, StoreError> {
         let ObjectRef { ns, id } = &self.object;
         // The fence check, in the same transaction as the change: exactly one
         // row must match, or another replica owns the object now.
-        let fenced = conn
+        let version = conn
             .first_row(
                 "UPDATE objects SET version = version + 1, updated_at = ?5
                  WHERE ns = ?1 AND id = ?2 AND fence = ?3 AND owner = ?4
-                 RETURNING version, key_count, bytes",
+                 RETURNING version",
                 params![ns.as_str(), id.as_str(), self.fence, self.owner.as_str(), self.now_ms],
-                |row| Ok((row.get::<i64>(0)?, Totals { keys: row.get(1)?, bytes: row.get(2)? })),
+                |row| row.get::<i64>(0),
             )
             .await?;
-        let Some((version, mut totals)) = fenced else {
+        let Some(version) = version else {
             return Ok(Err(Rejection::Fenced));
         };
 
-        let mut changed = false;
-        let mut results = Vec::new();
-        let mut changes: Vec<Change> = Vec::new();
-        let mut events: &[Event] = &[];
-        match &self.mutation {
+        let (result, change) = match &self.mutation {
             Mutation::DeleteAll => {
                 if version == 1 {
                     return Ok(Err(Rejection::NotFound));
@@ -194,10 +254,13 @@ impl WriteJob {
                 let deleted =
                     conn.execute("DELETE FROM kv WHERE ns = ?1 AND id = ?2", params![ns.as_str(), id.as_str()]).await?;
                 let deleted_blobs = blobs::delete_all_on(conn, &self.object, self.now_ms).await?;
-                totals = Totals { keys: 0, bytes: 0 };
-                changed = true;
-                results.push(OpResult::DeleteAll { deleted_keys: deleted as i64, deleted_blobs });
-                changes.push(Change { op: "delete_all", key: None, content_type: None, size: None, value: None });
+                conn.exec(
+                    "UPDATE objects SET key_count = 0, bytes = 0 WHERE ns = ?1 AND id = ?2",
+                    params![ns.as_str(), id.as_str()],
+                )
+                .await?;
+                let result = OpResult::DeleteAll { deleted_keys: deleted as i64, deleted_blobs };
+                (result, Some(Change { op: "delete_all", key: None, content_type: None, size: None, value: None }))
             }
             Mutation::PutBlob { blob, pre } => {
                 let current = blobs::get_on(conn, &self.object, &blob.name).await?;
@@ -206,180 +269,213 @@ impl WriteJob {
                 }
                 let replaced = current.as_ref().map(|b| b.storage_key.as_str());
                 blobs::put_on(conn, &self.object, blob, version, replaced, self.now_ms).await?;
-                changed = true;
-                results.push(OpResult::PutBlob { name: blob.name.clone(), version });
-                changes.push(Change {
+                let change = Change {
                     op: "blob_put",
                     key: Some(&blob.name),
                     content_type: Some(&blob.content_type),
                     size: Some(blob.size as i64),
                     value: None,
-                });
+                };
+                (OpResult::PutBlob { name: blob.name.clone(), version }, Some(change))
             }
             Mutation::DeleteBlob { name, pre } => {
                 let current = blobs::get_on(conn, &self.object, name).await?;
                 if !pre.holds(current.as_ref().map(|b| b.version)) {
                     return Ok(Err(Rejection::PreconditionFailed { op_index: 0, key: name.clone() }));
                 }
-                if let Some(current) = &current {
-                    blobs::delete_on(conn, &self.object, name, &current.storage_key, self.now_ms).await?;
-                    changed = true;
-                    changes.push(Change {
-                        op: "blob_delete",
-                        key: Some(name),
-                        content_type: None,
-                        size: None,
-                        value: None,
-                    });
-                }
-                results.push(OpResult::DeleteBlob { name: name.clone(), deleted: current.map(|b| b.storage_key) });
-            }
-            Mutation::Ops { ops, events: with } => {
-                events = with;
-                for (op_index, op) in ops.iter().enumerate() {
-                    match op {
-                        Op::Put { key, value, content_type, pre } => {
-                            let current = self.current(conn, key).await?;
-                            if !pre.holds(current.map(|(v, _)| v)) {
-                                return Ok(Err(Rejection::PreconditionFailed { op_index, key: key.clone() }));
-                            }
-                            self.upsert(conn, key, value, content_type, version).await?;
-                            let size = (key.len() + value.len()) as i64;
-                            match current {
-                                Some((_, old_size)) => totals.bytes += size - old_size,
-                                None => {
-                                    totals.keys += 1;
-                                    totals.bytes += size;
-                                }
-                            }
-                            changed = true;
-                            results.push(OpResult::Put { key: key.clone(), version });
-                            changes.push(Change::put(key, content_type, value));
-                        }
-                        Op::Delete { key, pre } => {
-                            let current = self.current(conn, key).await?;
-                            if !pre.holds(current.map(|(v, _)| v)) {
-                                return Ok(Err(Rejection::PreconditionFailed { op_index, key: key.clone() }));
-                            }
-                            if let Some((_, old_size)) = current {
-                                self.remove(conn, key).await?;
-                                totals.keys -= 1;
-                                totals.bytes -= old_size;
-                                changed = true;
-                                changes.push(Change::delete(key));
-                            }
-                            results.push(OpResult::Delete { key: key.clone(), deleted: current.is_some() });
-                        }
-                        Op::Get { key } => {
-                            let entry = super::read::get_entry_on(conn, &self.object, key).await?;
-                            results.push(OpResult::Get { key: key.clone(), entry });
-                        }
+                let change = match &current {
+                    Some(current) => {
+                        blobs::delete_on(conn, &self.object, name, &current.storage_key, self.now_ms).await?;
+                        Some(Change { op: "blob_delete", key: Some(name), content_type: None, size: None, value: None })
                     }
-                }
+                    None => None,
+                };
+                (OpResult::DeleteBlob { name: name.clone(), deleted: current.map(|b| b.storage_key) }, change)
             }
-        }
-        if changed {
-            conn.exec(
-                "UPDATE objects SET key_count = ?3, bytes = ?4 WHERE ns = ?1 AND id = ?2",
-                params![ns.as_str(), id.as_str(), totals.keys, totals.bytes],
-            )
-            .await?;
-        }
-        // The outbox rows, in the same transaction: a write that rolls back or
-        // is fenced out leaves none.
-        for change in &changes {
-            self.record_change(conn, version, change).await?;
-        }
-        for event in events {
-            self.record_event(conn, version, event).await?;
-        }
-        changed |= !events.is_empty();
+            Mutation::Ops { .. } => unreachable!("key operations take run_ops"),
+        };
+        let changed = change.is_some();
+        self.record_changes(conn, version, change.as_slice()).await?;
         // When nothing changed the writer rolls the version bump back.
         let version = if changed { version } else { version - 1 };
-        Ok(Ok(Committed { version, fence: self.fence, changed, results }))
+        Ok(Ok(Committed { version, fence: self.fence, changed, results: vec![result] }))
     }
 
-    async fn record_change(&self, conn: &Session, version: i64, change: &Change<'_>) -> Result<(), StoreError> {
-        let capped = change.value.map(|v| &v[..v.len().min(self.value_cap)]);
-        let truncated = change.value.map(|v| i64::from(v.len() > self.value_cap));
-        conn.exec(
-            "INSERT INTO outbox (kind, ns, id, version, fence, instance, ts, op, key, content_type, size, value, value_truncated, committed_ms)
-             VALUES ('change', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-            params![
-                self.object.ns.as_str(),
-                self.object.id.as_str(),
-                version,
-                self.fence,
-                self.owner.as_str(),
-                self.now_ms * 1000,
-                change.op,
-                change.key,
-                change.content_type,
-                change.size,
-                capped,
-                truncated,
-                self.now_ms
-            ],
-        )
-        .await?;
-        Ok(())
-    }
-
-    async fn record_event(&self, conn: &Session, version: i64, event: &Event) -> Result<(), StoreError> {
-        conn.exec(
-            "INSERT INTO outbox (kind, ns, id, version, fence, instance, ts, event_id, type, data, committed_ms)
-             VALUES ('event', ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)",
-            params![
-                self.object.ns.as_str(),
-                self.object.id.as_str(),
-                version,
-                self.fence,
-                self.owner.as_str(),
-                event.ts_micros,
-                event.event_id.to_string(),
-                event.event_type.as_str(),
-                event.data.as_str(),
-                self.now_ms
-            ],
-        )
-        .await?;
-        Ok(())
-    }
-
-    async fn upsert(
+    /// The fence check and the current state of `named` keys, in one read per
+    /// chunk of keys: the object's version if this replica still holds the
+    /// fence, and `states` updated for each key that is stored.
+    async fn current<'k>(
         &self,
         conn: &Session,
-        key: &str,
-        value: &[u8],
-        content_type: &str,
-        version: i64,
-    ) -> Result<(), StoreError> {
-        conn.exec(
-            "INSERT INTO kv (ns, id, key, value, content_type, version) VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-             ON CONFLICT (ns, id, key) DO UPDATE SET
-               value = excluded.value, content_type = excluded.content_type, version = excluded.version",
-            params![self.object.ns.as_str(), self.object.id.as_str(), key.as_bytes(), value, content_type, version],
-        )
-        .await?;
+        named: &[&'k str],
+        states: &mut HashMap<&'k str, KeyState>,
+    ) -> Result<Option<i64>, StoreError> {
+        let ObjectRef { ns, id } = &self.object;
+        let mut object_version = None;
+        // An empty chunk still checks the fence.
+        let chunks: Vec<&[&str]> =
+            if named.is_empty() { vec![&[]] } else { named.chunks(ROWS_PER_STATEMENT).collect() };
+        for chunk in chunks {
+            let mut params: Vec<Value> =
+                vec![ns.as_str().into(), id.as_str().into(), self.fence.into(), self.owner.as_str().into()];
+            params.extend(chunk.iter().map(|key| Value::from(key.as_bytes())));
+            let mut found = Vec::new();
+            conn.rows_of(&CURRENT_KEYS, chunk.len(), params, |row| {
+                object_version = Some(row.get::<i64>(0)?);
+                if let Value::Blob(key) = row.get_value(1)? {
+                    found.push((key, row.get::<i64>(2)?, row.get::<i64>(3)?));
+                }
+                Ok(())
+            })
+            .await?;
+            for (key, version, size) in found {
+                let key =
+                    String::from_utf8(key).ok().and_then(|key| states.get_key_value(key.as_str()).map(|(k, _)| *k));
+                let key =
+                    key.ok_or_else(|| StoreError::Internal("the database answered a key not asked for".into()))?;
+                states.insert(key, KeyState::Stored { version, size });
+            }
+            if object_version.is_none() {
+                return Ok(None);
+            }
+        }
+        Ok(object_version)
+    }
+
+    /// Stores each put's value at `version`.
+    async fn upsert(&self, conn: &Session, puts: &[&Op], version: i64) -> Result<(), StoreError> {
+        for chunk in puts.chunks(ROWS_PER_STATEMENT) {
+            let mut params = self.object_params();
+            params.push(version.into());
+            for op in chunk {
+                let Op::Put { key, value, content_type, .. } = op else { unreachable!("only puts are upserted") };
+                params.extend([key.as_bytes().into(), Value::Blob(value.to_vec()), content_type.as_str().into()]);
+            }
+            conn.exec_rows(&UPSERT_KV, chunk.len(), params).await?;
+        }
         Ok(())
     }
 
-    async fn remove(&self, conn: &Session, key: &str) -> Result<(), StoreError> {
-        conn.exec(
-            "DELETE FROM kv WHERE ns = ?1 AND id = ?2 AND key = ?3",
-            params![self.object.ns.as_str(), self.object.id.as_str(), key.as_bytes()],
-        )
-        .await?;
+    async fn remove(&self, conn: &Session, keys: &[&str]) -> Result<(), StoreError> {
+        for chunk in keys.chunks(ROWS_PER_STATEMENT) {
+            let mut params = self.object_params();
+            params.extend(chunk.iter().map(|key| Value::from(key.as_bytes())));
+            conn.exec_rows(&DELETE_KV, chunk.len(), params).await?;
+        }
         Ok(())
     }
 
-    /// The key's version and stored size (key + value bytes), if it exists.
-    async fn current(&self, conn: &Session, key: &str) -> Result<Option<(i64, i64)>, StoreError> {
-        conn.first_row(
-            "SELECT version, length(key) + length(value) FROM kv WHERE ns = ?1 AND id = ?2 AND key = ?3",
-            params![self.object.ns.as_str(), self.object.id.as_str(), key.as_bytes()],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )
-        .await
+    async fn record_changes(&self, conn: &Session, version: i64, changes: &[Change<'_>]) -> Result<(), StoreError> {
+        for chunk in changes.chunks(ROWS_PER_STATEMENT) {
+            let mut params = self.outbox_params(version);
+            params.push((self.now_ms * 1000).into());
+            for change in chunk {
+                let capped = change.value.map(|v| &v[..v.len().min(self.value_cap)]);
+                let truncated = change.value.map(|v| i64::from(v.len() > self.value_cap));
+                params.extend([
+                    change.op.into(),
+                    change.key.into(),
+                    change.content_type.into(),
+                    change.size.into(),
+                    capped.map(<[u8]>::to_vec).into(),
+                    truncated.into(),
+                ]);
+            }
+            conn.exec_rows(&OUTBOX_CHANGES, chunk.len(), params).await?;
+        }
+        Ok(())
+    }
+
+    async fn record_events(&self, conn: &Session, version: i64, events: &[Event]) -> Result<(), StoreError> {
+        for chunk in events.chunks(ROWS_PER_STATEMENT) {
+            let mut params = self.outbox_params(version);
+            for event in chunk {
+                params.extend([
+                    event.ts_micros.into(),
+                    event.event_id.to_string().into(),
+                    event.event_type.as_str().into(),
+                    event.data.as_str().into(),
+                ]);
+            }
+            conn.exec_rows(&OUTBOX_EVENTS, chunk.len(), params).await?;
+        }
+        Ok(())
+    }
+
+    /// `?1` and `?2`: the object.
+    fn object_params(&self) -> Vec<Value> {
+        vec![self.object.ns.as_str().into(), self.object.id.as_str().into()]
+    }
+
+    /// `?1` to `?6`: what every outbox row of this write shares.
+    fn outbox_params(&self, version: i64) -> Vec<Value> {
+        let mut params = self.object_params();
+        params.extend([version.into(), self.fence.into(), self.owner.as_str().into(), self.now_ms.into()]);
+        params
     }
 }
+
+/// Rows per multi-row statement: as many as a batch holds ops, so a batch's
+/// keys take one statement each (events calls carry up to 1000, in chunks).
+/// 128 outbox rows bind 774 parameters, far below SQLite's 32,766.
+const ROWS_PER_STATEMENT: usize = super::MAX_BATCH_OPS;
+
+/// The fence check and the named keys' versions and sizes: one row per key
+/// found, or one row of NULL key columns when none is; no row when the fence
+/// does not match.
+static CURRENT_KEYS: Shape = Shape {
+    text: |keys| {
+        if keys == 0 {
+            // (`IN ()` would plan a scan of kv.)
+            return "SELECT version, NULL, NULL, NULL FROM objects WHERE ns = ?1 AND id = ?2 AND fence = ?3 AND owner = ?4"
+                .into();
+        }
+        format!(
+            "SELECT o.version, kv.key, kv.version, length(kv.key) + length(kv.value)
+             FROM objects o LEFT JOIN kv ON kv.ns = o.ns AND kv.id = o.id AND kv.key IN ({})
+             WHERE o.ns = ?1 AND o.id = ?2 AND o.fence = ?3 AND o.owner = ?4",
+            numbered(5, keys)
+        )
+    },
+};
+
+static UPSERT_KV: Shape = Shape {
+    text: |rows| {
+        let values: Vec<String> = (0..rows)
+            .map(|row| format!("(?1, ?2, ?{}, ?{}, ?{}, ?3)", 4 + 3 * row, 5 + 3 * row, 6 + 3 * row))
+            .collect();
+        format!(
+            "INSERT INTO kv (ns, id, key, value, content_type, version) VALUES {}
+             ON CONFLICT (ns, id, key) DO UPDATE SET
+               value = excluded.value, content_type = excluded.content_type, version = excluded.version",
+            values.join(", ")
+        )
+    },
+};
+
+static DELETE_KV: Shape =
+    Shape { text: |keys| format!("DELETE FROM kv WHERE ns = ?1 AND id = ?2 AND key IN ({})", numbered(3, keys)) };
+
+static OUTBOX_CHANGES: Shape = Shape {
+    text: |rows| {
+        let values: Vec<String> = (0..rows)
+            .map(|row| format!("('change', ?1, ?2, ?3, ?4, ?5, ?7, {}, ?6)", numbered(8 + 6 * row, 6)))
+            .collect();
+        format!(
+            "INSERT INTO outbox (kind, ns, id, version, fence, instance, ts, op, key, content_type, size, value, value_truncated, committed_ms)
+             VALUES {}",
+            values.join(", ")
+        )
+    },
+};
+
+static OUTBOX_EVENTS: Shape = Shape {
+    text: |rows| {
+        let values: Vec<String> =
+            (0..rows).map(|row| format!("('event', ?1, ?2, ?3, ?4, ?5, {}, ?6)", numbered(7 + 4 * row, 4))).collect();
+        format!(
+            "INSERT INTO outbox (kind, ns, id, version, fence, instance, ts, event_id, type, data, committed_ms) VALUES {}",
+            values.join(", ")
+        )
+    },
+};
