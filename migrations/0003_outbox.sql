@@ -1,8 +1,9 @@
 -- Every committed change and every application event, written in the same
 -- transaction as the change it describes, waiting to be exported to Iceberg.
--- `seq` gives commit order (writers are serialised by the write lock); the
--- exporter deletes the rows it exported in the transaction that publishes
--- its snapshot, so each row is exported exactly once.
+-- `seq` gives commit order (writers are serialised by the write lock). Each
+-- Iceberg snapshot names the last seq it holds, and the exporter reads only
+-- rows past it, so each row is exported exactly once; it deletes exported rows
+-- afterwards.
 CREATE TABLE outbox (
     seq             INTEGER PRIMARY KEY AUTOINCREMENT,
     -- 'event' or 'change'

@@ -13,6 +13,7 @@ use libsql::{Connection, Row, Statement, TransactionBehavior, Value};
 use tokio::sync::Mutex;
 
 use crate::config::{DatabaseSettings, DatabaseUrl, SyncMode};
+use crate::threads::{self, Priority};
 
 /// How long a local connection waits for another process's write lock
 /// before giving up with SQLITE_BUSY.
@@ -409,15 +410,8 @@ impl Checkpointer {
     fn spawn(conn: Connection) -> Result<Arc<AtomicU64>, StoreError> {
         let commits = Arc::new(AtomicU64::new(0));
         let watched = commits.clone();
-        std::thread::Builder::new()
-            .name("statehouse-ckpt".into())
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("a current-thread runtime for the checkpointer");
-                runtime.block_on(Checkpointer::run(conn, watched));
-            })
+        // Normal priority: a checkpointer starved by busy request threads would let the WAL grow.
+        threads::spawn("statehouse-ckpt", Priority::Normal, move |_| Checkpointer::run(conn, watched))
             .map_err(|err| StoreError::Internal(format!("cannot start the checkpoint thread: {err}")))?;
         Ok(commits)
     }

@@ -2,7 +2,7 @@
 //!
 //! A request reads top to bottom through: `http` (routes, extractors, errors)
 //! → `guard` (who owns the object: lease, fence, or forward to the owner)
-//! → `writer` (the one write path: batched transactions, savepoint per write)
+//! → `writer` (the one write path: batched transactions, one commit for many writes)
 //! → `objects` (the SQL of a fenced change) → `db` (libSQL, local or remote).
 
 pub mod analytics;
@@ -17,4 +17,5 @@ pub mod limits;
 pub mod objects;
 pub mod server;
 pub mod telemetry;
+pub mod threads;
 pub mod writer;

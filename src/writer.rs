@@ -15,6 +15,7 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::db::{Database, Session, StoreError};
 use crate::telemetry::Metrics;
+use crate::threads::{self, Priority};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
@@ -112,15 +113,7 @@ impl Writer {
         if db.is_remote() {
             tokio::spawn(supervise(db, receiver, metrics));
         } else {
-            std::thread::Builder::new()
-                .name("statehouse-writer".into())
-                .spawn(move || {
-                    let runtime = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .expect("a current-thread runtime for the writer");
-                    runtime.block_on(supervise(db, receiver, metrics));
-                })
+            threads::spawn("statehouse-writer", Priority::Normal, move |_| supervise(db, receiver, metrics))
                 .expect("spawn the writer thread");
         }
         Writer { queue }

@@ -121,3 +121,34 @@ async fn committed_pages_reach_the_database_file_in_the_background() {
     }
     server.assert_no_panic();
 }
+
+/// The exporter yields the CPU to requests (nice 10); the writer and the
+/// checkpointer keep the process's priority.
+#[cfg(target_os = "linux")]
+#[tokio::test]
+async fn background_threads_yield_to_request_work() {
+    let db = TestDatabase::file();
+    let server = Process::start(&db.url, 0, &[]);
+    let nice_of = |thread: &str| -> Option<i64> {
+        std::fs::read_dir(format!("/proc/{}/task", server.pid())).unwrap().flatten().find_map(|task| {
+            let comm = std::fs::read_to_string(task.path().join("comm")).ok()?;
+            if comm.trim() != thread {
+                return None;
+            }
+            let stat = std::fs::read_to_string(task.path().join("stat")).ok()?;
+            // After the parenthesised name: state is the 3rd field, nice the 19th.
+            stat.rsplit_once(')')?.1.split_whitespace().nth(16)?.parse().ok()
+        })
+    };
+    let started = Instant::now();
+    while nice_of("statehouse-expo").is_none() && started.elapsed() < Duration::from_secs(5) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Thread names are cut to 15 bytes. The process may itself run niced (a CI runner).
+    let process = nice_of("statehouse").expect("the main thread");
+    assert!(process < 10, "this test needs to run at a nice value below 10, not {process}");
+    assert_eq!(nice_of("statehouse-expo"), Some(10), "the exporter");
+    assert_eq!(nice_of("statehouse-writ"), Some(process), "the writer");
+    assert_eq!(nice_of("statehouse-ckpt"), Some(process), "the checkpointer");
+    server.assert_no_panic();
+}

@@ -4,10 +4,11 @@
 //!
 //! Every change of a table's metadata pointer is a compare-and-set from the
 //! location the change was computed on, inside a transaction that first checks
-//! the exporter's fence; when the new metadata adds a snapshot of outbox rows,
-//! the same transaction deletes those rows. Publishing a snapshot and
-//! forgetting its rows is therefore one atomic step, and only the current
-//! lease holder can take it.
+//! the exporter's fence, so only the current lease holder can publish. A
+//! snapshot of outbox rows names the last seq it holds
+//! (`statehouse.outbox-through-seq`); that property, moved atomically with the
+//! pointer, is what makes each row exported once: the exporter reads only rows
+//! past it, and deletes the rows at or below it afterwards, in small slices.
 
 use std::collections::HashMap;
 use std::str::FromStr;
@@ -214,7 +215,6 @@ impl Catalog for LibsqlCatalog {
             name: ident.name().to_string(),
             previous: None,
             location: metadata_location.to_string(),
-            outbox: None,
         })
         .await?;
         self.table(ident, metadata_location.to_string(), metadata)
@@ -251,30 +251,9 @@ impl Catalog for LibsqlCatalog {
         let ident = commit.identifier().clone();
         let current = self.load_table(&ident).await?;
         let previous = current.metadata_location_result()?.to_string();
-        let snapshot_before = current.metadata().current_snapshot_id();
         let staged = commit.apply(current)?;
         let location = staged.metadata_location_result()?.to_string();
         staged.metadata().write_to(staged.file_io(), &MetadataLocation::from_str(&location)?).await?;
-
-        // A new snapshot of outbox rows: forget those rows in the same transaction.
-        let outbox = match staged.metadata().current_snapshot() {
-            Some(snapshot) if Some(snapshot.snapshot_id()) != snapshot_before => {
-                match snapshot.summary().additional_properties.get(OUTBOX_THROUGH) {
-                    Some(through) => {
-                        let through = through.parse::<i64>().map_err(|_| {
-                            Error::new(ErrorKind::DataInvalid, format!("{OUTBOX_THROUGH}={through} is not a number"))
-                        })?;
-                        let table =
-                            ExportTable::ALL.into_iter().find(|t| t.name() == ident.name()).ok_or_else(|| {
-                                Error::new(ErrorKind::DataInvalid, format!("{ident} is not fed by the outbox"))
-                            })?;
-                        Some((table.outbox_kind(), through))
-                    }
-                    None => None,
-                }
-            }
-            _ => None,
-        };
         self.publish(Publish {
             lease,
             namespace: ident.namespace().to_url_string(),
@@ -282,7 +261,6 @@ impl Catalog for LibsqlCatalog {
             name: ident.name().to_string(),
             previous: Some(previous),
             location,
-            outbox,
         })
         .await?;
         Ok(staged)
@@ -303,8 +281,6 @@ struct Publish {
     name: String,
     previous: Option<String>,
     location: String,
-    /// Outbox rows of this kind up to this seq are now in the table.
-    outbox: Option<(&'static str, i64)>,
 }
 
 impl Publish {
@@ -370,9 +346,6 @@ impl Work for Publish {
             };
             if changed != 1 {
                 return Ok(Err(PublishRefused::Moved));
-            }
-            if let Some((kind, through)) = self.outbox {
-                conn.execute("DELETE FROM outbox WHERE kind = ?1 AND seq <= ?2", params![kind, through]).await?;
             }
             Ok(Ok(()))
         })

@@ -3,11 +3,14 @@
 //! One replica exports at a time: the one holding the lease of the reserved
 //! object `_system/exporter`. A cycle reads each table's outbox rows past the
 //! last exported seq (bounded), writes them as partitioned zstd Parquet, and
-//! appends a snapshot through the catalog, whose commit checks the fence,
-//! moves the metadata pointer by compare-and-set and deletes the exported rows
-//! in one transaction. A crash or a lost lease at any point leaves either the
-//! previous snapshot (rows still in the outbox, files orphaned) or the new one
-//! (rows gone), never both or neither.
+//! appends a snapshot through the catalog, whose commit checks the fence and
+//! moves the metadata pointer by compare-and-set; the snapshot names the last
+//! seq it holds, and the next cycle reads past it. A crash or a lost lease at
+//! any point leaves either the previous snapshot (its rows read again, the
+//! written files orphaned) or the new one, never both or neither. Rows at or
+//! below a table's seq are deleted afterwards in slices of `FORGET_SLICE`
+//! seqs, each its own short write: deleting a whole cycle's rows inside the
+//! publishing transaction held every client write behind it for 100-300 ms.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -38,11 +41,12 @@ use tokio_util::sync::CancellationToken;
 use super::catalog::{Fenced, LibsqlCatalog, OUTBOX_THROUGH};
 use super::storage::WarehouseStorage;
 use super::tables::{ExportTable, NAMESPACE};
-use crate::db::{Database, StoreError};
+use crate::db::{Database, Session, StoreError};
 use crate::guard::{Guard, Owner, Route};
 use crate::objects::ObjectRef;
 use crate::telemetry::Metrics;
-use crate::writer::Writer;
+use crate::threads::{self, Priority};
+use crate::writer::{BoxFuture, Work, Writer};
 
 /// Snapshots a cycle may append per table before it lets the next cycle go on.
 const MAX_SNAPSHOTS_PER_TABLE_PER_CYCLE: usize = 8;
@@ -204,6 +208,7 @@ impl ExportMetrics {
 
 pub struct Exporter {
     db: Arc<Database>,
+    writer: Writer,
     guard: Arc<Guard>,
     catalog: LibsqlCatalog,
     storage: WarehouseStorage,
@@ -228,8 +233,9 @@ impl Exporter {
         let store = storage.object_store();
         let warehouse = WarehouseStorage::new(storage.iceberg_root(), store.clone());
         Exporter {
-            catalog: LibsqlCatalog::new(db.clone(), writer, &warehouse),
+            catalog: LibsqlCatalog::new(db.clone(), writer.clone(), &warehouse),
             db,
+            writer,
             guard,
             storage: warehouse,
             store,
@@ -248,18 +254,14 @@ impl Exporter {
     /// Parquet is CPU work that must not hold up the threads serving requests.
     pub fn spawn(self: Arc<Self>, shutdown: CancellationToken) -> tokio::task::JoinHandle<()> {
         let (done, finished) = tokio::sync::oneshot::channel::<()>();
-        std::thread::Builder::new()
-            .name("statehouse-export".into())
-            .spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .expect("a runtime for the exporter");
-                let _ = self.runtime.set(runtime.handle().clone());
-                runtime.block_on(self.export_loop(shutdown));
+        threads::spawn("statehouse-export", Priority::Background, move |runtime| {
+            let _ = self.runtime.set(runtime);
+            async move {
+                self.export_loop(shutdown).await;
                 let _ = done.send(());
-            })
-            .expect("spawn the exporter thread");
+            }
+        })
+        .expect("spawn the exporter thread");
         tokio::spawn(async move {
             let _ = finished.await;
         })
@@ -373,6 +375,8 @@ impl Exporter {
                     break;
                 }
             }
+            // Also the rows a crash between publishing and forgetting left behind.
+            self.forget_exported(table, exported_through(&current)).await?;
             latest.push(current);
         }
         if !report.snapshots.is_empty() {
@@ -412,6 +416,15 @@ impl Exporter {
         let created = catalog.create_table(ident.namespace(), creation).await?;
         tracing::info!(table = %ident, location = created.metadata().location(), "created the Iceberg table");
         Ok(created)
+    }
+
+    /// Deletes `table`'s outbox rows up to `through` (they are in its current
+    /// snapshot, and no cycle reads them again) a slice at a time, so that
+    /// client writes queued meanwhile wait for one slice at most.
+    async fn forget_exported(&self, table: ExportTable, through: i64) -> Result<(), ExportError> {
+        let kind = table.outbox_kind();
+        while self.writer.run(ForgetExported { kind, through }).await? > 0 {}
+        Ok(())
     }
 
     /// Exports one bounded batch of `table`'s outbox rows as one snapshot.
@@ -550,17 +563,21 @@ impl Exporter {
     pub async fn describe(&self) -> Result<Vec<TableInfo>, ExportError> {
         let mut infos = Vec::new();
         for table in ExportTable::ALL {
-            let kind = table.outbox_kind();
+            let ident = Self::ident(table);
+            let name = format!("{NAMESPACE}.{}", table.name());
+            let loaded = self.catalog.load_existing(&ident).await?;
+            // Rows already exported may linger a moment before they are forgotten.
+            let (kind, through) = (table.outbox_kind(), loaded.as_ref().map_or(0, exported_through));
             let pending: i64 = self
                 .db
                 .read(move |conn| async move {
-                    let mut rows = conn.query("SELECT count(*) FROM outbox WHERE kind = ?1", params![kind]).await?;
+                    let mut rows = conn
+                        .query("SELECT count(*) FROM outbox WHERE kind = ?1 AND seq > ?2", params![kind, through])
+                        .await?;
                     Ok(rows.next().await?.map(|r| r.get::<i64>(0)).transpose()?.unwrap_or(0))
                 })
                 .await?;
-            let ident = Self::ident(table);
-            let name = format!("{NAMESPACE}.{}", table.name());
-            let Some(loaded) = self.catalog.load_existing(&ident).await? else {
+            let Some(loaded) = loaded else {
                 infos.push(TableInfo {
                     name,
                     exists: false,
@@ -598,6 +615,34 @@ impl Exporter {
             });
         }
         Ok(infos)
+    }
+}
+
+/// Outbox seqs one `ForgetExported` slice spans: at most this many rows, a
+/// few milliseconds of the writer.
+const FORGET_SLICE: i64 = 4096;
+
+/// Deletes one slice of exported outbox rows: those of `kind` at or below
+/// `through`, within `FORGET_SLICE` seqs of the oldest. No fence: the rows are
+/// in a published snapshot, whoever deletes them.
+struct ForgetExported {
+    kind: &'static str,
+    through: i64,
+}
+
+impl Work for ForgetExported {
+    type Output = usize;
+
+    fn apply<'a>(&'a mut self, conn: &'a Session) -> BoxFuture<'a, Result<usize, StoreError>> {
+        Box::pin(conn.exec(
+            "DELETE FROM outbox WHERE kind = ?1 AND seq <= ?2
+               AND seq < (SELECT min(seq) FROM outbox WHERE kind = ?1) + ?3",
+            params![self.kind, self.through, FORGET_SLICE],
+        ))
+    }
+
+    fn keep(_: &usize) -> bool {
+        true
     }
 }
 
