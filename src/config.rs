@@ -25,7 +25,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the HTTP server (the default).
-    Serve(Settings),
+    Serve(Box<Settings>),
     /// Apply pending database migrations and exit.
     Migrate(DatabaseSettings),
     /// Create a random bearer token and print it with its line for STATEHOUSE_AUTH_TOKENS.

@@ -8,7 +8,7 @@ fn main() -> ExitCode {
     let runtime = tokio::runtime::Runtime::new().expect("a tokio runtime");
     let result = match cli.command {
         None => runtime.block_on(serve(cli.serve)),
-        Some(Command::Serve(settings)) => runtime.block_on(serve(settings)),
+        Some(Command::Serve(settings)) => runtime.block_on(serve(*settings)),
         Some(Command::Migrate(database)) => runtime.block_on(async {
             telemetry::init_logging(statehouse::config::LogFormat::Text, "warn").map_err(anyhow::Error::msg)?;
             server::open_database(&database).await?;

@@ -226,12 +226,9 @@ async fn commit_batch(
             continue;
         }
         tx.exec("SAVEPOINT job", ()).await?;
-        let keep = match job.apply(&tx).await {
-            Ok(keep) => keep,
-            // The job recorded its error; undo only its part and carry on.
-            // If even that fails the transaction is unusable and `?` abandons it.
-            Err(_) => false,
-        };
+        // On an error the job recorded it: undo only its part and carry on. If
+        // even that fails the transaction is unusable and `?` abandons it.
+        let keep = job.apply(&tx).await.unwrap_or(false);
         if !keep {
             tx.exec("ROLLBACK TO job", ()).await?;
         }

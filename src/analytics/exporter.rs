@@ -618,9 +618,9 @@ impl Exporter {
     }
 }
 
-/// Outbox seqs one `ForgetExported` slice spans: at most this many rows, a
-/// few milliseconds of the writer.
-const FORGET_SLICE: i64 = 4096;
+/// Outbox seqs one `ForgetExported` slice spans: at most this many rows, about
+/// half a millisecond of the writer.
+const FORGET_SLICE: i64 = 512;
 
 /// Deletes one slice of exported outbox rows: those of `kind` at or below
 /// `through`, within `FORGET_SLICE` seqs of the oldest. No fence: the rows are
@@ -634,9 +634,12 @@ impl Work for ForgetExported {
     type Output = usize;
 
     fn apply<'a>(&'a mut self, conn: &'a Session) -> BoxFuture<'a, Result<usize, StoreError>> {
+        // One upper bound, so that the index range is the slice: with two
+        // (`seq <= ?2 AND seq < min + slice`) SQLite ranged over the first and
+        // filtered every row up to `through`, 10x slower per slice.
         Box::pin(conn.exec(
-            "DELETE FROM outbox WHERE kind = ?1 AND seq <= ?2
-               AND seq < (SELECT min(seq) FROM outbox WHERE kind = ?1) + ?3",
+            "DELETE FROM outbox WHERE kind = ?1
+               AND seq <= min(?2, (SELECT min(seq) FROM outbox WHERE kind = ?1) + ?3 - 1)",
             params![self.kind, self.through, FORGET_SLICE],
         ))
     }
