@@ -183,3 +183,37 @@ async fn bad_events_are_400_and_record_nothing() {
     assert_eq!(outbox(&db, &ns).await.len(), 1000);
     app.stop().await;
 }
+
+/// Exported rows leave the outbox: after an export they are deleted in the
+/// background, a slice at a time, and no later export takes them again.
+#[tokio::test]
+async fn exported_rows_leave_the_outbox() {
+    let db = TestDatabase::new();
+    // Exports only on demand.
+    let app = spawn_app_with(&db, |s| s.export_interval_ms = 3_600_000).await;
+    let ns = unique_ns("forget");
+    let base = app.url(&format!("/v1/objects/{ns}/o"));
+    // 2,500 events: three slices of deletion.
+    for chunk in 0..5 {
+        let events: Vec<Value> = (0..500).map(|i| json!({"type": "Tick", "data": {"n": chunk * 500 + i}})).collect();
+        let r = app.client.post(format!("{base}/events")).json(&json!({"events": events})).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    assert_eq!(outbox(&db, &ns).await.len(), 2500);
+
+    let export = |app: &common::TestApp| app.client.post(app.url("/v1/admin/export")).send();
+    let report: Value = export(&app).await.unwrap().json().await.unwrap();
+    assert_eq!(report["nothing_to_do"], false, "{report}");
+    let started = std::time::Instant::now();
+    loop {
+        let left = outbox(&db, &ns).await.len();
+        if left == 0 {
+            break;
+        }
+        assert!(started.elapsed() < std::time::Duration::from_secs(10), "{left} exported rows still in the outbox");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let report: Value = export(&app).await.unwrap().json().await.unwrap();
+    assert_eq!(report["nothing_to_do"], true, "nothing is exported twice: {report}");
+    app.stop().await;
+}
