@@ -30,6 +30,13 @@ fn args() -> Args {
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--help" || flag == "-h" {
+            println!(
+                "bench [--seconds N] [--connections 32,256] [--workloads {}] [--binary PATH] [--export-events N (0: skip the export benches)]",
+                WORKLOADS.join(",")
+            );
+            std::process::exit(0);
+        }
         let value = it.next().unwrap_or_else(|| panic!("{flag} needs a value"));
         match flag.as_str() {
             "--seconds" => args.seconds = value.parse().expect("--seconds takes a number"),
