@@ -1,9 +1,10 @@
 //! The single write path. Every change to the database goes through one
 //! writer task that owns the write connection. While one transaction commits,
 //! new work queues; the next transaction takes everything queued (bounded),
-//! runs each piece inside its own SAVEPOINT (so one failed condition or lost
-//! fence undoes only that piece), commits once, and only then answers each
-//! caller. Nothing is acknowledged before the commit returns.
+//! runs each piece so that one failed condition or lost fence undoes only that
+//! piece (inside its own SAVEPOINT, unless the piece checks everything before
+//! its first change, as key operations do), commits once, and only then
+//! answers each caller. Nothing is acknowledged before the commit returns.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -109,15 +109,7 @@ async fn committed_pages_reach_the_database_file_in_the_background() {
     let server = Process::start(&db.url, 0, &[]);
     let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
     for (object, count) in [("big", 96), ("small", 20)] {
-        let listed: serde_json::Value = client
-            .get(format!("{}/v1/objects/{ns}/{object}/kv?limit=1000", server.base))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        assert_eq!(listed["items"].as_array().map(Vec::len), Some(count), "{object} after the crash: {listed}");
+        assert_eq!(stored_keys(&client, &server.base, &ns, object).await.len(), count, "{object} after the crash");
     }
     server.assert_no_panic();
 }
