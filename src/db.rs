@@ -324,9 +324,13 @@ impl Database {
                 SyncMode::Normal => "PRAGMA synchronous=NORMAL",
             };
             conn.execute(sync, ()).await?;
-            // Checkpoints run on a thread of their own (see `Checkpointer`),
-            // not inside whichever commit crosses SQLite's 1000-page threshold.
-            pragma(&conn, "PRAGMA wal_autocheckpoint=0").await?;
+            // Most checkpointing happens on a thread of its own (`Checkpointer`);
+            // this is the backstop that keeps the WAL bounded (see there).
+            pragma(&conn, &format!("PRAGMA wal_autocheckpoint={}", Checkpointer::WRITER_THRESHOLD_PAGES)).await?;
+            // A WAL that is started over is cut back to this size: one burst
+            // does not keep its disk space for good. (It is the connection
+            // that restarts the WAL, the writer, that truncates it.)
+            pragma(&conn, &format!("PRAGMA journal_size_limit={}", Checkpointer::WAL_SIZE_LIMIT)).await?;
         }
         Ok(conn)
     }
@@ -388,12 +392,18 @@ impl Database {
 }
 
 /// Copies committed pages from the WAL back into the database file, on a
-/// thread of its own. SQLite's automatic checkpoint would do it inside the
-/// commit that crosses 1000 WAL pages, holding up every write queued behind
-/// that commit (a fifth of the writer's time under load). A PASSIVE checkpoint
+/// thread of its own. SQLite's automatic checkpoint does it inside the commit
+/// that crosses 1000 WAL pages, holding up every write queued behind that
+/// commit (a fifth of the writer's time under load). A PASSIVE checkpoint
 /// never waits for the writer or for readers: it copies what no reader still
-/// needs, and once it has copied everything the next commit starts the WAL
-/// over from its beginning.
+/// needs.
+///
+/// It cannot start the WAL over, though: that needs a moment when every frame
+/// is copied and a writer begins, and under steady writes new frames arrive
+/// while it copies. Two processes writing one file grew the WAL to 300 MB that
+/// way. So the writer keeps an automatic checkpoint too, at
+/// `WRITER_THRESHOLD_PAGES`: it runs between transactions, finds most frames
+/// already copied, copies the rest, and the next transaction starts the WAL over.
 struct Checkpointer;
 
 impl Checkpointer {
@@ -401,8 +411,8 @@ impl Checkpointer {
     /// WAL to what this long of writes adds (and adds at most this many fsyncs
     /// of the database file per second).
     const INTERVAL: Duration = Duration::from_millis(200);
-    /// Truncates the WAL file after a checkpoint when it grew past this, so one
-    /// burst does not keep its disk space for good.
+    /// The WAL size (in 4 KiB pages, 16 MiB) at which a commit checkpoints itself.
+    const WRITER_THRESHOLD_PAGES: u32 = 4096;
     const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 
     /// Starts the thread; it stops once the returned counter has no other owner
@@ -417,9 +427,6 @@ impl Checkpointer {
     }
 
     async fn run(conn: Connection, commits: Arc<AtomicU64>) {
-        if let Err(err) = pragma(&conn, &format!("PRAGMA journal_size_limit={}", Self::WAL_SIZE_LIMIT)).await {
-            tracing::warn!(error = %err, "cannot limit the WAL file's size");
-        }
         let mut checkpointed = 0;
         while Arc::strong_count(&commits) > 1 {
             std::thread::sleep(Self::INTERVAL);
