@@ -76,8 +76,8 @@ pub struct Database {
     sync: SyncMode,
     readers: Vec<Mutex<Reader>>,
     next_reader: AtomicUsize,
-    /// Commits since the database opened; the checkpointer watches it. Local files only.
-    commits: Option<Arc<AtomicU64>>,
+    /// Shared with the checkpointer thread. Local files only.
+    wal: Option<Arc<WalState>>,
 }
 
 struct Reader {
@@ -298,13 +298,13 @@ impl Database {
             sync: settings.sync,
             readers: Vec::new(),
             next_reader: AtomicUsize::new(0),
-            commits: None,
+            wal: None,
         };
         let first = db.connect().await?;
         if let DatabaseUrl::File(_) = db.url {
             // WAL is a property of the file: set once, it lets readers run beside the writer.
             pragma(&first, "PRAGMA journal_mode=WAL").await?;
-            db.commits = Some(Checkpointer::spawn(db.connect().await?)?);
+            db.wal = Some(Checkpointer::spawn(db.connect().await?)?);
         }
         db.readers.push(Mutex::new(Reader { session: db.session_on(first), last_used: Instant::now() }));
         for _ in 1..READ_CONNECTIONS {
@@ -326,7 +326,7 @@ impl Database {
             conn.execute(sync, ()).await?;
             // Most checkpointing happens on a thread of its own (`Checkpointer`);
             // this is the backstop that keeps the WAL bounded (see there).
-            pragma(&conn, &format!("PRAGMA wal_autocheckpoint={}", Checkpointer::WRITER_THRESHOLD_PAGES)).await?;
+            pragma(&conn, &format!("PRAGMA wal_autocheckpoint={}", Checkpointer::BACKSTOP_PAGES)).await?;
             // A WAL that is started over is cut back to this size: one burst
             // does not keep its disk space for good. (It is the connection
             // that restarts the WAL, the writer, that truncates it.)
@@ -345,10 +345,15 @@ impl Database {
         Session { conn, prepared: Arc::new(prepared) }
     }
 
-    /// Tells the checkpointer that a write transaction committed.
-    pub fn committed(&self) {
-        if let Some(commits) = &self.commits {
-            commits.fetch_add(1, Ordering::Relaxed);
+    /// Called by the writer after each commit, outside any transaction: tells
+    /// the checkpointer, and finishes a checkpoint it asked for (see `Checkpointer`).
+    pub async fn committed(&self, writer: &Connection) {
+        let Some(wal) = &self.wal else { return };
+        wal.commits.fetch_add(1, Ordering::Relaxed);
+        if wal.restart_wanted.swap(false, Ordering::Relaxed) {
+            if let Err(err) = pragma(writer, "PRAGMA wal_checkpoint(PASSIVE)").await {
+                tracing::warn!(error = %err, "WAL checkpoint failed; will retry");
+            }
         }
     }
 
@@ -400,42 +405,59 @@ impl Database {
 ///
 /// It cannot start the WAL over, though: that needs a moment when every frame
 /// is copied and a writer begins, and under steady writes new frames arrive
-/// while it copies. Two processes writing one file grew the WAL to 300 MB that
-/// way. So the writer keeps an automatic checkpoint too, at
-/// `WRITER_THRESHOLD_PAGES`: it runs between transactions, finds most frames
-/// already copied, copies the rest, and the next transaction starts the WAL over.
+/// while it copies (two processes writing one file grew the WAL to 300 MB).
+/// So once the WAL holds `RESTART_AFTER_PAGES`, the checkpointer asks the
+/// writer to finish the job between two transactions: a checkpoint that finds
+/// nearly everything copied, after which the next transaction starts the WAL
+/// over. SQLite's own automatic checkpoint stays on at `BACKSTOP_PAGES`, in
+/// case this thread falls behind.
 struct Checkpointer;
 
+/// What the writer and the checkpointer thread share.
+struct WalState {
+    /// Commits since the database opened.
+    commits: AtomicU64,
+    /// Set by the checkpointer when the WAL should be started over.
+    restart_wanted: std::sync::atomic::AtomicBool,
+}
+
 impl Checkpointer {
-    /// How often the WAL is checkpointed while writes come in: it bounds the
-    /// WAL to what this long of writes adds (and adds at most this many fsyncs
-    /// of the database file per second).
+    /// How often the WAL is checkpointed while writes come in.
     const INTERVAL: Duration = Duration::from_millis(200);
-    /// The WAL size (in 4 KiB pages, 16 MiB) at which a commit checkpoints itself.
-    const WRITER_THRESHOLD_PAGES: u32 = 4096;
+    /// WAL pages (4 KiB) after which the writer is asked to finish a checkpoint.
+    const RESTART_AFTER_PAGES: i64 = 2048;
+    /// WAL pages after which a commit checkpoints by itself (SQLite's automatic checkpoint).
+    const BACKSTOP_PAGES: u32 = 16384;
+    /// A WAL that is started over is cut back to this size, so one burst does
+    /// not keep its disk space for good.
     const WAL_SIZE_LIMIT: i64 = 64 * 1024 * 1024;
 
-    /// Starts the thread; it stops once the returned counter has no other owner
+    /// Starts the thread; it stops once the returned state has no other owner
     /// (the database was dropped).
-    fn spawn(conn: Connection) -> Result<Arc<AtomicU64>, StoreError> {
-        let commits = Arc::new(AtomicU64::new(0));
-        let watched = commits.clone();
+    fn spawn(conn: Connection) -> Result<Arc<WalState>, StoreError> {
+        let wal = Arc::new(WalState { commits: AtomicU64::new(0), restart_wanted: Default::default() });
+        let watched = wal.clone();
         // Normal priority: a checkpointer starved by busy request threads would let the WAL grow.
         threads::spawn("statehouse-ckpt", Priority::Normal, move |_| Checkpointer::run(conn, watched))
             .map_err(|err| StoreError::Internal(format!("cannot start the checkpoint thread: {err}")))?;
-        Ok(commits)
+        Ok(wal)
     }
 
-    async fn run(conn: Connection, commits: Arc<AtomicU64>) {
+    async fn run(conn: Connection, wal: Arc<WalState>) {
         let mut checkpointed = 0;
-        while Arc::strong_count(&commits) > 1 {
+        while Arc::strong_count(&wal) > 1 {
             std::thread::sleep(Self::INTERVAL);
-            let now = commits.load(Ordering::Relaxed);
+            let now = wal.commits.load(Ordering::Relaxed);
             if now == checkpointed {
                 continue;
             }
             match Self::checkpoint(&conn).await {
-                Ok(()) => checkpointed = now,
+                Ok(pages) => {
+                    checkpointed = now;
+                    if pages >= Self::RESTART_AFTER_PAGES {
+                        wal.restart_wanted.store(true, Ordering::Relaxed);
+                    }
+                }
                 // Nothing is lost: the pages stay in the WAL, and the next round tries again.
                 Err(err) => tracing::warn!(error = %err, "WAL checkpoint failed; will retry"),
             }
@@ -443,8 +465,15 @@ impl Checkpointer {
         // The last connection to close checkpoints what is left.
     }
 
-    async fn checkpoint(conn: &Connection) -> Result<(), StoreError> {
-        pragma(conn, "PRAGMA wal_checkpoint(PASSIVE)").await
+    /// A PASSIVE checkpoint; the number of pages in the WAL.
+    async fn checkpoint(conn: &Connection) -> Result<i64, StoreError> {
+        let mut rows = conn.query("PRAGMA wal_checkpoint(PASSIVE)", ()).await?;
+        let pages = match rows.next().await? {
+            Some(row) => row.get::<i64>(1)?,
+            None => 0,
+        };
+        while rows.next().await?.is_some() {}
+        Ok(pages)
     }
 }
 

@@ -182,11 +182,12 @@ async fn write_loop(db: Arc<Database>, receiver: Arc<Mutex<mpsc::Receiver<Box<dy
             conn = None;
             fail_all(batch, err);
         } else {
-            db.committed();
             metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
             for job in batch {
                 job.finish(Ok(()));
             }
+            // After the answers: a checkpoint the writer finishes delays the next transaction only.
+            db.committed(&session).await;
         }
     }
 }

@@ -172,8 +172,9 @@ async fn the_wal_stays_bounded_under_steady_writes_from_two_processes() {
     futures::future::join_all(writers).await;
     let largest = largest.load(std::sync::atomic::Ordering::Relaxed);
     println!("8,000 writes of 2 kB from two processes: largest WAL {largest} bytes");
-    // 16 MiB is where a commit checkpoints itself; one transaction may overshoot it.
-    assert!(largest < 32 * 1024 * 1024, "the WAL grew to {largest} bytes");
+    // 64 MiB is where a commit checkpoints by itself whatever else happens;
+    // with two writers the restart the checkpointer asks for at 8 MiB can miss.
+    assert!(largest < 80 * 1024 * 1024, "the WAL grew to {largest} bytes");
     for server in &servers {
         server.assert_no_panic();
     }
