@@ -351,7 +351,7 @@ impl Database {
         let Some(wal) = &self.wal else { return };
         wal.commits.fetch_add(1, Ordering::Relaxed);
         if wal.restart_wanted.swap(false, Ordering::Relaxed) {
-            if let Err(err) = pragma(writer, "PRAGMA wal_checkpoint(PASSIVE)").await {
+            if let Err(err) = Checkpointer::checkpoint(writer).await {
                 tracing::warn!(error = %err, "WAL checkpoint failed; will retry");
             }
         }

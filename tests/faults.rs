@@ -19,6 +19,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use common::ledger::stored_keys;
 use common::s3::S3Server;
 use common::{unique_ns, Process, TestDatabase};
 use serde_json::{json, Value};
@@ -535,15 +536,8 @@ async fn a_read_only_database_file_serves_reads_and_refuses_writes() {
                 let info: Value =
                     client.get(format!("{base}/v1/objects/{ns}/o")).send().await.unwrap().json().await.unwrap();
                 assert_eq!(info["version"], SEEDS as i64, "{label}: {info}");
-                let list: Value = client
-                    .get(format!("{base}/v1/objects/{ns}/o/kv?values=false"))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
-                assert_eq!(list["items"].as_array().unwrap().len(), SEEDS, "{label}: {list}");
+                let keys = stored_keys(&client, &base, &ns, "o").await;
+                assert_eq!(keys.len(), SEEDS, "{label}: {keys:?}");
             }
         };
         check_reads("before the writes").await;
