@@ -414,9 +414,10 @@ async fn fenced_writes(file: &std::path::Path) -> (f64, f64) {
     let settings = statehouse::config::Settings::for_database(&format!("file:{}", file.display())).unwrap();
     let db = Arc::new(statehouse::server::open_database(&settings.database).await.unwrap());
     let metrics = Arc::new(statehouse::telemetry::Metrics::new("bench", "full"));
-    let writer = statehouse::writer::Writer::spawn(db.clone(), metrics.clone());
+    let resident = Arc::new(statehouse::objects::resident::ResidentState::new(256 << 20, &metrics));
+    let writer = statehouse::writer::Writer::spawn(db.clone(), resident.clone(), metrics.clone());
     let me = Replica { instance: "bench".into(), url: "http://127.0.0.1:1".into(), machine: None };
-    let guard = Guard::new(me, Duration::from_secs(600), writer.clone(), metrics);
+    let guard = Guard::new(me, Duration::from_secs(600), Duration::from_secs(1), writer.clone(), resident, metrics);
     let object = ObjectRef::new("bench", "fenced").unwrap();
     let Route::Local { fence } = guard.route(&object).await.unwrap() else { panic!("the lease is free") };
     let writer_cpu_before = thread_cpu_seconds("statehouse-writ");
@@ -432,14 +433,14 @@ async fn fenced_writes(file: &std::path::Path) -> (f64, f64) {
                         content_type: "application/octet-stream".into(),
                         pre: Precondition::default(),
                     };
-                    let job = WriteJob {
-                        object: object.clone(),
+                    let job = WriteJob::new(
+                        object.clone(),
                         fence,
-                        owner: "bench".into(),
-                        mutation: Mutation::Ops { ops: vec![put], events: Vec::new() },
-                        now_ms: statehouse::clock::now_ms(),
-                        value_cap: 65536,
-                    };
+                        "bench".into(),
+                        Mutation::Ops { ops: vec![put], events: Vec::new() },
+                        statehouse::clock::now_ms(),
+                        65536,
+                    );
                     writer.run(job).await.unwrap().unwrap();
                 }
             })

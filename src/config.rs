@@ -227,6 +227,19 @@ pub struct Settings {
           value_parser = clap::value_parser!(u64).range(100..=600_000))]
     pub lease_ms: u64,
 
+    /// How long before its lease ends an owner stops answering reads from
+    /// memory, in milliseconds (default: a quarter of the lease). It must
+    /// exceed how far replicas' clocks may disagree over one lease.
+    #[arg(long = "lease-read-margin-ms", env = "STATEHOUSE_LEASE_READ_MARGIN_MS",
+          value_parser = clap::value_parser!(u64).range(0..=600_000))]
+    pub lease_read_margin_ms: Option<u64>,
+
+    /// Memory for owner-resident object state (keys' versions and sizes,
+    /// small values), in bytes; 0 turns it off (every check and read goes to the database).
+    #[arg(long = "cache-bytes", env = "STATEHOUSE_CACHE_BYTES", default_value_t = 256 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(0..=1 << 40))]
+    pub cache_bytes: u64,
+
     /// This replica's identity for its lifetime; a fresh UUID v7 when unset.
     #[arg(long = "instance-id", env = "STATEHOUSE_INSTANCE_ID", value_parser = parse_instance_id)]
     pub instance_id: Option<String>,
@@ -385,6 +398,10 @@ fn redact<S: serde::Serializer>(value: &Option<String>, s: S) -> Result<S::Ok, S
 impl Settings {
     pub fn lease(&self) -> Duration {
         Duration::from_millis(self.lease_ms)
+    }
+
+    pub fn lease_read_margin(&self) -> Duration {
+        self.lease_read_margin_ms.map_or(self.lease() / 4, Duration::from_millis)
     }
 
     pub fn request_timeout(&self) -> Duration {

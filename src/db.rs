@@ -15,6 +15,11 @@ use tokio::sync::Mutex;
 use crate::config::{DatabaseSettings, DatabaseUrl, SyncMode};
 use crate::threads::{self, Priority};
 
+pub mod batch;
+mod remote;
+
+use batch::{Outcome, Step};
+
 /// How long a local connection waits for another process's write lock
 /// before giving up with SQLITE_BUSY.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
@@ -78,6 +83,10 @@ pub struct Database {
     next_reader: AtomicUsize,
     /// Shared with the checkpointer thread. Local files only.
     wal: Option<Arc<WalState>>,
+    /// Remote servers only: how the writer sends a transaction as one request.
+    pipeline: Option<remote::Pipeline>,
+    /// Batches sent to a remote server (each one round trip).
+    round_trips: AtomicU64,
 }
 
 struct Reader {
@@ -200,6 +209,7 @@ pub fn numbered(first: usize, count: usize) -> String {
     (first..first + count).map(|n| format!("?{n}")).collect::<Vec<_>>().join(", ")
 }
 
+#[derive(Clone)]
 enum Sql {
     Fixed(&'static str),
     Shaped(&'static Shape, usize),
@@ -265,14 +275,19 @@ impl Prepared {
         if !self.local {
             return Ok(None);
         }
+        Ok(Some(self.statement(conn, sql).await?))
+    }
+
+    /// The statement for `sql`, prepared on first use (local connections only).
+    async fn statement(&self, conn: &Connection, sql: &Sql) -> Result<Arc<Statement>, libsql::Error> {
         let key = sql.key();
         // Every use resets its statement when done, so a cached one is ready for new parameters.
         if let Some(statement) = self.statements.lock().expect("statement cache lock").get(&key) {
-            return Ok(Some(statement.clone()));
+            return Ok(statement.clone());
         }
         let statement = Arc::new(conn.prepare(&sql.text()).await?);
         self.statements.lock().expect("statement cache lock").insert(key, statement.clone());
-        Ok(Some(statement))
+        Ok(statement)
     }
 }
 
@@ -299,6 +314,11 @@ impl Database {
             readers: Vec::new(),
             next_reader: AtomicUsize::new(0),
             wal: None,
+            pipeline: match &settings.turso_url {
+                DatabaseUrl::Remote(url) => Some(remote::Pipeline::new(url, settings.turso_token.as_deref())?),
+                DatabaseUrl::File(_) => None,
+            },
+            round_trips: AtomicU64::new(0),
         };
         let first = db.connect().await?;
         if let DatabaseUrl::File(_) = db.url {
@@ -359,6 +379,25 @@ impl Database {
 
     pub fn is_remote(&self) -> bool {
         self.url.is_remote()
+    }
+
+    /// Runs a transaction's steps: on a remote server as one request, on a
+    /// local file through `local` (the writer's connection). An error means
+    /// the batch as a whole failed to run or its outcome is unknown.
+    pub async fn run_batch(&self, local: Option<&Session>, steps: &[Step]) -> Result<Vec<Outcome>, StoreError> {
+        match (&self.pipeline, local) {
+            (Some(pipeline), _) => {
+                self.round_trips.fetch_add(1, Ordering::Relaxed);
+                pipeline.run(steps).await
+            }
+            (None, Some(session)) => Ok(batch::run_local(session, steps).await),
+            (None, None) => Err(StoreError::Internal("a local batch needs the writer's connection".into())),
+        }
+    }
+
+    /// Requests sent to a remote server for batches so far.
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
     }
 
     /// Runs `read` on one of the read connections. Reads never wait behind
@@ -503,6 +542,11 @@ pub const MIGRATIONS: &[Migration] = &[
         version: 4,
         name: "0004_iceberg_catalog.sql",
         sql: include_str!("../migrations/0004_iceberg_catalog.sql"),
+    },
+    Migration {
+        version: 5,
+        name: "0005_write_assertions.sql",
+        sql: include_str!("../migrations/0005_write_assertions.sql"),
     },
 ];
 

@@ -1,22 +1,25 @@
-//! The ConsistencyGuard: object leases and fencing tokens.
+//! Object leases and fencing tokens, and the owner's resident state they guard.
 //!
-//! Safety comes from the fence check every write runs inside its own
-//! transaction (see `objects::WriteJob`): a replica whose fence is stale can
-//! never commit. Leases and clocks only decide *who should* write (liveness),
-//! so that writes go to one replica instead of fighting over the fence.
+//! Safety of writes comes from the fence check every write runs inside its
+//! own transaction (`fence_assertion`): a replica whose fence is stale can
+//! never commit. Leases and clocks decide *who should* write (liveness), so
+//! that writes go to one replica instead of fighting over the fence, and
+//! when the owner may answer reads from memory (`readable`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use libsql::params;
+use libsql::Value;
 use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
-use crate::db::{Session, StoreError};
+use crate::db::batch::Stmt;
+use crate::db::StoreError;
+use crate::objects::resident::ResidentState;
 use crate::objects::ObjectRef;
 use crate::telemetry::Metrics;
-use crate::writer::{BoxFuture, Work, Writer};
+use crate::writer::{BoxFuture, Planner, Settled, Work, Writer, Writes};
 
 /// This replica, as its peers see it.
 #[derive(Debug, Clone)]
@@ -61,14 +64,47 @@ struct Lease {
 pub struct Guard {
     me: Replica,
     lease: Duration,
+    /// How long before its end a lease stops vouching for resident reads.
+    read_margin: Duration,
     leases: Mutex<HashMap<ObjectRef, Lease>>,
     writer: Writer,
+    resident: Arc<ResidentState>,
     metrics: Arc<Metrics>,
 }
 
 impl Guard {
-    pub fn new(me: Replica, lease: Duration, writer: Writer, metrics: Arc<Metrics>) -> Guard {
-        Guard { me, lease, leases: Mutex::new(HashMap::new()), writer, metrics }
+    pub fn new(
+        me: Replica,
+        lease: Duration,
+        read_margin: Duration,
+        writer: Writer,
+        resident: Arc<ResidentState>,
+        metrics: Arc<Metrics>,
+    ) -> Guard {
+        Guard { me, lease, read_margin, leases: Mutex::new(HashMap::new()), writer, resident, metrics }
+    }
+
+    pub fn resident(&self) -> &ResidentState {
+        &self.resident
+    }
+
+    /// Whether this replica may answer a read of `object` from the state
+    /// resident under `fence`: it holds that lease, and by its own monotonic
+    /// clock the lease is still valid for longer than the read margin. The
+    /// lease was measured from before its acquire or renewal was sent, so
+    /// another replica can only take the object over after it ends (given
+    /// the clock assumption in docs/design.md). A lease that is gone takes
+    /// the resident state with it.
+    pub fn readable(&self, object: &ObjectRef, fence: i64) -> bool {
+        let leases = self.leases.lock().unwrap();
+        match leases.get(object) {
+            Some(lease) if lease.fence == fence => Instant::now() + self.read_margin < lease.valid_until,
+            _ => {
+                drop(leases);
+                self.resident.drop_object(object);
+                false
+            }
+        }
     }
 
     pub fn me(&self) -> &Replica {
@@ -124,6 +160,7 @@ impl Guard {
         if leases.get(object).is_some_and(|l| l.fence == fence) {
             leases.remove(object);
         }
+        self.resident.drop_object(object);
         self.metrics.leases_held.set(leases.len() as i64);
         tracing::info!(object = %object, fence, "lease lost: another replica owns the object now");
     }
@@ -165,6 +202,7 @@ impl Guard {
                 Some(lease) if lease.fence == *fence => {
                     tracing::info!(object = %object, fence, "lease could not be renewed: another replica took it");
                     leases.remove(object);
+                    self.resident.drop_object(object);
                 }
                 _ => {}
             }
@@ -178,6 +216,7 @@ impl Guard {
         for (object, fence) in objects {
             if leases.get(object).is_some_and(|l| l.fence == *fence) {
                 leases.remove(object);
+                self.resident.drop_object(object);
             }
         }
         self.metrics.leases_held.set(leases.len() as i64);
@@ -189,6 +228,7 @@ impl Guard {
             let mut leases = self.leases.lock().unwrap();
             let held = leases.iter().map(|(o, l)| (o.clone(), l.fence)).collect();
             leases.clear();
+            self.resident.drop_all();
             held
         };
         self.metrics.leases_held.set(0);
@@ -219,13 +259,42 @@ impl Guard {
 }
 
 enum Acquired {
-    Ours { fence: i64 },
+    /// The lease is ours under this fence (and what the object held is resident).
+    Ours {
+        fence: i64,
+    },
     HeldBy(Owner),
+}
+
+/// The statement that fails unless `object`'s row still names `owner` and
+/// `fence` (and, when given, is at `version`): the fence check every write
+/// runs in its own transaction. It is an assertion (a statement that errors)
+/// rather than a conditional UPDATE because a batch sent as one request can
+/// make later steps depend on a step's success, not on its row count. The
+/// insert targets `write_assertions`, whose CHECK refuses every row.
+pub fn fence_assertion(object: &ObjectRef, owner: &str, fence: i64, version: Option<i64>) -> Stmt {
+    let mut args: Vec<Value> = vec![object.ns.as_str().into(), object.id.as_str().into(), fence.into(), owner.into()];
+    match version {
+        Some(version) => {
+            args.push(version.into());
+            Stmt::exec(
+                "INSERT INTO write_assertions (failed) SELECT 'fence' WHERE NOT EXISTS (
+                     SELECT 1 FROM objects WHERE ns = ?1 AND id = ?2 AND fence = ?3 AND owner = ?4 AND version = ?5)",
+                args,
+            )
+        }
+        None => Stmt::exec(
+            "INSERT INTO write_assertions (failed) SELECT 'fence' WHERE NOT EXISTS (
+                 SELECT 1 FROM objects WHERE ns = ?1 AND id = ?2 AND fence = ?3 AND owner = ?4)",
+            args,
+        ),
+    }
 }
 
 /// Takes the object's row if it is free, expired, already ours, or held by an
 /// earlier process at our own address (it cannot be alive: we hold the port).
-/// Taking it from anyone else bumps the fence.
+/// Taking it from anyone else bumps the fence. In the same transaction it
+/// reads what the object holds, which becomes the owner's resident state.
 struct Acquire {
     object: ObjectRef,
     me: Replica,
@@ -236,59 +305,70 @@ struct Acquire {
 impl Work for Acquire {
     type Output = Acquired;
 
-    fn apply<'a>(&'a mut self, conn: &'a Session) -> BoxFuture<'a, Result<Acquired, StoreError>> {
-        Box::pin(async move {
-            let ObjectRef { ns, id } = &self.object;
-            let mut rows = conn
-                .query(
-                    "INSERT INTO objects (ns, id, version, fence, owner, owner_url, owner_machine,
-                                          lease_expires_at, created_at, updated_at)
-                     VALUES (?1, ?2, 0, 1, ?3, ?4, ?5, ?6, ?7, ?7)
-                     ON CONFLICT (ns, id) DO UPDATE SET
-                       fence = CASE WHEN objects.owner IS ?3 THEN objects.fence ELSE objects.fence + 1 END,
-                       owner = excluded.owner,
-                       owner_url = excluded.owner_url,
-                       owner_machine = excluded.owner_machine,
-                       lease_expires_at = excluded.lease_expires_at
-                     WHERE objects.owner IS NULL OR objects.owner = ?3
-                        OR objects.lease_expires_at <= ?7 OR objects.owner_url = ?4
-                     RETURNING fence",
-                    params![
-                        ns.as_str(),
-                        id.as_str(),
-                        self.me.instance.as_str(),
-                        self.me.url.as_str(),
-                        self.me.machine.clone(),
-                        self.expires_at_ms,
-                        self.now_ms
-                    ],
-                )
-                .await?;
-            if let Some(row) = rows.next().await? {
-                return Ok(Acquired::Ours { fence: row.get(0)? });
-            }
-            drop(rows);
-            let mut rows = conn
-                .query(
-                    "SELECT owner, owner_url, owner_machine, lease_expires_at FROM objects WHERE ns = ?1 AND id = ?2",
-                    params![ns.as_str(), id.as_str()],
-                )
-                .await?;
-            let row = rows
-                .next()
-                .await?
-                .ok_or_else(|| StoreError::Internal(format!("object row {} vanished during acquire", self.object)))?;
-            Ok(Acquired::HeldBy(Owner {
-                instance: row.get::<Option<String>>(0)?.unwrap_or_default(),
-                url: row.get(1)?,
-                machine: row.get(2)?,
-                lease_expires_at_ms: row.get(3)?,
-            }))
-        })
+    fn plan<'a>(&'a mut self, _: &'a mut Planner) -> BoxFuture<'a, Result<Result<Writes, Acquired>, StoreError>> {
+        let ObjectRef { ns, id } = &self.object;
+        let take = Stmt::query(
+            "INSERT INTO objects (ns, id, version, fence, owner, owner_url, owner_machine,
+                                  lease_expires_at, created_at, updated_at)
+             VALUES (?1, ?2, 0, 1, ?3, ?4, ?5, ?6, ?7, ?7)
+             ON CONFLICT (ns, id) DO UPDATE SET
+               fence = CASE WHEN objects.owner IS ?3 THEN objects.fence ELSE objects.fence + 1 END,
+               owner = excluded.owner,
+               owner_url = excluded.owner_url,
+               owner_machine = excluded.owner_machine,
+               lease_expires_at = excluded.lease_expires_at
+             WHERE objects.owner IS NULL OR objects.owner = ?3
+                OR objects.lease_expires_at <= ?7 OR objects.owner_url = ?4
+             RETURNING fence",
+            vec![
+                ns.as_str().into(),
+                id.as_str().into(),
+                self.me.instance.as_str().into(),
+                self.me.url.as_str().into(),
+                self.me.machine.clone().into(),
+                self.expires_at_ms.into(),
+                self.now_ms.into(),
+            ],
+        );
+        let holder = Stmt::query(
+            "SELECT owner, owner_url, owner_machine, lease_expires_at FROM objects WHERE ns = ?1 AND id = ?2",
+            vec![ns.as_str().into(), id.as_str().into()],
+        );
+        let [row, keys] = crate::objects::load_statements(&self.object);
+        Box::pin(async move { Ok(Ok(Writes { assertions: vec![], statements: vec![take, holder, row, keys] })) })
     }
 
-    fn keep(output: &Acquired) -> bool {
-        matches!(output, Acquired::Ours { .. })
+    fn settle(&mut self, settled: Settled<'_>, resident: &ResidentState) -> Acquired {
+        let Settled::Committed(outcomes) = settled else { unreachable!("acquiring asserts nothing") };
+        let text = |value: &Value| match value {
+            Value::Text(text) => Some(text.clone()),
+            _ => None,
+        };
+        if let Some([Value::Integer(fence)]) = outcomes[0].rows().first().map(Vec::as_slice) {
+            let loaded = match crate::objects::loaded(outcomes[2].rows(), outcomes[3].rows()) {
+                Ok(loaded) => loaded.filter(|l| l.head.fence == *fence),
+                Err(err) => {
+                    tracing::warn!(error = %err, object = %self.object, "could not read the object's state with its lease");
+                    None
+                }
+            };
+            match loaded {
+                Some(loaded) => resident.install(&self.object, loaded),
+                None => resident.drop_object(&self.object),
+            }
+            return Acquired::Ours { fence: *fence };
+        }
+        let row = outcomes[1].rows().first();
+        let field = |i: usize| row.and_then(|r| r.get(i));
+        Acquired::HeldBy(Owner {
+            instance: field(0).and_then(text).unwrap_or_default(),
+            url: field(1).and_then(text),
+            machine: field(2).and_then(text),
+            lease_expires_at_ms: match field(3) {
+                Some(Value::Integer(at)) => *at,
+                _ => 0,
+            },
+        })
     }
 }
 
@@ -302,25 +382,31 @@ struct Renew {
 impl Work for Renew {
     type Output = Vec<bool>;
 
-    fn apply<'a>(&'a mut self, conn: &'a Session) -> BoxFuture<'a, Result<Vec<bool>, StoreError>> {
-        Box::pin(async move {
-            let mut renewed = Vec::with_capacity(self.leases.len());
-            for (object, fence) in &self.leases {
-                let n = conn
-                    .execute(
-                        "UPDATE objects SET lease_expires_at = ?5
-                         WHERE ns = ?1 AND id = ?2 AND owner = ?3 AND fence = ?4",
-                        params![object.ns.as_str(), object.id.as_str(), self.me.as_str(), *fence, self.expires_at_ms],
-                    )
-                    .await?;
-                renewed.push(n == 1);
-            }
-            Ok(renewed)
-        })
+    fn plan<'a>(&'a mut self, _: &'a mut Planner) -> BoxFuture<'a, Result<Result<Writes, Vec<bool>>, StoreError>> {
+        let statements = self
+            .leases
+            .iter()
+            .map(|(object, fence)| {
+                Stmt::exec(
+                    "UPDATE objects SET lease_expires_at = ?5 WHERE ns = ?1 AND id = ?2 AND owner = ?3 AND fence = ?4",
+                    vec![
+                        object.ns.as_str().into(),
+                        object.id.as_str().into(),
+                        self.me.as_str().into(),
+                        (*fence).into(),
+                        self.expires_at_ms.into(),
+                    ],
+                )
+            })
+            .collect();
+        Box::pin(async move { Ok(Ok(Writes { assertions: vec![], statements })) })
     }
 
-    fn keep(_: &Vec<bool>) -> bool {
-        true
+    fn settle(&mut self, settled: Settled<'_>, _: &ResidentState) -> Vec<bool> {
+        match settled {
+            Settled::Committed(outcomes) => outcomes.iter().map(|o| o.changed() == 1).collect(),
+            Settled::Refused(_) => vec![false; self.leases.len()],
+        }
     }
 }
 
@@ -333,21 +419,25 @@ struct Release {
 impl Work for Release {
     type Output = ();
 
-    fn apply<'a>(&'a mut self, conn: &'a Session) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            for (object, fence) in &self.leases {
-                conn.execute(
+    fn plan<'a>(&'a mut self, _: &'a mut Planner) -> BoxFuture<'a, Result<Result<Writes, ()>, StoreError>> {
+        let statements = self
+            .leases
+            .iter()
+            .map(|(object, fence)| {
+                Stmt::exec(
                     "UPDATE objects SET owner = NULL, owner_url = NULL, owner_machine = NULL, lease_expires_at = 0
                      WHERE ns = ?1 AND id = ?2 AND owner = ?3 AND fence = ?4",
-                    params![object.ns.as_str(), object.id.as_str(), self.me.as_str(), *fence],
+                    vec![
+                        object.ns.as_str().into(),
+                        object.id.as_str().into(),
+                        self.me.as_str().into(),
+                        (*fence).into(),
+                    ],
                 )
-                .await?;
-            }
-            Ok(())
-        })
+            })
+            .collect();
+        Box::pin(async move { Ok(Ok(Writes { assertions: vec![], statements })) })
     }
 
-    fn keep(_: &()) -> bool {
-        true
-    }
+    fn settle(&mut self, _: Settled<'_>, _: &ResidentState) {}
 }

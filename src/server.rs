@@ -18,6 +18,7 @@ use crate::db::{self, Database};
 use crate::guard::{Guard, Replica};
 use crate::http::{self, Access, AppState};
 use crate::limits::LimitedListener;
+use crate::objects::resident::ResidentState;
 use crate::telemetry::Metrics;
 use crate::writer::Writer;
 
@@ -69,10 +70,18 @@ pub async fn run(
     check_exposure(&access, &settings, addr)?;
     let db = Arc::new(open_database(&settings.database).await?);
     let storage = Storage::open(&settings.objects).await.context("cannot open the object store")?;
-    let writer = Writer::spawn(db.clone(), metrics.clone());
+    let resident = Arc::new(ResidentState::new(settings.cache_bytes as usize, &metrics));
+    let writer = Writer::spawn(db.clone(), resident.clone(), metrics.clone());
     let me =
         Replica { instance: instance.clone(), url: advertise_url.clone(), machine: settings.fly_machine_id.clone() };
-    let guard = Arc::new(Guard::new(me, settings.lease(), writer.clone(), metrics.clone()));
+    let guard = Arc::new(Guard::new(
+        me,
+        settings.lease(),
+        settings.lease_read_margin(),
+        writer.clone(),
+        resident,
+        metrics.clone(),
+    ));
 
     let stop = CancellationToken::new();
     // Every background task ends with the server, also when the server's

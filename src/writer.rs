@@ -1,66 +1,112 @@
 //! The single write path. Every change to the database goes through one
-//! writer task that owns the write connection. While one transaction commits,
-//! new work queues; the next transaction takes everything queued (bounded),
-//! runs each piece so that one failed condition or lost fence undoes only that
-//! piece (inside its own SAVEPOINT, unless the piece checks everything before
-//! its first change, as key operations do), commits once, and only then
-//! answers each caller. Nothing is acknowledged before the commit returns.
+//! writer task. While one group commits, new work queues; the next group
+//! takes everything queued (bounded) and runs in three steps:
+//!
+//! 1. **Plan.** Each piece of work decides, from the owner's resident state
+//!    (reading the database only on a miss), what it will write and what must
+//!    hold for it: assertions, such as "this object's fence and version are
+//!    still these", each a statement that fails when it does not hold.
+//! 2. **Commit** the group as one transaction of statements with conditions
+//!    (`db::batch`): on a libSQL server one request, on a local file the same
+//!    steps on the writer's connection. A piece whose assertion fails is
+//!    skipped and refused alone; the others commit.
+//! 3. **Settle.** Each piece learns its fate and the results of its
+//!    statements, updates the resident state, and only then is its caller
+//!    answered. Nothing is acknowledged before the commit returns.
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use libsql::{Connection, TransactionBehavior};
 use tokio::sync::{mpsc, oneshot, Mutex};
 
+use crate::db::batch::{all, any, failed, not, ok, Outcome, Steps, Stmt};
 use crate::db::{Database, Session, StoreError};
+use crate::objects::resident::ResidentState;
+use crate::objects::ObjectRef;
 use crate::telemetry::Metrics;
 use crate::threads::{self, Priority};
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
-/// Bounds on one transaction, so a burst cannot hold the write lock for long
-/// (a remote server rolls back transactions held for more than 5 s).
+/// Bounds on one group, so a burst cannot make one transaction (or one
+/// request to a libSQL server) arbitrarily large.
 const MAX_JOBS_PER_TRANSACTION: usize = 512;
-const MAX_BYTES_PER_TRANSACTION: usize = 32 * 1024 * 1024;
+const MAX_BYTES_PER_TRANSACTION: usize = 16 * 1024 * 1024;
 const QUEUE_DEPTH: usize = 4096;
 const BEGIN_ATTEMPTS: u32 = 3;
 
-/// A unit of work run inside the writer's transaction.
+/// The message of a failed assertion (the CHECK constraint of migration 0005).
+pub const ASSERTION_FAILED: &str = "assertion_failed";
+
+/// What a piece of work writes, and what must hold for it to be written.
+#[derive(Default)]
+pub struct Writes {
+    /// Each fails (and so skips this work's statements) when what it checks
+    /// does not hold. They run before the statements, in order.
+    pub assertions: Vec<Stmt>,
+    pub statements: Vec<Stmt>,
+}
+
+/// How a piece of work ended, for `Work::settle`.
+pub enum Settled<'a> {
+    /// The transaction committed with its statements: their outcomes, in order.
+    Committed(&'a [Outcome]),
+    /// The assertion at this index failed; nothing of this work was written.
+    Refused(usize),
+}
+
+/// A unit of work the writer plans, commits with others, and settles.
 pub trait Work: Send + 'static {
     type Output: Send + 'static;
 
-    /// Roughly how many bytes this work writes, to bound transactions.
+    /// Roughly how many bytes this work writes, to bound groups.
     fn weight(&self) -> usize {
         0
     }
 
-    /// Runs inside an open transaction. Errors mean the database failed;
-    /// a refusal the caller should see (a failed condition) is an `Output`.
-    fn apply<'a>(&'a mut self, tx: &'a Session) -> BoxFuture<'a, Result<Self::Output, StoreError>>;
-
-    /// Whether the changes made by `apply` are kept. Refusals roll back their savepoint.
-    fn keep(output: &Self::Output) -> bool;
-
-    /// True when `apply` refuses only before changing anything, so it needs no
-    /// savepoint; if it fails with an error midway, the whole transaction is abandoned.
-    fn refuses_before_writing(&self) -> bool {
-        false
+    /// An object whose rows this work reads from the database while planning
+    /// (beyond its resident state): two such pieces of work on one object go
+    /// into different groups, so the second reads what the first wrote.
+    fn reads_rows_of(&self) -> Option<&ObjectRef> {
+        None
     }
+
+    /// Decides what to write. `Err(output)`: answered without writing.
+    fn plan<'a>(
+        &'a mut self,
+        planner: &'a mut Planner,
+    ) -> BoxFuture<'a, Result<Result<Writes, Self::Output>, StoreError>>;
+
+    /// The answer, once the group committed or this work was refused.
+    fn settle(&mut self, settled: Settled<'_>, resident: &ResidentState) -> Self::Output;
+}
+
+/// What planning may use: the database for misses, the resident state, and
+/// what earlier work of the same group will have written.
+pub struct Planner {
+    pub db: Arc<Database>,
+    pub resident: Arc<ResidentState>,
+    pub drafts: crate::objects::Drafts,
 }
 
 /// Object-safe form of a queued `Work` with its reply channel.
 trait Job: Send {
     fn weight(&self) -> usize;
-    fn refuses_before_writing(&self) -> bool;
-    fn apply<'a>(&'a mut self, tx: &'a Session) -> BoxFuture<'a, Result<bool, StoreError>>;
-    fn finish(self: Box<Self>, fate: Result<(), StoreError>);
+    fn reads_rows_of(&self) -> Option<ObjectRef>;
+    /// `Ok(None)`: answered already.
+    fn plan<'a>(&'a mut self, planner: &'a mut Planner) -> BoxFuture<'a, Result<Option<Writes>, StoreError>>;
+    fn settle(&mut self, settled: Settled<'_>, resident: &ResidentState);
+    fn fail(&mut self, err: StoreError);
+    fn answered(&self) -> bool;
+    fn finish(self: Box<Self>);
 }
 
 struct Pending<W: Work> {
     work: W,
-    outcome: Option<Result<W::Output, StoreError>>,
+    answer: Option<Result<W::Output, StoreError>>,
     reply: oneshot::Sender<Result<W::Output, StoreError>>,
 }
 
@@ -69,32 +115,36 @@ impl<W: Work> Job for Pending<W> {
         self.work.weight()
     }
 
-    fn refuses_before_writing(&self) -> bool {
-        self.work.refuses_before_writing()
+    fn reads_rows_of(&self) -> Option<ObjectRef> {
+        self.work.reads_rows_of().cloned()
     }
 
-    fn apply<'a>(&'a mut self, tx: &'a Session) -> BoxFuture<'a, Result<bool, StoreError>> {
+    fn plan<'a>(&'a mut self, planner: &'a mut Planner) -> BoxFuture<'a, Result<Option<Writes>, StoreError>> {
         Box::pin(async move {
-            match self.work.apply(tx).await {
-                Ok(output) => {
-                    let keep = W::keep(&output);
-                    self.outcome = Some(Ok(output));
-                    Ok(keep)
-                }
-                Err(err) => {
-                    self.outcome = Some(Err(err.clone()));
-                    Err(err)
+            match self.work.plan(planner).await? {
+                Ok(writes) => Ok(Some(writes)),
+                Err(output) => {
+                    self.answer = Some(Ok(output));
+                    Ok(None)
                 }
             }
         })
     }
 
-    fn finish(self: Box<Self>, fate: Result<(), StoreError>) {
-        let answer = match (fate, self.outcome) {
-            (Err(err), _) => Err(err),
-            (Ok(()), Some(outcome)) => outcome,
-            (Ok(()), None) => Err(StoreError::Internal("work finished without running".into())),
-        };
+    fn settle(&mut self, settled: Settled<'_>, resident: &ResidentState) {
+        self.answer = Some(Ok(self.work.settle(settled, resident)));
+    }
+
+    fn fail(&mut self, err: StoreError) {
+        self.answer = Some(Err(err));
+    }
+
+    fn answered(&self) -> bool {
+        self.answer.is_some()
+    }
+
+    fn finish(self: Box<Self>) {
+        let answer = self.answer.unwrap_or_else(|| Err(StoreError::Internal("work finished without an answer".into())));
         // The caller may have gone (timeout, disconnect); the commit stands regardless.
         let _ = self.reply.send(answer);
     }
@@ -108,159 +158,261 @@ pub struct Writer {
 impl Writer {
     /// Starts the writer. On a local file it runs on a thread of its own, so
     /// fsyncs and lock waits never block the threads that serve requests.
-    pub fn spawn(db: Arc<Database>, metrics: Arc<Metrics>) -> Writer {
+    pub fn spawn(db: Arc<Database>, resident: Arc<ResidentState>, metrics: Arc<Metrics>) -> Writer {
         let (queue, receiver) = mpsc::channel(QUEUE_DEPTH);
         let receiver = Arc::new(Mutex::new(receiver));
+        let context = Context { db: db.clone(), resident, metrics };
         if db.is_remote() {
-            tokio::spawn(supervise(db, receiver, metrics));
+            tokio::spawn(supervise(context, receiver));
         } else {
-            threads::spawn("statehouse-writer", Priority::Normal, move |_| supervise(db, receiver, metrics))
+            threads::spawn("statehouse-writer", Priority::Normal, move |_| supervise(context, receiver))
                 .expect("spawn the writer thread");
         }
         Writer { queue }
     }
 
-    /// Queues `work` for the next transaction and waits until it committed (or not).
+    /// Queues `work` for the next group and waits until it committed (or not).
     pub async fn run<W: Work>(&self, work: W) -> Result<W::Output, StoreError> {
         let (reply, answer) = oneshot::channel();
-        let job: Box<dyn Job> = Box::new(Pending { work, outcome: None, reply });
+        let job: Box<dyn Job> = Box::new(Pending { work, answer: None, reply });
         self.queue.send(job).await.map_err(|_| StoreError::Unavailable("the writer has stopped".into()))?;
         answer.await.map_err(|_| StoreError::Unavailable("the writer restarted before committing".into()))?
     }
 }
 
-/// Restarts the write loop with a fresh connection if it ever panics, so one
-/// bad transaction cannot stop all writes. Ends when every `Writer` is dropped.
-async fn supervise(db: Arc<Database>, receiver: Arc<Mutex<mpsc::Receiver<Box<dyn Job>>>>, metrics: Arc<Metrics>) {
+#[derive(Clone)]
+struct Context {
+    db: Arc<Database>,
+    resident: Arc<ResidentState>,
+    metrics: Arc<Metrics>,
+}
+
+type Receiver = Arc<Mutex<mpsc::Receiver<Box<dyn Job>>>>;
+
+/// Restarts the write loop if it ever panics, so one bad group cannot stop
+/// all writes. Ends when every `Writer` is dropped.
+async fn supervise(context: Context, receiver: Receiver) {
     loop {
-        let task = tokio::spawn(write_loop(db.clone(), receiver.clone(), metrics.clone()));
+        let task = tokio::spawn(write_loop(context.clone(), receiver.clone()));
         match task.await {
             Ok(()) => return,
             Err(err) => {
                 tracing::error!(error = %err, "writer task failed; restarting it");
+                // What the lost group planned may or may not have committed.
+                context.resident.drop_all();
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         }
     }
 }
 
-async fn write_loop(db: Arc<Database>, receiver: Arc<Mutex<mpsc::Receiver<Box<dyn Job>>>>, metrics: Arc<Metrics>) {
+async fn write_loop(context: Context, receiver: Receiver) {
+    let Context { db, resident, metrics } = context;
     let mut receiver = receiver.lock().await;
-    // The connection with the statements prepared on it; replaced together.
+    // Local files: the connection with the statements prepared on it.
     let mut conn: Option<Session> = None;
-    while let Some(first) = receiver.recv().await {
-        let mut weight = first.weight();
-        let mut batch = vec![first];
-        while batch.len() < MAX_JOBS_PER_TRANSACTION && weight < MAX_BYTES_PER_TRANSACTION {
-            match receiver.try_recv() {
-                Ok(job) => {
-                    weight += job.weight();
-                    batch.push(job);
-                }
-                Err(_) => break,
-            }
-        }
-        let session = match &conn {
-            Some(session) => session.clone(),
-            None => match db.session().await {
-                Ok(session) => {
-                    conn = Some(session.clone());
-                    session
-                }
-                Err(err) => {
-                    tracing::warn!(error = %err, "writer cannot connect to the database");
-                    fail_all(batch, err);
-                    continue;
-                }
+    // A job that had to wait for the next group.
+    let mut held_over: Option<Box<dyn Job>> = None;
+    loop {
+        let first = match held_over.take() {
+            Some(job) => job,
+            None => match receiver.recv().await {
+                Some(job) => job,
+                None => return,
             },
         };
-        let started = Instant::now();
-        metrics.write_batch_size.observe(batch.len() as f64);
-        if let Err(err) = commit_batch(&session, &mut batch, &metrics, !db.is_remote()).await {
-            tracing::warn!(error = %err, jobs = batch.len(), "write transaction failed; nothing in it was committed");
-            // A fresh connection next time: the old one may be in a broken state.
-            conn = None;
-            fail_all(batch, err);
-        } else {
-            metrics.commit_seconds.observe(started.elapsed().as_secs_f64());
-            for job in batch {
-                job.finish(Ok(()));
+        let mut weight = first.weight();
+        let mut reading: HashSet<ObjectRef> = first.reads_rows_of().into_iter().collect();
+        let mut group = vec![first];
+        while group.len() < MAX_JOBS_PER_TRANSACTION && weight < MAX_BYTES_PER_TRANSACTION {
+            let Ok(job) = receiver.try_recv() else { break };
+            if let Some(object) = job.reads_rows_of() {
+                if !reading.insert(object) {
+                    held_over = Some(job);
+                    break;
+                }
             }
-            // After the answers: a checkpoint the writer finishes delays the next transaction only.
-            db.committed(&session).await;
+            weight += job.weight();
+            group.push(job);
         }
-    }
-}
 
-fn fail_all(batch: Vec<Box<dyn Job>>, err: StoreError) {
-    for job in batch {
-        job.finish(Err(err.clone()));
-    }
-}
-
-/// One transaction for the whole batch. Returns an error only when the
-/// transaction as a whole did not commit.
-async fn commit_batch(
-    session: &Session,
-    batch: &mut [Box<dyn Job>],
-    metrics: &Metrics,
-    local: bool,
-) -> Result<(), StoreError> {
-    let transaction = begin_immediate(session, metrics, local).await?;
-    // Statements go through the transaction's own handle: on a remote server
-    // each transaction is a stream of its own.
-    let tx = session.within(&transaction);
-    // Alone in its transaction, a job needs no savepoint: a refusal rolls the
-    // whole transaction back. On a remote server that saves two round trips.
-    if let [job] = batch {
-        if job.apply(&tx).await.unwrap_or(false) {
-            transaction.commit().await?;
+        let session = if db.is_remote() {
+            None
         } else {
-            transaction.rollback().await?;
+            match &conn {
+                Some(session) => Some(session.clone()),
+                None => match db.session().await {
+                    Ok(session) => {
+                        conn = Some(session.clone());
+                        Some(session)
+                    }
+                    Err(err) => {
+                        tracing::warn!(error = %err, "writer cannot connect to the database");
+                        fail_all(group, err);
+                        continue;
+                    }
+                },
+            }
+        };
+        let started = Instant::now();
+        metrics.write_batch_size.observe(group.len() as f64);
+        let mut planner = Planner { db: db.clone(), resident: resident.clone(), drafts: Default::default() };
+        match commit_group(&db, session.as_ref(), &mut planner, &mut group, &metrics).await {
+            Ok(()) => metrics.commit_seconds.observe(started.elapsed().as_secs_f64()),
+            Err(err) => {
+                tracing::warn!(error = %err, jobs = group.len(), "write transaction failed; nothing in it was committed");
+                // What these objects hold is unknown now (the outcome may be unknown too).
+                for object in planner.drafts.objects() {
+                    resident.drop_object(object);
+                }
+                if let Some(session) = &session {
+                    if !session.is_autocommit() {
+                        // Left inside a transaction: start over on a fresh connection.
+                        conn = None;
+                    }
+                }
+                for job in group.iter_mut().filter(|job| !job.answered()) {
+                    job.fail(err.clone());
+                }
+            }
         }
-        return Ok(());
+        for job in group {
+            job.finish();
+        }
+        // After the answers: a checkpoint the writer finishes delays the next group only.
+        if let Some(session) = &session {
+            db.committed(session).await;
+        }
     }
-    for job in batch.iter_mut() {
-        if job.refuses_before_writing() {
-            // No savepoint: a refusal changed nothing, and an error may have
-            // changed something, so it abandons the transaction.
-            job.apply(&tx).await?;
+}
+
+fn fail_all(group: Vec<Box<dyn Job>>, err: StoreError) {
+    for mut job in group {
+        job.fail(err.clone());
+        job.finish();
+    }
+}
+
+/// Where one job's steps are in the batch.
+struct Placed {
+    job: usize,
+    assertions: Vec<u32>,
+    statements: std::ops::Range<usize>,
+}
+
+/// Plans every job, commits the group as one batch, and settles each job.
+/// An error means nothing of the group committed (or its outcome is
+/// unknown); jobs answered already (planning refusals, planning failures)
+/// keep their answers.
+async fn commit_group(
+    db: &Database,
+    session: Option<&Session>,
+    planner: &mut Planner,
+    group: &mut [Box<dyn Job>],
+    metrics: &Metrics,
+) -> Result<(), StoreError> {
+    let mut steps = Steps::default();
+    let begin = steps.push(Stmt::exec("BEGIN IMMEDIATE", vec![]), None);
+    let mut healthy = ok(begin);
+    let mut placed = Vec::with_capacity(group.len());
+    for (index, job) in group.iter_mut().enumerate() {
+        let writes = match job.plan(planner).await {
+            Ok(Some(writes)) => writes,
+            Ok(None) => continue,
+            Err(err) => {
+                // A read this job needed failed: it alone fails; its drafts were not touched.
+                job.fail(err);
+                continue;
+            }
+        };
+        if writes.assertions.is_empty() && writes.statements.is_empty() {
+            job.settle(Settled::Committed(&[]), &planner.resident);
             continue;
         }
-        tx.exec("SAVEPOINT job", ()).await?;
-        // On an error the job recorded it: undo only its part and carry on. If
-        // even that fails the transaction is unusable and `?` abandons it.
-        let keep = job.apply(&tx).await.unwrap_or(false);
-        if !keep {
-            tx.exec("ROLLBACK TO job", ()).await?;
+        // Each job's first step runs only if everything before it either
+        // succeeded or was refused by an assertion; each later step only if
+        // the one before it succeeded.
+        let mut previous: Option<u32> = None;
+        let mut assertions = Vec::with_capacity(writes.assertions.len());
+        for stmt in writes.assertions {
+            let cond = previous.map_or_else(|| healthy.clone(), ok);
+            let step = steps.push(stmt, Some(cond));
+            assertions.push(step);
+            previous = Some(step);
         }
-        tx.exec("RELEASE job", ()).await?;
+        let first_statement = steps.steps.len();
+        for stmt in writes.statements {
+            let cond = previous.map_or_else(|| healthy.clone(), ok);
+            previous = Some(steps.push(stmt, Some(cond)));
+        }
+        let last = previous.expect("a job with steps");
+        let mut ends = vec![ok(last)];
+        ends.extend(assertions.iter().map(|a| failed(*a)));
+        healthy = any(ends);
+        placed.push(Placed { job: index, assertions, statements: first_statement..steps.steps.len() });
     }
-    transaction.commit().await?;
+    if placed.is_empty() {
+        return Ok(());
+    }
+    let commit = steps.push(Stmt::exec("COMMIT", vec![]), Some(healthy));
+    steps.push(Stmt::exec("ROLLBACK", vec![]), Some(all(vec![ok(begin), not(ok(commit))])));
+
+    let outcomes = run_with_retries(db, session, &steps, metrics).await?;
+    if !outcomes[commit as usize].is_done() {
+        // Why: the first step that failed for a reason other than a refusal.
+        let assertion_steps: HashSet<u32> = placed.iter().flat_map(|p| p.assertions.iter().copied()).collect();
+        let cause = outcomes.iter().enumerate().find_map(|(step, outcome)| match outcome {
+            Outcome::Failed(err) if !assertion_steps.contains(&(step as u32)) || !is_refusal(&err.message) => {
+                Some(err.class.clone())
+            }
+            _ => None,
+        });
+        return Err(cause.unwrap_or_else(|| StoreError::Internal("the transaction did not commit".into())));
+    }
+    for place in placed {
+        let job = &mut group[place.job];
+        let refused = place.assertions.iter().enumerate().find_map(|(index, step)| match &outcomes[*step as usize] {
+            Outcome::Failed(err) => Some((index, err)),
+            _ => None,
+        });
+        match refused {
+            None => job.settle(Settled::Committed(&outcomes[place.statements]), &planner.resident),
+            Some((index, err)) if is_refusal(&err.message) => job.settle(Settled::Refused(index), &planner.resident),
+            // The assertion itself could not run: this job did not apply, the others did.
+            Some((_, err)) => job.fail(err.class.clone()),
+        }
+    }
     Ok(())
 }
 
-/// Takes the write lock. A quick transient failure is retried; a local file's
-/// SQLITE_BUSY is not: its busy handler already waited `BUSY_TIMEOUT` for the
-/// lock, and waiting again would multiply the time the whole queue waits for
-/// its 503 (past the request timeout, where outcomes become unknown).
-async fn begin_immediate(conn: &Connection, metrics: &Metrics, local: bool) -> Result<libsql::Transaction, StoreError> {
-    const SQLITE_BUSY: i32 = 5;
+fn is_refusal(message: &str) -> bool {
+    message.contains(ASSERTION_FAILED)
+}
+
+/// Runs the batch; a quick transient failure to start it is retried. A local
+/// file's SQLITE_BUSY is not: its busy handler already waited for the lock,
+/// and waiting again would multiply the time the whole queue waits for its
+/// 503 (past the request timeout, where outcomes become unknown). A remote
+/// request that failed on the wire is not retried either: it may have committed.
+async fn run_with_retries(
+    db: &Database,
+    session: Option<&Session>,
+    steps: &Steps,
+    metrics: &Metrics,
+) -> Result<Vec<Outcome>, StoreError> {
     let mut attempt = 1;
     loop {
-        match conn.transaction_with_behavior(TransactionBehavior::Immediate).await {
-            Ok(tx) => return Ok(tx),
-            Err(err) => {
-                let waited =
-                    local && matches!(&err, libsql::Error::SqliteFailure(code, _) if code & 0xff == SQLITE_BUSY);
-                let err = StoreError::from(err);
-                if waited || attempt >= BEGIN_ATTEMPTS || !matches!(err, StoreError::Unavailable(_)) {
-                    return Err(err);
-                }
-                metrics.transaction_retries.inc();
-                tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
-                attempt += 1;
-            }
+        let outcomes = db.run_batch(session, &steps.steps).await?;
+        let begin_failed = match &outcomes[0] {
+            Outcome::Failed(err) => err.clone(),
+            _ => return Ok(outcomes),
+        };
+        let waited = session.is_some() && begin_failed.message.contains("database is locked");
+        if waited || attempt >= BEGIN_ATTEMPTS || !matches!(begin_failed.class, StoreError::Unavailable(_)) {
+            return Err(begin_failed.class);
         }
+        metrics.transaction_retries.inc();
+        tokio::time::sleep(Duration::from_millis(20 * u64::from(attempt))).await;
+        attempt += 1;
     }
 }

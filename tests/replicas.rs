@@ -10,6 +10,7 @@ use common::{spawn_app_with, unique_ns, TestDatabase};
 use serde_json::Value;
 use statehouse::config::Settings;
 use statehouse::guard::{Guard, Replica, Route};
+use statehouse::objects::resident::ResidentState;
 use statehouse::objects::{Mutation, ObjectRef, Op, Precondition, Rejection, WriteJob};
 use statehouse::telemetry::Metrics;
 use statehouse::writer::Writer;
@@ -133,11 +134,14 @@ async fn a_stale_fence_can_never_commit() {
     let settings = Settings::for_database(&test_db.url).unwrap();
     let db = Arc::new(statehouse::server::open_database(&settings.database).await.unwrap());
     let metrics = Arc::new(Metrics::new("test", "full"));
-    let writer = Writer::spawn(db.clone(), metrics.clone());
+    let resident = Arc::new(ResidentState::new(1 << 20, &metrics));
+    let writer = Writer::spawn(db.clone(), resident.clone(), metrics.clone());
     let lease = Duration::from_millis(100);
+    let margin = Duration::from_millis(10);
     let replica = |name: &str| Replica { instance: name.into(), url: format!("http://{name}.invalid"), machine: None };
-    let old = Guard::new(replica("old"), lease, writer.clone(), metrics.clone());
-    let new = Guard::new(replica("new"), lease, writer.clone(), metrics.clone());
+    let guard =
+        |name: &str| Guard::new(replica(name), lease, margin, writer.clone(), resident.clone(), metrics.clone());
+    let (old, new) = (guard("old"), guard("new"));
     let object = ObjectRef::new(&unique_ns("fence"), "o").unwrap();
 
     let Route::Local { fence: old_fence } = old.route(&object).await.unwrap() else {
@@ -151,13 +155,8 @@ async fn a_stale_fence_can_never_commit() {
             pre: Precondition::default(),
         }])
     };
-    let job = |owner: &str, fence: i64, key: &str| WriteJob {
-        object: object.clone(),
-        fence,
-        owner: owner.into(),
-        mutation: put(key),
-        now_ms: statehouse::clock::now_ms(),
-        value_cap: 1024,
+    let job = |owner: &str, fence: i64, key: &str| {
+        WriteJob::new(object.clone(), fence, owner.into(), put(key), statehouse::clock::now_ms(), 1024)
     };
     assert!(writer.run(job("old", old_fence, "before")).await.unwrap().is_ok());
 
@@ -178,4 +177,102 @@ async fn a_stale_fence_can_never_commit() {
     // Renewal by the old owner fails and drops its lease.
     old.renew().await.unwrap();
     assert!(matches!(old.route(&object).await.unwrap(), Route::Remote(owner) if owner.instance == "new"));
+}
+
+/// The fence assertion bites: the database's row moves to another owner
+/// behind the back of a replica that still believes (by its lease) that it
+/// owns the object. Its next write, committed in one group with writes to
+/// another object, is refused: nothing of it is stored or acknowledged, the
+/// other object's writes commit, and the replica drops what it held in
+/// memory, so it reads the new owner's value from the database.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_moved_fence_refuses_the_write_and_drops_the_resident_state() {
+    let db = TestDatabase::new();
+    let app = spawn_app_with(&db, |s| {
+        s.lease_ms = 60_000;
+        // Outbox rows stay where the test counts them.
+        s.export_interval_ms = 3_600_000;
+    })
+    .await;
+    let ns = unique_ns("forged");
+    let forged = format!("/v1/objects/{ns}/forged/kv/k");
+    let r = app.client.put(app.url(&forged)).body("mine").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let fence: i64 = header(&r, "statehouse-fence").parse().unwrap();
+    assert_eq!(app.client.get(app.url(&forged)).send().await.unwrap().text().await.unwrap(), "mine");
+    let resident_before = metric(&app, "statehouse_resident_objects").await;
+    assert!(resident_before >= 1.0, "the owner holds the object in memory");
+
+    // Another replica took the object over and wrote (forged straight into the database).
+    let settings = Settings::for_database(&db.url).unwrap();
+    let database = statehouse::db::Database::open(&settings.database).await.unwrap();
+    let conn = database.connect().await.unwrap();
+    let moved = conn
+        .execute(
+            "UPDATE objects SET fence = fence + 1, owner = 'forger', owner_url = 'http://127.0.0.1:9',
+                    lease_expires_at = ?2, version = version + 1
+             WHERE ns = ?1 AND id = 'forged'",
+            libsql::params![ns.as_str(), statehouse::clock::now_ms() + 60_000],
+        )
+        .await
+        .unwrap();
+    assert_eq!(moved, 1);
+    conn.execute(
+        "UPDATE kv SET value = CAST('theirs' AS BLOB), version = version + 1 WHERE ns = ?1 AND id = 'forged'",
+        libsql::params![ns.as_str()],
+    )
+    .await
+    .unwrap();
+    let outbox_rows = |conn: libsql::Connection, ns: String, id: &'static str| async move {
+        let mut rows =
+            conn.query("SELECT count(*) FROM outbox WHERE ns = ?1 AND id = ?2", libsql::params![ns, id]).await.unwrap();
+        rows.next().await.unwrap().unwrap().get::<i64>(0).unwrap()
+    };
+    assert_eq!(outbox_rows(conn.clone(), ns.clone(), "forged").await, 1, "the first write's change row");
+
+    // The stale owner's write and 20 writes to an object it really owns, all at once.
+    let other = format!("/v1/objects/{ns}/other/kv/");
+    assert_eq!(app.client.put(app.url(&format!("{other}warm"))).body("x").send().await.unwrap().status(), 200);
+    let stale = app.client.put(app.url(&forged)).body("stale-write").send();
+    let others: Vec<_> =
+        (0..20).map(|i| app.client.put(app.url(&format!("{other}k{i}"))).body(format!("v{i}")).send()).collect();
+    let (stale, others) = tokio::join!(stale, futures::future::join_all(others));
+    let stale = stale.unwrap();
+    assert!(!stale.status().is_success(), "a write under a moved fence was acknowledged: {}", stale.status());
+    assert!(stale.status().is_server_error() || stale.status() == 409, "refused as retryable, not {}", stale.status());
+    for r in others {
+        assert_eq!(r.unwrap().status(), 200, "writes to another object are not held back");
+    }
+
+    // Nothing of the refused write is stored: value, version, fence and outbox are the forger's.
+    let mut rows = conn
+        .query(
+            "SELECT o.fence, o.owner, o.version, kv.value FROM objects o JOIN kv ON kv.ns = o.ns AND kv.id = o.id
+             WHERE o.ns = ?1 AND o.id = 'forged' AND kv.key = CAST('k' AS BLOB)",
+            libsql::params![ns.as_str()],
+        )
+        .await
+        .unwrap();
+    let row = rows.next().await.unwrap().unwrap();
+    assert_eq!(row.get::<i64>(0).unwrap(), fence + 1);
+    assert_eq!(row.get::<String>(1).unwrap(), "forger");
+    assert_eq!(row.get::<i64>(2).unwrap(), 2, "the forged version, not bumped again");
+    assert_eq!(row.get::<Vec<u8>>(3).unwrap(), b"theirs");
+    drop(rows);
+    // The refused write left no outbox row; the other object's 21 writes did.
+    assert_eq!(outbox_rows(conn.clone(), ns.clone(), "forged").await, 1);
+    assert_eq!(outbox_rows(conn.clone(), ns.clone(), "other").await, 21);
+
+    // The replica dropped what it held: it reads the new owner's value, not its memory.
+    assert_eq!(app.client.get(app.url(&forged)).send().await.unwrap().text().await.unwrap(), "theirs");
+    assert!(metric(&app, "statehouse_fence_rejections_total").await >= 1.0);
+    app.stop().await;
+}
+
+/// A metric's value from `/metrics` (development mode: no token needed).
+async fn metric(app: &common::TestApp, name: &str) -> f64 {
+    let text = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no metric {name} in /metrics"))
 }

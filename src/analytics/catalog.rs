@@ -21,13 +21,16 @@ use iceberg::{
     Catalog, Error, ErrorKind, MetadataLocation, Namespace, NamespaceIdent, Result, Runtime, TableCommit,
     TableCreation, TableIdent,
 };
-use libsql::{params, Connection};
+use libsql::{params, Value};
 
 use super::storage::WarehouseStorage;
 use super::tables::ExportTable;
-use crate::db::{Database, Session, StoreError};
+use crate::db::batch::Stmt;
+use crate::db::{Database, StoreError};
+use crate::guard::fence_assertion;
+use crate::objects::resident::ResidentState;
 use crate::objects::ObjectRef;
-use crate::writer::{BoxFuture, Work, Writer};
+use crate::writer::{BoxFuture, Planner, Settled, Work, Writer, Writes};
 
 pub const CATALOG_NAME: &str = "statehouse";
 /// Snapshot property: the last outbox `seq` the snapshot's rows go up to.
@@ -283,75 +286,62 @@ struct Publish {
     location: String,
 }
 
-impl Publish {
-    async fn fence_holds(&self, conn: &Connection) -> std::result::Result<bool, StoreError> {
-        let mut rows = conn
-            .query(
-                "UPDATE objects SET version = version + 1, updated_at = ?5
-                 WHERE ns = ?1 AND id = ?2 AND fence = ?3 AND owner = ?4 RETURNING version",
-                params![
-                    self.lease.object.ns.as_str(),
-                    self.lease.object.id.as_str(),
-                    self.lease.fence,
-                    self.lease.owner.as_str(),
-                    crate::clock::now_ms()
-                ],
-            )
-            .await?;
-        Ok(rows.next().await?.is_some())
-    }
-}
-
 impl Work for Publish {
     type Output = std::result::Result<(), PublishRefused>;
 
-    fn apply<'a>(&'a mut self, conn: &'a Session) -> BoxFuture<'a, std::result::Result<Self::Output, StoreError>> {
-        Box::pin(async move {
-            if !self.fence_holds(conn).await? {
-                return Ok(Err(PublishRefused::Fenced));
-            }
-            let changed = match &self.previous {
-                None => {
-                    conn.execute(
+    fn plan<'a>(
+        &'a mut self,
+        _: &'a mut Planner,
+    ) -> BoxFuture<'a, std::result::Result<std::result::Result<Writes, Self::Output>, StoreError>> {
+        let Fenced { object, owner, fence } = &self.lease;
+        let fence = fence_assertion(object, owner, *fence, None);
+        let table =
+            || -> Vec<Value> { vec![CATALOG_NAME.into(), self.namespace.as_str().into(), self.name.as_str().into()] };
+        // The compare-and-set, as an assertion: the pointer is still where this change was computed from.
+        let (unmoved, statements) = match &self.previous {
+            None => (
+                Stmt::exec(
+                    "INSERT INTO write_assertions (failed) SELECT 'moved' WHERE EXISTS (
+                         SELECT 1 FROM iceberg_tables WHERE catalog_name = ?1 AND table_namespace = ?2 AND table_name = ?3)",
+                    table(),
+                ),
+                vec![
+                    Stmt::exec(
                         "INSERT OR IGNORE INTO iceberg_namespace_properties
                              (catalog_name, namespace, property_key, property_value)
                          VALUES (?1, ?2, 'exists', 'true'), (?1, ?2, 'location', ?3)",
-                        params![CATALOG_NAME, self.namespace.as_str(), self.namespace_location.as_str()],
-                    )
-                    .await?;
-                    conn.execute(
+                        vec![CATALOG_NAME.into(), self.namespace.as_str().into(), self.namespace_location.as_str().into()],
+                    ),
+                    Stmt::exec(
                         "INSERT INTO iceberg_tables
                              (catalog_name, table_namespace, table_name, metadata_location, previous_metadata_location, iceberg_type)
-                         VALUES (?1, ?2, ?3, ?4, NULL, 'TABLE')
-                         ON CONFLICT DO NOTHING",
-                        params![CATALOG_NAME, self.namespace.as_str(), self.name.as_str(), self.location.as_str()],
-                    )
-                    .await?
-                }
-                Some(previous) => {
-                    conn.execute(
-                        "UPDATE iceberg_tables SET metadata_location = ?4, previous_metadata_location = ?5
-                         WHERE catalog_name = ?1 AND table_namespace = ?2 AND table_name = ?3
-                           AND metadata_location = ?5",
-                        params![
-                            CATALOG_NAME,
-                            self.namespace.as_str(),
-                            self.name.as_str(),
-                            self.location.as_str(),
-                            previous.as_str()
-                        ],
-                    )
-                    .await?
-                }
-            };
-            if changed != 1 {
-                return Ok(Err(PublishRefused::Moved));
-            }
-            Ok(Ok(()))
-        })
+                         VALUES (?1, ?2, ?3, ?4, NULL, 'TABLE')",
+                        [table(), vec![self.location.as_str().into()]].concat(),
+                    ),
+                ],
+            ),
+            Some(previous) => (
+                Stmt::exec(
+                    "INSERT INTO write_assertions (failed) SELECT 'moved' WHERE NOT EXISTS (
+                         SELECT 1 FROM iceberg_tables WHERE catalog_name = ?1 AND table_namespace = ?2 AND table_name = ?3
+                           AND metadata_location = ?4)",
+                    [table(), vec![previous.as_str().into()]].concat(),
+                ),
+                vec![Stmt::exec(
+                    "UPDATE iceberg_tables SET metadata_location = ?4, previous_metadata_location = ?5
+                     WHERE catalog_name = ?1 AND table_namespace = ?2 AND table_name = ?3",
+                    [table(), vec![self.location.as_str().into(), previous.as_str().into()]].concat(),
+                )],
+            ),
+        };
+        Box::pin(async move { Ok(Ok(Writes { assertions: vec![fence, unmoved], statements })) })
     }
 
-    fn keep(output: &Self::Output) -> bool {
-        output.is_ok()
+    fn settle(&mut self, settled: Settled<'_>, _: &ResidentState) -> Self::Output {
+        match settled {
+            Settled::Committed(_) => Ok(()),
+            Settled::Refused(0) => Err(PublishRefused::Fenced),
+            Settled::Refused(_) => Err(PublishRefused::Moved),
+        }
     }
 }

@@ -42,12 +42,14 @@ use tokio_util::sync::CancellationToken;
 use super::catalog::{Fenced, LibsqlCatalog, OUTBOX_THROUGH};
 use super::storage::WarehouseStorage;
 use super::tables::{ExportTable, NAMESPACE};
-use crate::db::{Database, Session, StoreError};
+use crate::db::batch::Stmt;
+use crate::db::{Database, StoreError};
 use crate::guard::{Guard, Owner, Route};
+use crate::objects::resident::ResidentState;
 use crate::objects::ObjectRef;
 use crate::telemetry::Metrics;
 use crate::threads::{self, Priority};
-use crate::writer::{BoxFuture, Work, Writer};
+use crate::writer::{BoxFuture, Planner, Settled, Work, Writer, Writes};
 
 /// Snapshots a cycle may append per table before it lets the next cycle go on.
 const MAX_SNAPSHOTS_PER_TABLE_PER_CYCLE: usize = 8;
@@ -677,19 +679,23 @@ struct ForgetExported {
 impl Work for ForgetExported {
     type Output = usize;
 
-    fn apply<'a>(&'a mut self, conn: &'a Session) -> BoxFuture<'a, Result<usize, StoreError>> {
+    fn plan<'a>(&'a mut self, _: &'a mut Planner) -> BoxFuture<'a, Result<Result<Writes, usize>, StoreError>> {
         // One upper bound, so that the index range is the slice: with two
         // (`seq <= ?2 AND seq < min + slice`) SQLite ranged over the first and
         // filtered every row up to `through`, 10x slower per slice.
-        Box::pin(conn.exec(
+        let delete = Stmt::exec(
             "DELETE FROM outbox WHERE kind = ?1
                AND seq <= min(?2, (SELECT min(seq) FROM outbox WHERE kind = ?1) + ?3 - 1)",
-            params![self.kind, self.through, FORGET_SLICE],
-        ))
+            vec![self.kind.into(), self.through.into(), FORGET_SLICE.into()],
+        );
+        Box::pin(async move { Ok(Ok(Writes { assertions: vec![], statements: vec![delete] })) })
     }
 
-    fn keep(_: &usize) -> bool {
-        true
+    fn settle(&mut self, settled: Settled<'_>, _: &ResidentState) -> usize {
+        match settled {
+            Settled::Committed(outcomes) => outcomes.first().map_or(0, |o| o.changed() as usize),
+            Settled::Refused(_) => 0,
+        }
     }
 }
 

@@ -7,6 +7,7 @@ use object_store::path::Path;
 use sha2::{Digest, Sha256};
 
 use super::StorageError;
+use crate::db::batch::Stmt;
 use crate::db::{Database, StoreError};
 use crate::objects::{InvalidName, ObjectRef};
 
@@ -104,7 +105,7 @@ pub async fn get(db: &Database, object: &ObjectRef, name: &str) -> Result<Option
     db.read(|conn| async move { get_on(&conn, object, name).await }).await
 }
 
-pub(crate) async fn get_on(conn: &Connection, object: &ObjectRef, name: &str) -> Result<Option<BlobMeta>, StoreError> {
+async fn get_on(conn: &Connection, object: &ObjectRef, name: &str) -> Result<Option<BlobMeta>, StoreError> {
     let mut rows = conn
         .query(
             &format!("SELECT {COLUMNS} FROM blobs WHERE ns = ?1 AND id = ?2 AND name = ?3"),
@@ -159,17 +160,16 @@ pub async fn list(
     Ok((blobs, more))
 }
 
-/// Inside a fenced write: store `meta` at `version`; the key it replaces becomes garbage.
-pub(crate) async fn put_on(
-    conn: &Connection,
+/// In a fenced write: store `meta` at `version`; the key it replaces becomes garbage.
+pub(crate) fn put_statements(
     object: &ObjectRef,
     meta: &BlobMeta,
     version: i64,
     replaced: Option<&str>,
     now_ms: i64,
-) -> Result<(), StoreError> {
+) -> Vec<Stmt> {
     let user_meta = serde_json::to_string(&meta.user_meta).expect("a string map serialises");
-    conn.execute(
+    let mut statements = vec![Stmt::exec(
         "INSERT INTO blobs (ns, id, name, storage_key, size, sha256, content_type, cache_control,
                             content_disposition, user_meta, version, created_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
@@ -178,66 +178,61 @@ pub(crate) async fn put_on(
            content_type = excluded.content_type, cache_control = excluded.cache_control,
            content_disposition = excluded.content_disposition, user_meta = excluded.user_meta,
            version = excluded.version, created_at = excluded.created_at",
-        params![
-            object.ns.as_str(),
-            object.id.as_str(),
-            meta.name.as_bytes(),
-            meta.storage_key.as_str(),
-            meta.size as i64,
-            meta.sha256.as_str(),
-            meta.content_type.as_str(),
-            meta.cache_control.clone(),
-            meta.content_disposition.clone(),
-            user_meta,
-            version,
-            now_ms
+        vec![
+            object.ns.as_str().into(),
+            object.id.as_str().into(),
+            meta.name.as_bytes().into(),
+            meta.storage_key.as_str().into(),
+            (meta.size as i64).into(),
+            meta.sha256.as_str().into(),
+            meta.content_type.as_str().into(),
+            meta.cache_control.clone().into(),
+            meta.content_disposition.clone().into(),
+            user_meta.into(),
+            version.into(),
+            now_ms.into(),
         ],
-    )
-    .await?;
+    )];
     if let Some(old) = replaced.filter(|old| *old != meta.storage_key) {
-        garbage_on(conn, old, now_ms).await?;
+        statements.push(garbage_statement(old, now_ms));
     }
-    Ok(())
+    statements
 }
 
-/// Inside a fenced write: drop the row; its key becomes garbage.
-pub(crate) async fn delete_on(
-    conn: &Connection,
-    object: &ObjectRef,
-    name: &str,
-    storage_key: &str,
-    now_ms: i64,
-) -> Result<(), StoreError> {
-    conn.execute(
-        "DELETE FROM blobs WHERE ns = ?1 AND id = ?2 AND name = ?3",
-        params![object.ns.as_str(), object.id.as_str(), name.as_bytes()],
-    )
-    .await?;
-    garbage_on(conn, storage_key, now_ms).await
+/// In a fenced write: drop the row; its key becomes garbage.
+pub(crate) fn delete_statements(object: &ObjectRef, name: &str, storage_key: &str, now_ms: i64) -> Vec<Stmt> {
+    vec![
+        Stmt::exec(
+            "DELETE FROM blobs WHERE ns = ?1 AND id = ?2 AND name = ?3",
+            vec![object.ns.as_str().into(), object.id.as_str().into(), name.as_bytes().into()],
+        ),
+        garbage_statement(storage_key, now_ms),
+    ]
 }
 
-/// Inside a fenced write: every blob of the object goes; returns how many.
-pub(crate) async fn delete_all_on(conn: &Connection, object: &ObjectRef, now_ms: i64) -> Result<i64, StoreError> {
-    conn.execute(
+/// In a fenced write, before `delete_all_statement`: every blob's key becomes garbage.
+pub(crate) fn garbage_all_statement(object: &ObjectRef, now_ms: i64) -> Stmt {
+    Stmt::exec(
         "INSERT INTO blob_garbage (storage_key, since)
          SELECT storage_key, ?3 FROM blobs WHERE ns = ?1 AND id = ?2
          ON CONFLICT (storage_key) DO NOTHING",
-        params![object.ns.as_str(), object.id.as_str(), now_ms],
+        vec![object.ns.as_str().into(), object.id.as_str().into(), now_ms.into()],
     )
-    .await?;
-    let deleted = conn
-        .execute("DELETE FROM blobs WHERE ns = ?1 AND id = ?2", params![object.ns.as_str(), object.id.as_str()])
-        .await?;
-    Ok(deleted as i64)
 }
 
-async fn garbage_on(conn: &Connection, storage_key: &str, now_ms: i64) -> Result<(), StoreError> {
-    conn.execute(
-        "INSERT INTO blob_garbage (storage_key, since) VALUES (?1, ?2) ON CONFLICT (storage_key) DO NOTHING",
-        params![storage_key, now_ms],
+/// In a fenced write: every blob of the object goes (the statement's change count says how many).
+pub(crate) fn delete_all_statement(object: &ObjectRef) -> Stmt {
+    Stmt::exec(
+        "DELETE FROM blobs WHERE ns = ?1 AND id = ?2",
+        vec![object.ns.as_str().into(), object.id.as_str().into()],
     )
-    .await?;
-    Ok(())
+}
+
+fn garbage_statement(storage_key: &str, now_ms: i64) -> Stmt {
+    Stmt::exec(
+        "INSERT INTO blob_garbage (storage_key, since) VALUES (?1, ?2) ON CONFLICT (storage_key) DO NOTHING",
+        vec![storage_key.into(), now_ms.into()],
+    )
 }
 
 #[cfg(test)]

@@ -12,10 +12,12 @@ use object_store::path::Path;
 use tokio_util::sync::CancellationToken;
 
 use super::Storage;
-use crate::db::{Database, Session, StoreError};
+use crate::db::batch::Stmt;
+use crate::db::{Database, StoreError};
 use crate::guard::{Guard, Route};
+use crate::objects::resident::ResidentState;
 use crate::objects::ObjectRef;
-use crate::writer::{BoxFuture, Work, Writer};
+use crate::writer::{BoxFuture, Planner, Settled, Work, Writer, Writes};
 
 const GARBAGE_BATCH: i64 = 1000;
 
@@ -135,16 +137,14 @@ struct ForgetGarbage {
 impl Work for ForgetGarbage {
     type Output = ();
 
-    fn apply<'a>(&'a mut self, conn: &'a Session) -> BoxFuture<'a, Result<(), StoreError>> {
-        Box::pin(async move {
-            for key in &self.keys {
-                conn.execute("DELETE FROM blob_garbage WHERE storage_key = ?1", params![key.as_str()]).await?;
-            }
-            Ok(())
-        })
+    fn plan<'a>(&'a mut self, _: &'a mut Planner) -> BoxFuture<'a, Result<Result<Writes, ()>, StoreError>> {
+        let statements = self
+            .keys
+            .iter()
+            .map(|key| Stmt::exec("DELETE FROM blob_garbage WHERE storage_key = ?1", vec![key.as_str().into()]))
+            .collect();
+        Box::pin(async move { Ok(Ok(Writes { assertions: vec![], statements })) })
     }
 
-    fn keep(_: &()) -> bool {
-        true
-    }
+    fn settle(&mut self, _: Settled<'_>, _: &ResidentState) {}
 }

@@ -69,9 +69,11 @@ pub async fn get_key(
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
     let pre = precondition(&headers)?;
-    let entry = objects::get_entry(&state.db, &object, &key)
-        .await?
-        .ok_or_else(|| ApiError::NotFound(format!("no key {key:?} in object {object}")))?;
+    let guard = &state.guard;
+    let entry =
+        objects::get_entry_at_owner(&state.db, guard.resident(), &object, &key, |fence| guard.readable(&object, fence))
+            .await?
+            .ok_or_else(|| ApiError::NotFound(format!("no key {key:?} in object {object}")))?;
     if let Some(not_modified) = read_condition(pre, entry.version)? {
         return Ok(not_modified);
     }

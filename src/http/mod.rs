@@ -245,14 +245,14 @@ async fn commit(state: &AppState, object: &ObjectRef, mutation: Mutation, replay
                 return Ok(Routed::Forwarded(response));
             }
             Route::Local { fence } => {
-                let job = WriteJob {
-                    object: object.clone(),
+                let job = WriteJob::new(
+                    object.clone(),
                     fence,
-                    owner: state.guard.me().instance.clone(),
-                    mutation: mutation.clone(),
-                    now_ms: crate::clock::now_ms(),
-                    value_cap: state.settings.change_value_cap_bytes as usize,
-                };
+                    state.guard.me().instance.clone(),
+                    mutation.clone(),
+                    crate::clock::now_ms(),
+                    state.settings.change_value_cap_bytes as usize,
+                );
                 match state.writer.run(job).await? {
                     Ok(committed) => return Ok(Routed::Local(committed)),
                     Err(crate::objects::Rejection::Fenced) => {

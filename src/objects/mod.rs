@@ -4,12 +4,16 @@
 mod encoding;
 mod names;
 mod read;
+pub mod resident;
 mod write;
 
 pub use encoding::{decode_cursor, embed_value, encode_cursor, is_json_content_type, prefix_successor, EmbeddedValue};
 pub use names::{validate_id, validate_id_prefix, validate_key, validate_ns, InvalidName, ObjectRef, MAX_KEY_BYTES};
-pub use read::{get_entry, list_keys, list_objects, object_info, Entry, KeyRange, ObjectInfo, ObjectSummary};
-pub use write::WriteJob;
+pub use read::{
+    get_entry, get_entry_at_owner, list_keys, list_objects, load_statements, loaded, object_info, Entry, KeyRange,
+    ObjectInfo, ObjectSummary,
+};
+pub use write::{Drafts, WriteJob};
 
 use bytes::Bytes;
 

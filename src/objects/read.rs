@@ -5,8 +5,10 @@ use bytes::Bytes;
 use libsql::{params, Value};
 
 use super::encoding::prefix_successor;
+use super::resident::{Head, Loaded, Lookup, ResidentState, Slot, LOAD_KEYS, MAX_RESIDENT_VALUE};
 use super::ObjectRef;
-use crate::db::{Database, Session, StoreError};
+use crate::db::batch::Stmt;
+use crate::db::{numbered, Database, Session, Shape, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -194,4 +196,161 @@ pub async fn list_objects(
     let more = objects.len() > limit;
     objects.truncate(limit);
     Ok((objects, more))
+}
+
+/// The object's row and the named keys, read for planning a write when the
+/// owner's memory lacks them: `None` when the object has no row.
+pub(super) async fn load_keys(
+    db: &Database,
+    object: &ObjectRef,
+    keys: &[&str],
+) -> Result<Option<LoadedKeys>, StoreError> {
+    db.read(|conn| async move {
+        let mut params: Vec<Value> =
+            vec![object.ns.as_str().into(), object.id.as_str().into(), (MAX_RESIDENT_VALUE as i64).into()];
+        params.extend(keys.iter().map(|key| Value::from(key.as_bytes())));
+        let mut head = None;
+        let mut found = Vec::new();
+        conn.rows_of(&KEYS_FOR_PLANNING, keys.len(), params, |row| {
+            head = Some((
+                Head { fence: row.get(0)?, version: row.get(2)?, key_count: row.get(3)?, bytes: row.get(4)? },
+                row.get::<Option<String>>(1)?,
+            ));
+            if let Value::Blob(key) = row.get_value(5)? {
+                found.push((key, slot_from(row, 6)?));
+            }
+            Ok(())
+        })
+        .await?;
+        let Some((head, owner)) = head else { return Ok(None) };
+        let mut slots: Vec<(String, Slot)> = keys.iter().map(|key| (key.to_string(), Slot::Absent)).collect();
+        for (key, slot) in found {
+            let key = String::from_utf8(key)
+                .map_err(|_| StoreError::Internal(format!("a stored key of {object} is not UTF-8")))?;
+            let at = slots
+                .iter()
+                .position(|(named, _)| *named == key)
+                .ok_or_else(|| StoreError::Internal("the database answered a key not asked for".into()))?;
+            slots[at].1 = slot;
+        }
+        Ok(Some(LoadedKeys { head, owner, keys: slots }))
+    })
+    .await
+}
+
+pub(super) struct LoadedKeys {
+    pub head: Head,
+    pub owner: Option<String>,
+    pub keys: Vec<(String, Slot)>,
+}
+
+/// A key's slot from `version, size, value (when kept), content_type` at `first`.
+fn slot_from(row: &libsql::Row, first: i32) -> Result<Slot, libsql::Error> {
+    let version = row.get::<i64>(first)?;
+    let size = row.get::<i64>(first + 1)?;
+    let value = match row.get_value(first + 2)? {
+        Value::Blob(value) => Some((Bytes::from(value), std::sync::Arc::from(row.get::<String>(first + 3)?))),
+        _ => None,
+    };
+    Ok(Slot::Present { version, size, value })
+}
+
+/// The named keys' versions, sizes and (small) values with the object's row:
+/// one row per key found, or one row of NULL key columns when none is.
+static KEYS_FOR_PLANNING: Shape = Shape {
+    text: |keys| {
+        if keys == 0 {
+            // (`IN ()` would plan a scan of kv.)
+            return "SELECT fence, owner, version, key_count, bytes, NULL, NULL, NULL, NULL, NULL
+                    FROM objects WHERE ns = ?1 AND id = ?2 AND ?3 IS NOT NULL"
+                .into();
+        }
+        format!(
+            "SELECT o.fence, o.owner, o.version, o.key_count, o.bytes,
+                    kv.key, kv.version, length(kv.key) + length(kv.value),
+                    CASE WHEN length(kv.value) <= ?3 THEN kv.value END, kv.content_type
+             FROM objects o LEFT JOIN kv ON kv.ns = o.ns AND kv.id = o.id AND kv.key IN ({})
+             WHERE o.ns = ?1 AND o.id = ?2",
+            numbered(4, keys)
+        )
+    },
+};
+
+/// What a replica taking an object's lease reads of it, in the same
+/// transaction (`Acquire`): the row, and its first `LOAD_KEYS` keys with
+/// values up to `LOAD_VALUE_BYTES`.
+pub fn load_statements(object: &ObjectRef) -> [Stmt; 2] {
+    let ns_id = || -> Vec<Value> { vec![object.ns.as_str().into(), object.id.as_str().into()] };
+    let mut keys = ns_id();
+    keys.extend([(LOAD_VALUE_BYTES as i64).into(), (LOAD_KEYS as i64 + 1).into()]);
+    [
+        Stmt::query("SELECT fence, version, key_count, bytes FROM objects WHERE ns = ?1 AND id = ?2", ns_id()),
+        Stmt::query(
+            "SELECT key, version, length(key) + length(value), CASE WHEN length(value) <= ?3 THEN value END, content_type
+             FROM kv WHERE ns = ?1 AND id = ?2 ORDER BY key LIMIT ?4",
+            keys,
+        ),
+    ]
+}
+
+/// Values read with the keys when a lease is taken (larger ones on first read).
+const LOAD_VALUE_BYTES: usize = 4096;
+
+/// The state `load_statements` read.
+pub fn loaded(object_row: &[Vec<Value>], key_rows: &[Vec<Value>]) -> Result<Option<Loaded>, StoreError> {
+    let int = |value: &Value| match value {
+        Value::Integer(n) => Ok(*n),
+        other => Err(StoreError::Internal(format!("expected an integer, the database answered {other:?}"))),
+    };
+    let Some(row) = object_row.first() else { return Ok(None) };
+    let [fence, version, key_count, bytes] = row.as_slice() else {
+        return Err(StoreError::Internal("unexpected object row shape".into()));
+    };
+    let head = Head { fence: int(fence)?, version: int(version)?, key_count: int(key_count)?, bytes: int(bytes)? };
+    let complete = key_rows.len() <= LOAD_KEYS;
+    let mut keys = Vec::with_capacity(key_rows.len().min(LOAD_KEYS));
+    for row in key_rows.iter().take(LOAD_KEYS) {
+        let [Value::Blob(key), version, size, value, content_type] = row.as_slice() else {
+            return Err(StoreError::Internal("unexpected kv row shape".into()));
+        };
+        let key =
+            String::from_utf8(key.clone()).map_err(|_| StoreError::Internal("a stored key is not UTF-8".into()))?;
+        let value = match (value, content_type) {
+            (Value::Blob(value), Value::Text(content_type)) => {
+                Some((Bytes::from(value.clone()), std::sync::Arc::from(content_type.as_str())))
+            }
+            _ => None,
+        };
+        keys.push((key, Slot::Present { version: int(version)?, size: int(size)?, value }));
+    }
+    Ok(Some(Loaded { head, keys, complete }))
+}
+
+/// A key's value: from the owner's memory when `readable` says the lease
+/// under which it is resident is certainly still ours, else from the database.
+pub async fn get_entry_at_owner(
+    db: &Database,
+    resident: &ResidentState,
+    object: &ObjectRef,
+    key: &str,
+    readable: impl Fn(i64) -> bool,
+) -> Result<Option<Entry>, StoreError> {
+    // Looked up first, the lease checked after: if the lease still holds
+    // afterwards, nobody else can have committed in between.
+    if let Some((fence, lookup)) = resident.read(object, key) {
+        if readable(fence) {
+            resident.count_hit();
+            return Ok(match lookup {
+                Lookup::Found(entry) => Some(entry),
+                Lookup::Absent => None,
+            });
+        }
+    }
+    resident.count_miss();
+    let before = resident.head(object);
+    let entry = get_entry(db, object, key).await?;
+    if let Some(before) = before {
+        resident.fill(object, before, key, entry.as_ref());
+    }
+    Ok(entry)
 }

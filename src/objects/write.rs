@@ -1,13 +1,20 @@
-//! A fenced write: the SQL run inside the writer's transaction.
+//! A fenced write, planned against what the owner knows of the object and
+//! committed with the writer's group: a fence assertion (the object row still
+//! has this replica's fence and the version the plan started from), then
+//! multi-row statements whatever the number of ops: the object's row, the
+//! final value of each key, and the outbox rows.
 
 use std::collections::HashMap;
 
-use libsql::{params, Value};
+use libsql::Value;
 
+use super::resident::{Change as ResidentChange, Head, ResidentState, Slot};
 use super::{Committed, Entry, Event, Mutation, ObjectRef, Op, OpResult, Rejection};
 use crate::blobs::meta as blobs;
-use crate::db::{numbered, Session, Shape, StoreError};
-use crate::writer::{BoxFuture, Work};
+use crate::db::batch::Stmt;
+use crate::db::{numbered, Shape, StoreError};
+use crate::guard::fence_assertion;
+use crate::writer::{BoxFuture, Planner, Settled, Work, Writes};
 
 pub struct WriteJob {
     pub object: ObjectRef,
@@ -18,6 +25,22 @@ pub struct WriteJob {
     pub now_ms: i64,
     /// Change rows carry a value's bytes up to this many; longer ones are truncated and flagged.
     pub value_cap: usize,
+    planned: Option<Planned>,
+}
+
+/// What planning decided, kept until the group settles.
+struct Planned {
+    answer: Result<Committed, Rejection>,
+    /// What the resident state becomes once this commits.
+    change: Option<ResidentChange>,
+    /// Delete-all: its counts come from the statements' results.
+    counted: Option<DeleteAllCounts>,
+}
+
+/// Where a delete-all's counts are among its statements.
+struct DeleteAllCounts {
+    blobs_statement: usize,
+    keys_statement: usize,
 }
 
 /// One row of the outbox: what a committed change did.
@@ -43,6 +66,46 @@ impl<'a> Change<'a> {
     fn delete(key: &'a str) -> Change<'a> {
         Change { op: "delete", key: Some(key), content_type: None, size: None, value: None }
     }
+
+    fn whole(op: &'static str, key: Option<&'a str>) -> Change<'a> {
+        Change { op, key, content_type: None, size: None, value: None }
+    }
+}
+
+/// An object as the writes of one group leave it, for planning the next.
+pub struct Draft {
+    head: Head,
+    /// Keys known to this group: from memory, from the database, or as
+    /// earlier work of the group leaves them (values always kept here).
+    keys: HashMap<String, Slot>,
+    /// A delete-all earlier in the group: every key not in `keys` is absent.
+    /// (Otherwise a key not in `keys` is as committed: in memory or the database.)
+    cleared: bool,
+}
+
+/// The drafts of one group.
+#[derive(Default)]
+pub struct Drafts {
+    objects: HashMap<ObjectRef, Draft>,
+}
+
+impl Drafts {
+    pub fn objects(&self) -> impl Iterator<Item = &ObjectRef> {
+        self.objects.keys()
+    }
+}
+
+impl WriteJob {
+    pub fn new(
+        object: ObjectRef,
+        fence: i64,
+        owner: String,
+        mutation: Mutation,
+        now_ms: i64,
+        value_cap: usize,
+    ) -> Self {
+        WriteJob { object, fence, owner, mutation, now_ms, value_cap, planned: None }
+    }
 }
 
 impl Work for WriteJob {
@@ -52,223 +115,356 @@ impl Work for WriteJob {
         self.mutation.weight()
     }
 
-    fn apply<'a>(&'a mut self, tx: &'a Session) -> BoxFuture<'a, Result<Self::Output, StoreError>> {
-        Box::pin(self.run(tx))
+    fn reads_rows_of(&self) -> Option<&ObjectRef> {
+        // Blob rows are not resident: planning reads them.
+        (!matches!(self.mutation, Mutation::Ops { .. })).then_some(&self.object)
     }
 
-    fn keep(output: &Self::Output) -> bool {
-        matches!(output, Ok(committed) if committed.changed)
+    fn plan<'a>(
+        &'a mut self,
+        planner: &'a mut Planner,
+    ) -> BoxFuture<'a, Result<Result<Writes, Self::Output>, StoreError>> {
+        Box::pin(async move {
+            let named = self.named_keys();
+            if !ensure_draft(planner, &self.object, self.fence, &self.owner, &named).await? {
+                return Ok(Err(Err(Rejection::Fenced)));
+            }
+            let (writes, planned) = match &self.mutation {
+                Mutation::Ops { ops, events } => {
+                    let big = big_values_read(planner, &self.object, ops).await?;
+                    let draft = planner.drafts.objects.get_mut(&self.object).expect("ensured");
+                    self.plan_ops(draft, ops, events, big)
+                }
+                _ => {
+                    let current = match &self.mutation {
+                        Mutation::PutBlob { blob, .. } => blobs::get(&planner.db, &self.object, &blob.name).await?,
+                        Mutation::DeleteBlob { name, .. } => blobs::get(&planner.db, &self.object, name).await?,
+                        _ => None,
+                    };
+                    let draft = planner.drafts.objects.get_mut(&self.object).expect("ensured");
+                    self.plan_general(draft, current)
+                }
+            };
+            self.planned = Some(planned);
+            Ok(Ok(writes))
+        })
     }
 
-    fn refuses_before_writing(&self) -> bool {
-        matches!(self.mutation, Mutation::Ops { .. })
+    fn settle(&mut self, settled: Settled<'_>, resident: &ResidentState) -> Self::Output {
+        let planned = self.planned.take().expect("settled after planning");
+        match settled {
+            Settled::Refused(_) => {
+                resident.drop_object(&self.object);
+                Err(Rejection::Fenced)
+            }
+            Settled::Committed(outcomes) => {
+                if let Some(change) = planned.change {
+                    resident.apply(&self.object, change);
+                }
+                let mut answer = planned.answer;
+                if let (Some(counts), Ok(committed)) = (&planned.counted, &mut answer) {
+                    let count = |i: usize| outcomes.get(i).map_or(0, |o| o.changed() as i64);
+                    committed.results = vec![OpResult::DeleteAll {
+                        deleted_keys: count(counts.keys_statement),
+                        deleted_blobs: count(counts.blobs_statement),
+                    }];
+                }
+                answer
+            }
+        }
     }
 }
 
-/// Where a key named by a batch stands as its ops are checked in order.
-#[derive(Clone, Copy)]
-enum KeyState {
-    /// As stored before this write: its version and size (key + value bytes).
-    Stored {
-        version: i64,
-        size: i64,
-    },
-    /// Put by the op at this index of this write.
-    Written(usize),
-    Absent,
+/// Makes sure the group has a draft of `object` that knows `keys`, reading
+/// from memory first and from the database for what memory lacks. False when
+/// this replica's fence no longer holds.
+async fn ensure_draft(
+    planner: &mut Planner,
+    object: &ObjectRef,
+    fence: i64,
+    owner: &str,
+    keys: &[&str],
+) -> Result<bool, StoreError> {
+    if !planner.drafts.objects.contains_key(object) {
+        if let Some((head, _, slots)) = planner.resident.view(object, fence, keys) {
+            planner.resident.count_hit();
+            planner
+                .drafts
+                .objects
+                .insert(object.clone(), Draft { head, keys: slots.into_iter().collect(), cleared: false });
+        }
+    }
+    let missing: Vec<&str> = match planner.drafts.objects.get_mut(object) {
+        Some(draft) if draft.head.fence != fence => return Ok(false),
+        Some(draft) => {
+            let mut missing = Vec::new();
+            for key in keys {
+                if draft.keys.contains_key(*key) {
+                    continue;
+                }
+                if draft.cleared {
+                    draft.keys.insert(key.to_string(), Slot::Absent);
+                    continue;
+                }
+                match planner.resident.view(object, fence, &[key]).and_then(|(_, _, mut s)| s.pop()) {
+                    Some((key, slot)) => {
+                        draft.keys.insert(key, slot);
+                    }
+                    None => missing.push(*key),
+                }
+            }
+            if missing.is_empty() {
+                return Ok(true);
+            }
+            missing
+        }
+        None => keys.to_vec(),
+    };
+    planner.resident.count_miss();
+    let Some(loaded) = super::read::load_keys(&planner.db, object, &missing).await? else {
+        return Ok(false);
+    };
+    if loaded.head.fence != fence || loaded.owner.as_deref() != Some(owner) {
+        planner.resident.drop_object(object);
+        return Ok(false);
+    }
+    planner.resident.learn(object, loaded.head, loaded.keys.clone());
+    let draft = planner.drafts.objects.entry(object.clone()).or_insert_with(|| Draft {
+        head: loaded.head,
+        keys: HashMap::new(),
+        cleared: false,
+    });
+    for (key, slot) in loaded.keys {
+        draft.keys.entry(key).or_insert(slot);
+    }
+    Ok(true)
+}
+
+/// Values a batch `get` needs that memory does not keep (large ones), read
+/// from the database; keys written earlier in the group are in the draft.
+async fn big_values_read(
+    planner: &Planner,
+    object: &ObjectRef,
+    ops: &[Op],
+) -> Result<HashMap<String, Option<Entry>>, StoreError> {
+    let mut read = HashMap::new();
+    let draft = &planner.drafts.objects[object];
+    for op in ops {
+        if let Op::Get { key } = op {
+            if let Some(Slot::Present { value: None, .. }) = draft.keys.get(key.as_str()) {
+                if !read.contains_key(key) {
+                    read.insert(key.clone(), super::read::get_entry(&planner.db, object, key).await?);
+                }
+            }
+        }
+    }
+    Ok(read)
 }
 
 impl WriteJob {
-    async fn run(&self, conn: &Session) -> Result<Result<Committed, Rejection>, StoreError> {
-        match &self.mutation {
-            Mutation::Ops { ops, events } => self.run_ops(conn, ops, events).await,
-            _ => self.run_general(conn).await,
-        }
-    }
-
-    /// Key operations and events. Every check (the fence, each op's
-    /// condition against the state the ops before it leave) happens before the
-    /// first change, so a refusal leaves nothing to undo and needs no
-    /// savepoint; the changes are then a handful of multi-row statements
-    /// whatever the number of ops: the object's row, the final value of each
-    /// key, and the outbox rows.
-    async fn run_ops(
-        &self,
-        conn: &Session,
-        ops: &[Op],
-        events: &[Event],
-    ) -> Result<Result<Committed, Rejection>, StoreError> {
-        // Keys in the order they are first named, so that writes are deterministic.
+    /// Every key the mutation reads or writes.
+    fn named_keys(&self) -> Vec<&str> {
         let mut named: Vec<&str> = Vec::new();
-        let mut keys: HashMap<&str, KeyState> = HashMap::new();
-        for op in ops {
-            if let Op::Put { key, .. } | Op::Delete { key, .. } = op {
-                if keys.insert(key, KeyState::Absent).is_none() {
+        if let Mutation::Ops { ops, .. } = &self.mutation {
+            for op in ops {
+                let (Op::Put { key, .. } | Op::Delete { key, .. } | Op::Get { key }) = op;
+                if !named.contains(&key.as_str()) {
                     named.push(key);
                 }
             }
         }
-        let Some(stored_version) = self.current(conn, &named, &mut keys).await? else {
-            return Ok(Err(Rejection::Fenced));
-        };
-        let before = keys.clone();
-        let version = stored_version + 1;
-        let state_version = |state: KeyState| match state {
-            KeyState::Stored { version, .. } => Some(version),
-            KeyState::Written(_) => Some(version),
-            KeyState::Absent => None,
-        };
-        let state_size = |state: KeyState| match state {
-            KeyState::Stored { size, .. } => Some(size),
-            KeyState::Written(index) => match &ops[index] {
-                Op::Put { key, value, .. } => Some((key.len() + value.len()) as i64),
-                _ => unreachable!("only puts write"),
-            },
-            KeyState::Absent => None,
+        named
+    }
+
+    /// Key operations and events: every condition is checked, in op order,
+    /// against the state the ops before it leave.
+    fn plan_ops(
+        &self,
+        draft: &mut Draft,
+        ops: &[Op],
+        events: &[Event],
+        big: HashMap<String, Option<Entry>>,
+    ) -> (Writes, Planned) {
+        let from = draft.head;
+        let version = from.version + 1;
+        let assertion = fence_assertion(&self.object, &self.owner, self.fence, Some(from.version));
+        let refuse = |answer: Rejection| {
+            let writes = Writes { assertions: vec![assertion.clone()], statements: vec![] };
+            (writes, Planned { answer: Err(answer), change: None, counted: None })
         };
 
+        // Keys as this write leaves them, on top of the draft.
+        let mut now: HashMap<&str, Slot> = HashMap::new();
+        let slot_of = |now: &HashMap<&str, Slot>, key: &str| -> Slot {
+            now.get(key).cloned().or_else(|| draft.keys.get(key).cloned()).unwrap_or(Slot::Absent)
+        };
         let (mut keys_delta, mut bytes_delta) = (0i64, 0i64);
         let mut results = Vec::with_capacity(ops.len());
         let mut changes = Vec::new();
         for (op_index, op) in ops.iter().enumerate() {
             match op {
                 Op::Put { key, value, content_type, pre } => {
-                    let state = keys[key.as_str()];
-                    if !pre.holds(state_version(state)) {
-                        return Ok(Err(Rejection::PreconditionFailed { op_index, key: key.clone() }));
+                    let slot = slot_of(&now, key);
+                    if !pre.holds(slot.version()) {
+                        return refuse(Rejection::PreconditionFailed { op_index, key: key.clone() });
                     }
                     let size = (key.len() + value.len()) as i64;
-                    match state_size(state) {
+                    match slot.size() {
                         Some(old) => bytes_delta += size - old,
                         None => {
                             keys_delta += 1;
                             bytes_delta += size;
                         }
                     }
-                    keys.insert(key, KeyState::Written(op_index));
+                    let kept = Some((value.clone(), content_type.as_str().into()));
+                    now.insert(key, Slot::Present { version, size, value: kept });
                     results.push(OpResult::Put { key: key.clone(), version });
                     changes.push(Change::put(key, content_type, value));
                 }
                 Op::Delete { key, pre } => {
-                    let state = keys[key.as_str()];
-                    if !pre.holds(state_version(state)) {
-                        return Ok(Err(Rejection::PreconditionFailed { op_index, key: key.clone() }));
+                    let slot = slot_of(&now, key);
+                    if !pre.holds(slot.version()) {
+                        return refuse(Rejection::PreconditionFailed { op_index, key: key.clone() });
                     }
-                    let old = state_size(state);
-                    if let Some(old) = old {
+                    if let Some(old) = slot.size() {
                         keys_delta -= 1;
                         bytes_delta -= old;
-                        keys.insert(key, KeyState::Absent);
+                        now.insert(key, Slot::Absent);
                         changes.push(Change::delete(key));
                     }
-                    results.push(OpResult::Delete { key: key.clone(), deleted: old.is_some() });
+                    results.push(OpResult::Delete { key: key.clone(), deleted: slot.size().is_some() });
                 }
                 Op::Get { key } => {
-                    let entry = match keys.get(key.as_str()) {
-                        Some(KeyState::Written(index)) => match &ops[*index] {
-                            Op::Put { key, value, content_type, .. } => Some(Entry {
-                                key: key.clone(),
-                                value: value.clone(),
-                                content_type: content_type.clone(),
-                                version,
-                            }),
-                            _ => unreachable!("only puts write"),
-                        },
-                        Some(KeyState::Absent) => None,
-                        // Nothing is written yet: the database has the key as it was.
-                        Some(KeyState::Stored { .. }) | None => {
-                            super::read::get_entry_on(conn, &self.object, key).await?
+                    let entry = match slot_of(&now, key) {
+                        Slot::Present { version, value: Some((value, content_type)), .. } => {
+                            Some(Entry { key: key.clone(), value, content_type: content_type.to_string(), version })
                         }
+                        Slot::Present { value: None, .. } => big.get(key.as_str()).cloned().flatten(),
+                        Slot::Absent => None,
                     };
                     results.push(OpResult::Get { key: key.clone(), entry });
                 }
             }
         }
         if changes.is_empty() && events.is_empty() {
-            // Nothing changes, but the answer still comes from the owner.
-            return Ok(Ok(Committed { version: stored_version, fence: self.fence, changed: false, results }));
+            // Nothing changes, but the answer holds only if the fence does: it is checked at commit.
+            let writes = Writes { assertions: vec![assertion], statements: vec![] };
+            let answer = Ok(Committed { version: from.version, fence: self.fence, changed: false, results });
+            return (writes, Planned { answer, change: None, counted: None });
         }
 
         let ObjectRef { ns, id } = &self.object;
-        let bumped = conn
-            .exec(
-                "UPDATE objects SET version = ?5, updated_at = ?6, key_count = key_count + ?7, bytes = bytes + ?8
-                 WHERE ns = ?1 AND id = ?2 AND fence = ?3 AND owner = ?4",
-                params![
-                    ns.as_str(),
-                    id.as_str(),
-                    self.fence,
-                    self.owner.as_str(),
-                    version,
-                    self.now_ms,
-                    keys_delta,
-                    bytes_delta
-                ],
-            )
-            .await?;
-        if bumped != 1 {
-            // The fence was read in this transaction, under the write lock.
-            return Err(StoreError::Internal(format!("the object's row changed within a transaction ({bumped} rows)")));
-        }
+        let mut statements = vec![Stmt::exec(
+            "UPDATE objects SET version = ?5, updated_at = ?6, key_count = key_count + ?7, bytes = bytes + ?8
+             WHERE ns = ?1 AND id = ?2 AND fence = ?3 AND owner = ?4",
+            vec![
+                ns.as_str().into(),
+                id.as_str().into(),
+                self.fence.into(),
+                self.owner.as_str().into(),
+                version.into(),
+                self.now_ms.into(),
+                keys_delta.into(),
+                bytes_delta.into(),
+            ],
+        )];
+        // Final states in the order keys were first named, so writes are deterministic.
         let mut written = Vec::new();
         let mut deleted = Vec::new();
-        for key in named {
-            match (before[key], keys[key]) {
-                (_, KeyState::Written(index)) => written.push(&ops[index]),
-                (KeyState::Stored { .. }, KeyState::Absent) => deleted.push(key),
-                _ => {}
+        let mut resident_keys = Vec::new();
+        for key in self.named_keys() {
+            let Some(slot) = now.get(key) else { continue };
+            match slot {
+                Slot::Present { value: Some((value, content_type)), .. } => {
+                    written.push((key, value.clone(), content_type.clone()));
+                    resident_keys.push((key.to_string(), Slot::written(version, key, value, content_type)));
+                }
+                Slot::Present { value: None, .. } => unreachable!("a write keeps its value"),
+                Slot::Absent => {
+                    deleted.push(key);
+                    resident_keys.push((key.to_string(), Slot::Absent));
+                }
             }
         }
-        self.upsert(conn, &written, version).await?;
-        self.remove(conn, &deleted).await?;
-        // The outbox rows, in the same transaction: a write that rolls back or
-        // is fenced out leaves none.
-        self.record_changes(conn, version, &changes).await?;
-        self.record_events(conn, version, events).await?;
-        Ok(Ok(Committed { version, fence: self.fence, changed: true, results }))
+        for chunk in written.chunks(ROWS_PER_STATEMENT) {
+            let mut params = self.object_params();
+            params.push(version.into());
+            for (key, value, content_type) in chunk {
+                params.extend([key.as_bytes().into(), Value::Blob(value.to_vec()), content_type.as_ref().into()]);
+            }
+            statements.push(Stmt::exec_rows(&UPSERT_KV, chunk.len(), params));
+        }
+        for chunk in deleted.chunks(ROWS_PER_STATEMENT) {
+            let mut params = self.object_params();
+            params.extend(chunk.iter().map(|key| Value::from(key.as_bytes())));
+            statements.push(Stmt::exec_rows(&DELETE_KV, chunk.len(), params));
+        }
+        // The outbox rows, in the same transaction: a write that is refused leaves none.
+        self.record_changes(&mut statements, version, &changes);
+        self.record_events(&mut statements, version, events);
+
+        let head = Head {
+            fence: self.fence,
+            version,
+            key_count: from.key_count + keys_delta,
+            bytes: from.bytes + bytes_delta,
+        };
+        draft.head = head;
+        for (key, slot) in now {
+            draft.keys.insert(key.to_string(), slot);
+        }
+        let change =
+            ResidentChange { fence: self.fence, from_version: from.version, head, cleared: false, keys: resident_keys };
+        let answer = Ok(Committed { version, fence: self.fence, changed: true, results });
+        (Writes { assertions: vec![assertion], statements }, Planned { answer, change: Some(change), counted: None })
     }
 
-    /// Blobs and deleting a whole object.
-    async fn run_general(&self, conn: &Session) -> Result<Result<Committed, Rejection>, StoreError> {
-        let ObjectRef { ns, id } = &self.object;
-        // The fence check, in the same transaction as the change: exactly one
-        // row must match, or another replica owns the object now.
-        let version = conn
-            .first_row(
-                "UPDATE objects SET version = version + 1, updated_at = ?5
-                 WHERE ns = ?1 AND id = ?2 AND fence = ?3 AND owner = ?4
-                 RETURNING version",
-                params![ns.as_str(), id.as_str(), self.fence, self.owner.as_str(), self.now_ms],
-                |row| row.get::<i64>(0),
-            )
-            .await?;
-        let Some(version) = version else {
-            return Ok(Err(Rejection::Fenced));
+    /// Blobs and deleting a whole object. `current`: the blob as stored.
+    fn plan_general(&self, draft: &mut Draft, current: Option<blobs::BlobMeta>) -> (Writes, Planned) {
+        let from = draft.head;
+        let version = from.version + 1;
+        let assertion = fence_assertion(&self.object, &self.owner, self.fence, Some(from.version));
+        let only_check = |answer: Result<Committed, Rejection>| {
+            let writes = Writes { assertions: vec![assertion.clone()], statements: vec![] };
+            (writes, Planned { answer, change: None, counted: None })
         };
-
+        let ObjectRef { ns, id } = &self.object;
+        let mut statements = Vec::new();
+        let bump = |key_count: i64, bytes: i64| {
+            Stmt::exec(
+                "UPDATE objects SET version = ?3, updated_at = ?4, key_count = ?5, bytes = ?6 WHERE ns = ?1 AND id = ?2",
+                vec![ns.as_str().into(), id.as_str().into(), version.into(), self.now_ms.into(), key_count.into(), bytes.into()],
+            )
+        };
+        let mut head = Head { version, ..from };
+        let mut cleared = false;
+        let mut counted = None;
         let (result, change) = match &self.mutation {
             Mutation::DeleteAll => {
-                if version == 1 {
-                    return Ok(Err(Rejection::NotFound));
+                if from.version == 0 {
+                    return only_check(Err(Rejection::NotFound));
                 }
-                let deleted =
-                    conn.execute("DELETE FROM kv WHERE ns = ?1 AND id = ?2", params![ns.as_str(), id.as_str()]).await?;
-                let deleted_blobs = blobs::delete_all_on(conn, &self.object, self.now_ms).await?;
-                conn.exec(
-                    "UPDATE objects SET key_count = 0, bytes = 0 WHERE ns = ?1 AND id = ?2",
-                    params![ns.as_str(), id.as_str()],
-                )
-                .await?;
-                let result = OpResult::DeleteAll { deleted_keys: deleted as i64, deleted_blobs };
-                (result, Some(Change { op: "delete_all", key: None, content_type: None, size: None, value: None }))
+                statements.push(blobs::garbage_all_statement(&self.object, self.now_ms));
+                statements.push(blobs::delete_all_statement(&self.object));
+                statements.push(Stmt::exec(
+                    "DELETE FROM kv WHERE ns = ?1 AND id = ?2",
+                    vec![ns.as_str().into(), id.as_str().into()],
+                ));
+                statements.push(bump(0, 0));
+                counted = Some(DeleteAllCounts { blobs_statement: 1, keys_statement: 2 });
+                head.key_count = 0;
+                head.bytes = 0;
+                cleared = true;
+                let result = OpResult::DeleteAll { deleted_keys: from.key_count, deleted_blobs: 0 };
+                (result, Change::whole("delete_all", None))
             }
             Mutation::PutBlob { blob, pre } => {
-                let current = blobs::get_on(conn, &self.object, &blob.name).await?;
                 if !pre.holds(current.as_ref().map(|b| b.version)) {
-                    return Ok(Err(Rejection::PreconditionFailed { op_index: 0, key: blob.name.clone() }));
+                    return only_check(Err(Rejection::PreconditionFailed { op_index: 0, key: blob.name.clone() }));
                 }
+                statements.push(bump(from.key_count, from.bytes));
                 let replaced = current.as_ref().map(|b| b.storage_key.as_str());
-                blobs::put_on(conn, &self.object, blob, version, replaced, self.now_ms).await?;
+                statements.extend(blobs::put_statements(&self.object, blob, version, replaced, self.now_ms));
                 let change = Change {
                     op: "blob_put",
                     key: Some(&blob.name),
@@ -276,96 +472,40 @@ impl WriteJob {
                     size: Some(blob.size as i64),
                     value: None,
                 };
-                (OpResult::PutBlob { name: blob.name.clone(), version }, Some(change))
+                (OpResult::PutBlob { name: blob.name.clone(), version }, change)
             }
             Mutation::DeleteBlob { name, pre } => {
-                let current = blobs::get_on(conn, &self.object, name).await?;
                 if !pre.holds(current.as_ref().map(|b| b.version)) {
-                    return Ok(Err(Rejection::PreconditionFailed { op_index: 0, key: name.clone() }));
+                    return only_check(Err(Rejection::PreconditionFailed { op_index: 0, key: name.clone() }));
                 }
-                let change = match &current {
-                    Some(current) => {
-                        blobs::delete_on(conn, &self.object, name, &current.storage_key, self.now_ms).await?;
-                        Some(Change { op: "blob_delete", key: Some(name), content_type: None, size: None, value: None })
-                    }
-                    None => None,
+                let Some(current) = current else {
+                    let result = OpResult::DeleteBlob { name: name.clone(), deleted: None };
+                    return only_check(Ok(Committed {
+                        version: from.version,
+                        fence: self.fence,
+                        changed: false,
+                        results: vec![result],
+                    }));
                 };
-                (OpResult::DeleteBlob { name: name.clone(), deleted: current.map(|b| b.storage_key) }, change)
+                statements.push(bump(from.key_count, from.bytes));
+                statements.extend(blobs::delete_statements(&self.object, name, &current.storage_key, self.now_ms));
+                let result = OpResult::DeleteBlob { name: name.clone(), deleted: Some(current.storage_key) };
+                (result, Change::whole("blob_delete", Some(name)))
             }
-            Mutation::Ops { .. } => unreachable!("key operations take run_ops"),
+            Mutation::Ops { .. } => unreachable!("key operations take plan_ops"),
         };
-        let changed = change.is_some();
-        self.record_changes(conn, version, change.as_slice()).await?;
-        // When nothing changed the writer rolls the version bump back.
-        let version = if changed { version } else { version - 1 };
-        Ok(Ok(Committed { version, fence: self.fence, changed, results: vec![result] }))
-    }
-
-    /// The fence check and the current state of `named` keys, in one read per
-    /// chunk of keys: the object's version if this replica still holds the
-    /// fence, and `states` updated for each key that is stored.
-    async fn current<'k>(
-        &self,
-        conn: &Session,
-        named: &[&'k str],
-        states: &mut HashMap<&'k str, KeyState>,
-    ) -> Result<Option<i64>, StoreError> {
-        let ObjectRef { ns, id } = &self.object;
-        let mut object_version = None;
-        // An empty chunk still checks the fence.
-        let chunks: Vec<&[&str]> =
-            if named.is_empty() { vec![&[]] } else { named.chunks(ROWS_PER_STATEMENT).collect() };
-        for chunk in chunks {
-            let mut params: Vec<Value> =
-                vec![ns.as_str().into(), id.as_str().into(), self.fence.into(), self.owner.as_str().into()];
-            params.extend(chunk.iter().map(|key| Value::from(key.as_bytes())));
-            let mut found = Vec::new();
-            conn.rows_of(&CURRENT_KEYS, chunk.len(), params, |row| {
-                object_version = Some(row.get::<i64>(0)?);
-                if let Value::Blob(key) = row.get_value(1)? {
-                    found.push((key, row.get::<i64>(2)?, row.get::<i64>(3)?));
-                }
-                Ok(())
-            })
-            .await?;
-            for (key, version, size) in found {
-                let key =
-                    String::from_utf8(key).ok().and_then(|key| states.get_key_value(key.as_str()).map(|(k, _)| *k));
-                let key =
-                    key.ok_or_else(|| StoreError::Internal("the database answered a key not asked for".into()))?;
-                states.insert(key, KeyState::Stored { version, size });
-            }
-            if object_version.is_none() {
-                return Ok(None);
-            }
+        self.record_changes(&mut statements, version, std::slice::from_ref(&change));
+        draft.head = head;
+        if cleared {
+            draft.keys.clear();
+            draft.cleared = true;
         }
-        Ok(object_version)
+        let resident = ResidentChange { fence: self.fence, from_version: from.version, head, cleared, keys: vec![] };
+        let answer = Ok(Committed { version, fence: self.fence, changed: true, results: vec![result] });
+        (Writes { assertions: vec![assertion], statements }, Planned { answer, change: Some(resident), counted })
     }
 
-    /// Stores each put's value at `version`.
-    async fn upsert(&self, conn: &Session, puts: &[&Op], version: i64) -> Result<(), StoreError> {
-        for chunk in puts.chunks(ROWS_PER_STATEMENT) {
-            let mut params = self.object_params();
-            params.push(version.into());
-            for op in chunk {
-                let Op::Put { key, value, content_type, .. } = op else { unreachable!("only puts are upserted") };
-                params.extend([key.as_bytes().into(), Value::Blob(value.to_vec()), content_type.as_str().into()]);
-            }
-            conn.exec_rows(&UPSERT_KV, chunk.len(), params).await?;
-        }
-        Ok(())
-    }
-
-    async fn remove(&self, conn: &Session, keys: &[&str]) -> Result<(), StoreError> {
-        for chunk in keys.chunks(ROWS_PER_STATEMENT) {
-            let mut params = self.object_params();
-            params.extend(chunk.iter().map(|key| Value::from(key.as_bytes())));
-            conn.exec_rows(&DELETE_KV, chunk.len(), params).await?;
-        }
-        Ok(())
-    }
-
-    async fn record_changes(&self, conn: &Session, version: i64, changes: &[Change<'_>]) -> Result<(), StoreError> {
+    fn record_changes(&self, statements: &mut Vec<Stmt>, version: i64, changes: &[Change<'_>]) {
         for chunk in changes.chunks(ROWS_PER_STATEMENT) {
             let mut params = self.outbox_params(version);
             params.push((self.now_ms * 1000).into());
@@ -381,12 +521,11 @@ impl WriteJob {
                     truncated.into(),
                 ]);
             }
-            conn.exec_rows(&OUTBOX_CHANGES, chunk.len(), params).await?;
+            statements.push(Stmt::exec_rows(&OUTBOX_CHANGES, chunk.len(), params));
         }
-        Ok(())
     }
 
-    async fn record_events(&self, conn: &Session, version: i64, events: &[Event]) -> Result<(), StoreError> {
+    fn record_events(&self, statements: &mut Vec<Stmt>, version: i64, events: &[Event]) {
         for chunk in events.chunks(ROWS_PER_STATEMENT) {
             let mut params = self.outbox_params(version);
             for event in chunk {
@@ -397,9 +536,8 @@ impl WriteJob {
                     event.data.as_str().into(),
                 ]);
             }
-            conn.exec_rows(&OUTBOX_EVENTS, chunk.len(), params).await?;
+            statements.push(Stmt::exec_rows(&OUTBOX_EVENTS, chunk.len(), params));
         }
-        Ok(())
     }
 
     /// `?1` and `?2`: the object.
@@ -419,25 +557,6 @@ impl WriteJob {
 /// keys take one statement each (events calls carry up to 1000, in chunks).
 /// 128 outbox rows bind 774 parameters, far below SQLite's 32,766.
 const ROWS_PER_STATEMENT: usize = super::MAX_BATCH_OPS;
-
-/// The fence check and the named keys' versions and sizes: one row per key
-/// found, or one row of NULL key columns when none is; no row when the fence
-/// does not match.
-static CURRENT_KEYS: Shape = Shape {
-    text: |keys| {
-        if keys == 0 {
-            // (`IN ()` would plan a scan of kv.)
-            return "SELECT version, NULL, NULL, NULL FROM objects WHERE ns = ?1 AND id = ?2 AND fence = ?3 AND owner = ?4"
-                .into();
-        }
-        format!(
-            "SELECT o.version, kv.key, kv.version, length(kv.key) + length(kv.value)
-             FROM objects o LEFT JOIN kv ON kv.ns = o.ns AND kv.id = o.id AND kv.key IN ({})
-             WHERE o.ns = ?1 AND o.id = ?2 AND o.fence = ?3 AND o.owner = ?4",
-            numbered(5, keys)
-        )
-    },
-};
 
 static UPSERT_KV: Shape = Shape {
     text: |rows| {
