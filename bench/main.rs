@@ -3,6 +3,7 @@
 //! the same disk (raw libSQL commits) measured in the same run.
 //!
 //!   cargo build --release && cargo run --release --example bench -- [--seconds 10] [--connections 32,256]
+//!   ... --database sqld     # also on a libSQL server (sqld from SQLD_BIN), side by side with the file
 //!
 //! The load generator runs on the same machine as the server and shares its cores.
 
@@ -18,6 +19,10 @@ struct Args {
     workloads: Vec<String>,
     binary: String,
     export_events: usize,
+    /// `file`, or `sqld`: the file and a libSQL server side by side.
+    database: String,
+    /// The raw-libSQL limits and the fence cost (file only).
+    baselines: bool,
 }
 
 fn args() -> Args {
@@ -27,12 +32,14 @@ fn args() -> Args {
         workloads: WORKLOADS.iter().map(|w| w.to_string()).collect(),
         binary: concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/statehouse").to_string(),
         export_events: 200_000,
+        database: "file".into(),
+        baselines: true,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "--help" || flag == "-h" {
             println!(
-                "bench [--seconds N] [--connections 32,256] [--workloads {}] [--binary PATH] [--export-events N (0: skip the export benches)]",
+                "bench [--seconds N] [--connections 32,256] [--workloads {}] [--binary PATH] [--export-events N (0: skip the export benches)] [--database file|sqld (sqld: also on a libSQL server from SQLD_BIN, side by side)] [--baselines false]",
                 WORKLOADS.join(",")
             );
             std::process::exit(0);
@@ -44,6 +51,11 @@ fn args() -> Args {
             "--workloads" => args.workloads = value.split(',').map(str::to_string).collect(),
             "--binary" => args.binary = value,
             "--export-events" => args.export_events = value.parse().expect("--export-events takes a number"),
+            "--database" => {
+                assert!(["file", "sqld"].contains(&value.as_str()), "--database takes file or sqld");
+                args.database = value
+            }
+            "--baselines" => args.baselines = value.parse().expect("--baselines takes true or false"),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -63,44 +75,122 @@ async fn main() {
         dir.path().display()
     );
 
-    let (single, batched) = baseline(dir.path()).await;
-    println!("baseline=raw_libsql_single_commit rows_per_s={single:.0} (one row per fsync'd commit, synchronous=FULL)");
-    println!("baseline=raw_libsql_batched rows_per_s={batched:.0} (1000 rows per commit)");
-    fence_cost(dir.path()).await;
+    let (single, batched) = if args.baselines {
+        let (single, batched) = baseline(dir.path()).await;
+        println!(
+            "baseline=raw_libsql_single_commit rows_per_s={single:.0} (one row per fsync'd commit, synchronous=FULL)"
+        );
+        println!("baseline=raw_libsql_batched rows_per_s={batched:.0} (1000 rows per commit)");
+        fence_cost(dir.path()).await;
+        (single, batched)
+    } else {
+        (f64::NAN, f64::NAN)
+    };
 
     let client = reqwest::Client::builder().pool_max_idle_per_host(1024).build().unwrap();
-    let (mut server, base) = start_server(&args.binary, dir.path(), "bench", &[], &client).await;
-    // Fixtures: a hot key, and an object with 1000 keys for listing.
-    client.put(format!("{base}/v1/objects/bench/hot/kv/k")).body("hot value of some length").send().await.unwrap();
-    for chunk in 0..8 {
-        let ops: Vec<_> =
-            (0..125).map(|i| json!({"op": "put", "key": format!("k{:04}", chunk * 125 + i), "value": i})).collect();
-        client.post(format!("{base}/v1/objects/bench/listed/batch")).json(&json!({"ops": ops})).send().await.unwrap();
-    }
+    let databases: &[&str] = if args.database == "sqld" { &["file", "sqld"] } else { &["file"] };
+    let mut table: Vec<(String, usize, &str, Outcome)> = Vec::new();
+    let mut rtt_ms = f64::NAN;
+    for &database in databases {
+        let (mut sqld, url) = match database {
+            "sqld" => {
+                let (sqld, url) = start_sqld(dir.path());
+                rtt_ms = pipeline_round_trip_ms(&client, &url).await;
+                println!("database=sqld round_trip_ms={rtt_ms:.3} (median of 200 `SELECT 1` requests to /v2/pipeline, keep-alive)");
+                (Some(sqld), url)
+            }
+            _ => (None, format!("file:{}/bench.db", dir.path().display())),
+        };
+        let env = [("TURSO_URL", url)];
+        let (mut server, base) =
+            start_server(&args.binary, dir.path(), &format!("bench-{database}"), &env, &client).await;
+        // Fixtures: a hot key, and an object with 1000 keys for listing.
+        client.put(format!("{base}/v1/objects/bench/hot/kv/k")).body("hot value of some length").send().await.unwrap();
+        for chunk in 0..8 {
+            let ops: Vec<_> =
+                (0..125).map(|i| json!({"op": "put", "key": format!("k{:04}", chunk * 125 + i), "value": i})).collect();
+            client
+                .post(format!("{base}/v1/objects/bench/listed/batch"))
+                .json(&json!({"ops": ops}))
+                .send()
+                .await
+                .unwrap();
+        }
 
-    for workload in &args.workloads {
-        for &connections in &args.connections {
-            let result = run(&base, workload, connections, Duration::from_secs(args.seconds)).await;
-            let writes_per_s = result.rps * writes_per_request(workload);
-            let ratio = if writes_per_request(workload) > 0.0 {
-                format!(
-                    " writes_per_s={writes_per_s:.0} x_single_commit_limit={:.2} x_batched_limit={:.2}",
-                    writes_per_s / single,
-                    writes_per_s / batched
-                )
-            } else {
-                String::new()
+        for workload in &args.workloads {
+            for &connections in &args.connections {
+                let before = writer_counters(&client, &base).await;
+                let result = run(&base, workload, connections, Duration::from_secs(args.seconds)).await;
+                let after = writer_counters(&client, &base).await;
+                let writes_per_s = result.rps * writes_per_request(workload);
+                let ratio = if writes_per_request(workload) > 0.0 && database == "file" && args.baselines {
+                    format!(
+                        " writes_per_s={writes_per_s:.0} x_single_commit_limit={:.2} x_batched_limit={:.2}",
+                        writes_per_s / single,
+                        writes_per_s / batched
+                    )
+                } else if writes_per_request(workload) > 0.0 {
+                    format!(" writes_per_s={writes_per_s:.0}")
+                } else {
+                    String::new()
+                };
+                let groups = after.groups - before.groups;
+                let group_line = if groups > 0.0 {
+                    let trips = if database == "sqld" {
+                        format!(" round_trips_per_group={:.2}", (after.round_trips - before.round_trips) / groups)
+                    } else {
+                        String::new()
+                    };
+                    format!(" groups={groups:.0} mean_group_size={:.1}{trips}", (after.jobs - before.jobs) / groups)
+                } else {
+                    String::new()
+                };
+                println!(
+                    "database={database} workload={workload} connections={connections} rps={:.0} p50_ms={:.2} p99_ms={:.2} errors={}{ratio}{group_line}",
+                    result.rps, result.p50_ms, result.p99_ms, result.errors
+                );
+                table.push((workload.clone(), connections, database, result));
+            }
+        }
+        // One PUT at a time: its latency against the round trip to the database.
+        let single_put = run(&base, "put_one_object", 1, Duration::from_secs(args.seconds.min(5))).await;
+        let trips = if database == "sqld" {
+            format!(" = {:.1} round trips of {rtt_ms:.3} ms", single_put.p50_ms / rtt_ms)
+        } else {
+            String::new()
+        };
+        println!("database={database} workload=single_put connections=1 p50_ms={:.3}{trips}", single_put.p50_ms);
+        table.push(("single_put".into(), 1, database, single_put));
+        let _ = server.kill();
+        let _ = server.wait();
+        if let Some(sqld) = sqld.as_mut() {
+            let _ = sqld.kill();
+            let _ = sqld.wait();
+        }
+    }
+    if databases.len() > 1 {
+        println!("\n| workload | connections | file rps | sqld rps | sqld/file | file p99 ms | sqld p99 ms |");
+        println!("|---|---|---|---|---|---|---|");
+        for (workload, connections, database, file) in &table {
+            if *database != "file" {
+                continue;
+            }
+            let Some((.., sqld)) = table.iter().find(|(w, c, d, _)| w == workload && c == connections && *d == "sqld")
+            else {
+                continue;
             };
             println!(
-                "workload={workload} connections={connections} rps={:.0} p50_ms={:.2} p99_ms={:.2} errors={}{ratio}",
-                result.rps, result.p50_ms, result.p99_ms, result.errors
+                "| {workload} | {connections} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} |",
+                file.rps,
+                sqld.rps,
+                sqld.rps / file.rps,
+                file.p99_ms,
+                sqld.p99_ms
             );
         }
     }
-    let _ = server.kill();
-    let _ = server.wait();
 
-    if args.export_events > 0 {
+    if args.export_events > 0 && args.database == "file" {
         export_throughput(&args, dir.path(), &client).await;
         export_lag(&args, dir.path(), &client).await;
     }
@@ -575,4 +665,60 @@ async fn baseline(dir: &std::path::Path) -> (f64, f64) {
     }
     let batched = n as f64 / started.elapsed().as_secs_f64();
     (single, batched)
+}
+
+/// A libSQL server of the bench's own, from `SQLD_BIN`: the process and its URL.
+fn start_sqld(dir: &std::path::Path) -> (std::process::Child, String) {
+    let binary = std::env::var("SQLD_BIN").expect("--database sqld needs SQLD_BIN, the path of a sqld binary");
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let child = std::process::Command::new(&binary)
+        .arg("--http-listen-addr")
+        .arg(format!("127.0.0.1:{port}"))
+        .arg("-d")
+        .arg(dir.join("sqld-data"))
+        .arg("--no-welcome")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start SQLD_BIN={binary}: {e}"));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "sqld did not listen within 30 s");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    (child, format!("http://127.0.0.1:{port}"))
+}
+
+/// The median time of one `/v2/pipeline` request (`SELECT 1`) on a kept-alive connection.
+async fn pipeline_round_trip_ms(client: &reqwest::Client, url: &str) -> f64 {
+    let body = json!({"requests": [{"type": "execute", "stmt": {"sql": "SELECT 1"}}, {"type": "close"}]});
+    let mut times = Vec::new();
+    for _ in 0..200 {
+        let t = Instant::now();
+        let r = client.post(format!("{url}/v2/pipeline")).json(&body).send().await.unwrap();
+        assert!(r.status().is_success());
+        let _ = r.bytes().await;
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    times[times.len() / 2]
+}
+
+/// The writer's counters from `/metrics`: groups committed, jobs in them, round trips to a server.
+struct WriterCounters {
+    groups: f64,
+    jobs: f64,
+    round_trips: f64,
+}
+
+async fn writer_counters(client: &reqwest::Client, base: &str) -> WriterCounters {
+    let text = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    let value = |name: &str| {
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse::<f64>().ok()).unwrap_or(0.0)
+    };
+    WriterCounters {
+        groups: value("statehouse_write_batch_size_count"),
+        jobs: value("statehouse_write_batch_size_sum"),
+        round_trips: value("statehouse_write_round_trips_total"),
+    }
 }

@@ -32,6 +32,7 @@ pub struct Metrics {
     pub forwarded: IntCounterVec,
     pub write_batch_size: Histogram,
     pub commit_seconds: Histogram,
+    pub write_round_trips: IntCounter,
 }
 
 impl Metrics {
@@ -77,6 +78,11 @@ impl Metrics {
             .buckets(vec![0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5, 1.0, 5.0]),
         )
         .unwrap();
+        let write_round_trips = IntCounter::new(
+            "statehouse_write_round_trips_total",
+            "Requests the writer made to a libSQL server: one per group commit, plus reads on resident misses",
+        )
+        .unwrap();
         let info = IntGaugeVec::new(
             Opts::new("statehouse_info", "Build and durability settings of this replica"),
             &["version", "instance", "sync"],
@@ -92,6 +98,7 @@ impl Metrics {
             Box::new(forwarded.clone()),
             Box::new(write_batch_size.clone()),
             Box::new(commit_seconds.clone()),
+            Box::new(write_round_trips.clone()),
             Box::new(info),
         ] {
             registry.register(collector).expect("metric names are unique");
@@ -106,6 +113,7 @@ impl Metrics {
             forwarded,
             write_batch_size,
             commit_seconds,
+            write_round_trips,
         }
     }
 

@@ -90,6 +90,10 @@ pub struct Planner {
     pub db: Arc<Database>,
     pub resident: Arc<ResidentState>,
     pub drafts: crate::objects::Drafts,
+    /// Database reads planning made (misses), counted as round trips on a server.
+    pub reads: u64,
+    /// Whether the group's batch was sent.
+    pub sent: bool,
 }
 
 /// Object-safe form of a queued `Work` with its reply channel.
@@ -256,8 +260,13 @@ async fn write_loop(context: Context, receiver: Receiver) {
         };
         let started = Instant::now();
         metrics.write_batch_size.observe(group.len() as f64);
-        let mut planner = Planner { db: db.clone(), resident: resident.clone(), drafts: Default::default() };
-        match commit_group(&db, session.as_ref(), &mut planner, &mut group, &metrics).await {
+        let mut planner =
+            Planner { db: db.clone(), resident: resident.clone(), drafts: Default::default(), reads: 0, sent: false };
+        let committed = commit_group(&db, session.as_ref(), &mut planner, &mut group, &metrics).await;
+        if db.is_remote() {
+            metrics.write_round_trips.inc_by(planner.reads + u64::from(planner.sent));
+        }
+        match committed {
             Ok(()) => metrics.commit_seconds.observe(started.elapsed().as_secs_f64()),
             Err(err) => {
                 tracing::warn!(error = %err, jobs = group.len(), "write transaction failed; nothing in it was committed");
@@ -357,6 +366,7 @@ async fn commit_group(
     let commit = steps.push(Stmt::exec("COMMIT", vec![]), Some(healthy));
     steps.push(Stmt::exec("ROLLBACK", vec![]), Some(all(vec![ok(begin), not(ok(commit))])));
 
+    planner.sent = true;
     let outcomes = run_with_retries(db, session, &steps, metrics).await?;
     if !outcomes[commit as usize].is_done() {
         // Why: the first step that failed for a reason other than a refusal.

@@ -425,8 +425,9 @@ async fn a_paused_owner_never_answers_reads_from_stale_memory() {
         let waiting: Vec<_> = (0..3)
             .map(|_| {
                 let url = key_path(&owner.base);
+                let delay = Duration::from_millis(rand::rng().random_range(0..LEASE_MS));
                 tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(rand::rng().random_range(0..LEASE_MS))).await;
+                    tokio::time::sleep(delay).await;
                     let sent = Instant::now();
                     let r = client_with_timeout(Duration::from_secs(20)).get(&url).send().await;
                     let answer = match r {

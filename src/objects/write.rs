@@ -136,6 +136,7 @@ impl Work for WriteJob {
                     self.plan_ops(draft, ops, events, big)
                 }
                 _ => {
+                    planner.reads += 1;
                     let current = match &self.mutation {
                         Mutation::PutBlob { blob, .. } => blobs::get(&planner.db, &self.object, &blob.name).await?,
                         Mutation::DeleteBlob { name, .. } => blobs::get(&planner.db, &self.object, name).await?,
@@ -221,6 +222,7 @@ async fn ensure_draft(
         None => keys.to_vec(),
     };
     planner.resident.count_miss();
+    planner.reads += 1;
     let Some(loaded) = super::read::load_keys(&planner.db, object, &missing).await? else {
         return Ok(false);
     };
@@ -243,20 +245,24 @@ async fn ensure_draft(
 /// Values a batch `get` needs that memory does not keep (large ones), read
 /// from the database; keys written earlier in the group are in the draft.
 async fn big_values_read(
-    planner: &Planner,
+    planner: &mut Planner,
     object: &ObjectRef,
     ops: &[Op],
 ) -> Result<HashMap<String, Option<Entry>>, StoreError> {
-    let mut read = HashMap::new();
     let draft = &planner.drafts.objects[object];
+    let mut wanted: Vec<&String> = Vec::new();
     for op in ops {
         if let Op::Get { key } = op {
-            if let Some(Slot::Present { value: None, .. }) = draft.keys.get(key.as_str()) {
-                if !read.contains_key(key) {
-                    read.insert(key.clone(), super::read::get_entry(&planner.db, object, key).await?);
-                }
+            if matches!(draft.keys.get(key.as_str()), Some(Slot::Present { value: None, .. })) && !wanted.contains(&key)
+            {
+                wanted.push(key);
             }
         }
+    }
+    let mut read = HashMap::new();
+    for key in wanted {
+        read.insert(key.clone(), super::read::get_entry(&planner.db, object, key).await?);
+        planner.reads += 1;
     }
     Ok(read)
 }
