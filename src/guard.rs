@@ -96,9 +96,14 @@ impl Guard {
     /// the clock assumption in docs/design.md). A lease that is gone takes
     /// the resident state with it.
     pub fn readable(&self, object: &ObjectRef, fence: i64) -> bool {
-        let leases = self.leases.lock().unwrap();
-        match leases.get(object) {
-            Some(lease) if lease.fence == fence => Instant::now() + self.read_margin < lease.valid_until,
+        let mut leases = self.leases.lock().unwrap();
+        match leases.get_mut(object) {
+            Some(lease) if lease.fence == fence => {
+                let now = Instant::now();
+                // Reads keep a lease in use, like writes: a hot object stays resident.
+                lease.last_used = now;
+                now + self.read_margin < lease.valid_until
+            }
             _ => {
                 drop(leases);
                 self.resident.drop_object(object);

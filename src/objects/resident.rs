@@ -201,7 +201,7 @@ impl ResidentState {
     /// The object's row and the slots of `keys` known under `fence`; `None`
     /// when the object is not resident under that fence. Keys memory cannot
     /// answer for are left out.
-    pub fn view(&self, object: &ObjectRef, fence: i64, keys: &[&str]) -> Option<(Head, bool, Vec<(String, Slot)>)> {
+    pub fn view(&self, object: &ObjectRef, fence: i64, keys: &[&str]) -> Option<(Head, Vec<(String, Slot)>)> {
         let mut inner = self.inner.lock().expect("resident lock");
         let resident = inner.objects.get(object)?;
         if resident.head.fence != fence {
@@ -214,7 +214,7 @@ impl ResidentState {
                 Some((key.to_string(), slot))
             })
             .collect();
-        let view = (resident.head, resident.complete, slots);
+        let view = (resident.head, slots);
         inner.touch(object);
         Some(view)
     }
@@ -396,5 +396,88 @@ impl Inner {
                 self.by_use.insert(tick, key);
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(budget: usize) -> ResidentState {
+        ResidentState::new(budget, &Metrics::new("test", "full"))
+    }
+
+    fn head(version: i64) -> Head {
+        Head { fence: 3, version, key_count: 1, bytes: 2 }
+    }
+
+    fn value(version: i64, text: &'static str) -> Slot {
+        Slot::written(version, "k", &Bytes::from_static(text.as_bytes()), "text/plain")
+    }
+
+    fn read(state: &ResidentState, object: &ObjectRef) -> Option<String> {
+        match state.read(object, "k")? {
+            (_, Lookup::Found(entry)) => Some(String::from_utf8(entry.value.to_vec()).unwrap()),
+            (_, Lookup::Absent) => Some("<absent>".into()),
+        }
+    }
+
+    #[test]
+    fn a_change_applies_only_on_the_version_it_was_planned_on() {
+        let state = state(1 << 20);
+        let object = ObjectRef::new("ns", "o").unwrap();
+        state.install(&object, Loaded { head: head(1), keys: vec![("k".into(), value(1, "a"))], complete: true });
+        let change = |from, to, text| Change {
+            fence: 3,
+            from_version: from,
+            head: head(to),
+            cleared: false,
+            keys: vec![("k".into(), value(to, text))],
+        };
+        state.apply(&object, change(1, 2, "b"));
+        assert_eq!(read(&state, &object).as_deref(), Some("b"));
+        assert_eq!(
+            state.read(&object, "other").map(|(fence, l)| (fence, matches!(l, Lookup::Absent))),
+            Some((3, true))
+        );
+        // Planned on a version memory is not at: memory cannot be trusted, the object goes.
+        state.apply(&object, change(1, 3, "c"));
+        assert_eq!(read(&state, &object), None);
+    }
+
+    #[test]
+    fn a_read_fills_memory_only_if_nothing_committed_meanwhile() {
+        let state = state(1 << 20);
+        let object = ObjectRef::new("ns", "o").unwrap();
+        state.install(&object, Loaded { head: head(1), keys: vec![], complete: false });
+        assert_eq!(read(&state, &object), None, "an incomplete object cannot answer for an unseen key");
+        let entry = |text: &'static str| Entry {
+            key: "k".into(),
+            value: Bytes::from_static(text.as_bytes()),
+            content_type: "text/plain".into(),
+            version: 1,
+        };
+        let before = state.head(&object).unwrap();
+        state.apply(&object, Change { fence: 3, from_version: 1, head: head(2), cleared: false, keys: vec![] });
+        state.fill(&object, before, "k", Some(&entry("old")));
+        assert_eq!(read(&state, &object), None, "a read older than memory is not kept");
+        let before = state.head(&object).unwrap();
+        state.fill(&object, before, "k", Some(&entry("current")));
+        assert_eq!(read(&state, &object).as_deref(), Some("current"));
+    }
+
+    #[test]
+    fn memory_stays_within_budget_evicting_the_least_recently_used() {
+        let state = state(3 * (OBJECT_OVERHEAD + KEY_OVERHEAD + 1 + 1 + "text/plain".len()));
+        let objects: Vec<_> = (0..4).map(|i| ObjectRef::new("ns", &format!("o{i}")).unwrap()).collect();
+        for object in &objects[..3] {
+            state.install(object, Loaded { head: head(1), keys: vec![("k".into(), value(1, "v"))], complete: true });
+        }
+        assert!(read(&state, &objects[0]).is_some(), "o0 is used, so o1 is now the oldest");
+        state.install(&objects[3], Loaded { head: head(1), keys: vec![("k".into(), value(1, "v"))], complete: true });
+        let resident: Vec<bool> = objects.iter().map(|o| read(&state, o).is_some()).collect();
+        assert_eq!(resident, [true, false, true, true]);
+        assert_eq!(state.evictions.get(), 1);
+        assert!(state.bytes.get() as usize <= state.budget);
     }
 }

@@ -187,7 +187,7 @@ async fn ensure_draft(
     keys: &[&str],
 ) -> Result<bool, StoreError> {
     if !planner.drafts.objects.contains_key(object) {
-        if let Some((head, _, slots)) = planner.resident.view(object, fence, keys) {
+        if let Some((head, slots)) = planner.resident.view(object, fence, keys) {
             planner.resident.count_hit();
             planner
                 .drafts
@@ -207,7 +207,7 @@ async fn ensure_draft(
                     draft.keys.insert(key.to_string(), Slot::Absent);
                     continue;
                 }
-                match planner.resident.view(object, fence, &[key]).and_then(|(_, _, mut s)| s.pop()) {
+                match planner.resident.view(object, fence, &[key]).and_then(|(_, mut slots)| slots.pop()) {
                     Some((key, slot)) => {
                         draft.keys.insert(key, slot);
                     }
