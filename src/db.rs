@@ -23,7 +23,12 @@ use batch::{Outcome, Step};
 /// How long a local connection waits for another process's write lock
 /// before giving up with SQLITE_BUSY.
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Read connections on a local file: reads take microseconds, and SQLite
+/// serves them beside the writer.
 const READ_CONNECTIONS: usize = 4;
+/// On a remote server a read waits a network round trip, during which its
+/// connection serves nobody else: more of them, so reads do not queue.
+const REMOTE_READ_CONNECTIONS: usize = 32;
 /// A remote server expires an idle Hrana stream after 10 s, and a read
 /// connection keeps its stream open between queries: renew it well before.
 const REMOTE_STREAM_MAX_IDLE: Duration = Duration::from_secs(5);
@@ -85,8 +90,6 @@ pub struct Database {
     wal: Option<Arc<WalState>>,
     /// Remote servers only: how the writer sends a transaction as one request.
     pipeline: Option<remote::Pipeline>,
-    /// Batches sent to a remote server (each one round trip).
-    round_trips: AtomicU64,
 }
 
 struct Reader {
@@ -318,7 +321,6 @@ impl Database {
                 DatabaseUrl::Remote(url) => Some(remote::Pipeline::new(url, settings.turso_token.as_deref())?),
                 DatabaseUrl::File(_) => None,
             },
-            round_trips: AtomicU64::new(0),
         };
         let first = db.connect().await?;
         if let DatabaseUrl::File(_) = db.url {
@@ -327,7 +329,8 @@ impl Database {
             db.wal = Some(Checkpointer::spawn(db.connect().await?)?);
         }
         db.readers.push(Mutex::new(Reader { session: db.session_on(first), last_used: Instant::now() }));
-        for _ in 1..READ_CONNECTIONS {
+        let readers = if db.is_remote() { REMOTE_READ_CONNECTIONS } else { READ_CONNECTIONS };
+        for _ in 1..readers {
             let session = db.session().await?;
             db.readers.push(Mutex::new(Reader { session, last_used: Instant::now() }));
         }
@@ -384,20 +387,12 @@ impl Database {
     /// Runs a transaction's steps: on a remote server as one request, on a
     /// local file through `local` (the writer's connection). An error means
     /// the batch as a whole failed to run or its outcome is unknown.
-    pub async fn run_batch(&self, local: Option<&Session>, steps: &[Step]) -> Result<Vec<Outcome>, StoreError> {
+    pub async fn run_batch(&self, local: Option<&Session>, steps: &mut [Step]) -> Result<Vec<Outcome>, StoreError> {
         match (&self.pipeline, local) {
-            (Some(pipeline), _) => {
-                self.round_trips.fetch_add(1, Ordering::Relaxed);
-                pipeline.run(steps).await
-            }
+            (Some(pipeline), _) => pipeline.run(steps).await,
             (None, Some(session)) => Ok(batch::run_local(session, steps).await),
             (None, None) => Err(StoreError::Internal("a local batch needs the writer's connection".into())),
         }
-    }
-
-    /// Requests sent to a remote server for batches so far.
-    pub fn round_trips(&self) -> u64 {
-        self.round_trips.load(Ordering::Relaxed)
     }
 
     /// Runs `read` on one of the read connections. Reads never wait behind

@@ -165,7 +165,7 @@ impl Guard {
         if leases.get(object).is_some_and(|l| l.fence == fence) {
             leases.remove(object);
         }
-        self.resident.drop_object(object);
+        self.resident.drop_under(object, fence);
         self.metrics.leases_held.set(leases.len() as i64);
         tracing::info!(object = %object, fence, "lease lost: another replica owns the object now");
     }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot, Mutex};
 
-use crate::db::batch::{all, any, failed, not, ok, Outcome, Steps, Stmt};
+use crate::db::batch::{all, any, failed, not, ok, Cond, Outcome, Steps, Stmt};
 use crate::db::{Database, Session, StoreError};
 use crate::objects::resident::ResidentState;
 use crate::objects::ObjectRef;
@@ -74,6 +74,13 @@ pub trait Work: Send + 'static {
         None
     }
 
+    /// After planning: the object whose group segment this work joined (its
+    /// writes are merged with the group's other writes to that object, see
+    /// `objects::Drafts`), instead of steps of its own.
+    fn joins(&self) -> Option<&ObjectRef> {
+        None
+    }
+
     /// Decides what to write. `Err(output)`: answered without writing.
     fn plan<'a>(
         &'a mut self,
@@ -100,6 +107,7 @@ pub struct Planner {
 trait Job: Send {
     fn weight(&self) -> usize;
     fn reads_rows_of(&self) -> Option<ObjectRef>;
+    fn joins(&self) -> Option<ObjectRef>;
     /// `Ok(None)`: answered already.
     fn plan<'a>(&'a mut self, planner: &'a mut Planner) -> BoxFuture<'a, Result<Option<Writes>, StoreError>>;
     fn settle(&mut self, settled: Settled<'_>, resident: &ResidentState);
@@ -121,6 +129,10 @@ impl<W: Work> Job for Pending<W> {
 
     fn reads_rows_of(&self) -> Option<ObjectRef> {
         self.work.reads_rows_of().cloned()
+    }
+
+    fn joins(&self) -> Option<ObjectRef> {
+        self.work.joins().cloned()
     }
 
     fn plan<'a>(&'a mut self, planner: &'a mut Planner) -> BoxFuture<'a, Result<Option<Writes>, StoreError>> {
@@ -302,11 +314,55 @@ fn fail_all(group: Vec<Box<dyn Job>>, err: StoreError) {
     }
 }
 
-/// Where one job's steps are in the batch.
+/// Where some jobs' steps are in the batch: one job's own, or the merged
+/// segment of the jobs that wrote to one object.
 struct Placed {
-    job: usize,
+    jobs: Vec<usize>,
     assertions: Vec<u32>,
     statements: std::ops::Range<usize>,
+}
+
+/// The batch being built.
+struct Batch {
+    steps: Steps,
+    /// Holds when everything placed so far either succeeded or was refused by an assertion.
+    healthy: Cond,
+    placed: Vec<Placed>,
+}
+
+impl Batch {
+    /// Appends `writes` for `jobs`: the first step runs only if everything
+    /// before it succeeded or was refused; each later step only if the one
+    /// before it succeeded.
+    fn place(&mut self, writes: Writes, jobs: Vec<usize>) {
+        let mut previous: Option<u32> = None;
+        let mut assertions = Vec::with_capacity(writes.assertions.len());
+        for stmt in writes.assertions {
+            let cond = previous.map_or_else(|| self.healthy.clone(), ok);
+            let step = self.steps.push(stmt, Some(cond));
+            assertions.push(step);
+            previous = Some(step);
+        }
+        let first_statement = self.steps.steps.len();
+        for stmt in writes.statements {
+            let cond = previous.map_or_else(|| self.healthy.clone(), ok);
+            previous = Some(self.steps.push(stmt, Some(cond)));
+        }
+        let last = previous.expect("placed writes have steps");
+        let mut ends = vec![ok(last)];
+        ends.extend(assertions.iter().map(|a| failed(*a)));
+        self.healthy = any(ends);
+        self.placed.push(Placed { jobs, assertions, statements: first_statement..self.steps.steps.len() });
+    }
+
+    /// Places the open segments of `joined` objects.
+    fn close_segments(&mut self, planner: &mut Planner, joined: &mut Vec<(ObjectRef, Vec<usize>)>) {
+        for (object, jobs) in joined.drain(..) {
+            if let Some(writes) = planner.drafts.close_segment(&object) {
+                self.place(writes, jobs);
+            }
+        }
+    }
 }
 
 /// Plans every job, commits the group as one batch, and settles each job.
@@ -322,8 +378,9 @@ async fn commit_group(
 ) -> Result<(), StoreError> {
     let mut steps = Steps::default();
     let begin = steps.push(Stmt::exec("BEGIN IMMEDIATE", vec![]), None);
-    let mut healthy = ok(begin);
-    let mut placed = Vec::with_capacity(group.len());
+    let mut batch = Batch { steps, healthy: ok(begin), placed: Vec::with_capacity(group.len()) };
+    // Objects whose key writes are being merged, in the order their segments opened.
+    let mut joined: Vec<(ObjectRef, Vec<usize>)> = Vec::new();
     for (index, job) in group.iter_mut().enumerate() {
         let writes = match job.plan(planner).await {
             Ok(Some(writes)) => writes,
@@ -334,32 +391,23 @@ async fn commit_group(
                 continue;
             }
         };
+        if let Some(object) = job.joins() {
+            match joined.iter_mut().find(|(open, _)| *open == object) {
+                Some((_, jobs)) => jobs.push(index),
+                None => joined.push((object, vec![index])),
+            }
+            continue;
+        }
+        // Other work goes after the open segments, in case it touches their objects.
+        batch.close_segments(planner, &mut joined);
         if writes.assertions.is_empty() && writes.statements.is_empty() {
             job.settle(Settled::Committed(&[]), &planner.resident);
             continue;
         }
-        // Each job's first step runs only if everything before it either
-        // succeeded or was refused by an assertion; each later step only if
-        // the one before it succeeded.
-        let mut previous: Option<u32> = None;
-        let mut assertions = Vec::with_capacity(writes.assertions.len());
-        for stmt in writes.assertions {
-            let cond = previous.map_or_else(|| healthy.clone(), ok);
-            let step = steps.push(stmt, Some(cond));
-            assertions.push(step);
-            previous = Some(step);
-        }
-        let first_statement = steps.steps.len();
-        for stmt in writes.statements {
-            let cond = previous.map_or_else(|| healthy.clone(), ok);
-            previous = Some(steps.push(stmt, Some(cond)));
-        }
-        let last = previous.expect("a job with steps");
-        let mut ends = vec![ok(last)];
-        ends.extend(assertions.iter().map(|a| failed(*a)));
-        healthy = any(ends);
-        placed.push(Placed { job: index, assertions, statements: first_statement..steps.steps.len() });
+        batch.place(writes, vec![index]);
     }
+    batch.close_segments(planner, &mut joined);
+    let Batch { mut steps, healthy, placed } = batch;
     if placed.is_empty() {
         return Ok(());
     }
@@ -367,7 +415,7 @@ async fn commit_group(
     steps.push(Stmt::exec("ROLLBACK", vec![]), Some(all(vec![ok(begin), not(ok(commit))])));
 
     planner.sent = true;
-    let outcomes = run_with_retries(db, session, &steps, metrics).await?;
+    let outcomes = run_with_retries(db, session, &mut steps, metrics).await?;
     if !outcomes[commit as usize].is_done() {
         // Why: the first step that failed for a reason other than a refusal.
         let assertion_steps: HashSet<u32> = placed.iter().flat_map(|p| p.assertions.iter().copied()).collect();
@@ -380,16 +428,20 @@ async fn commit_group(
         return Err(cause.unwrap_or_else(|| StoreError::Internal("the transaction did not commit".into())));
     }
     for place in placed {
-        let job = &mut group[place.job];
         let refused = place.assertions.iter().enumerate().find_map(|(index, step)| match &outcomes[*step as usize] {
             Outcome::Failed(err) => Some((index, err)),
             _ => None,
         });
-        match refused {
-            None => job.settle(Settled::Committed(&outcomes[place.statements]), &planner.resident),
-            Some((index, err)) if is_refusal(&err.message) => job.settle(Settled::Refused(index), &planner.resident),
-            // The assertion itself could not run: this job did not apply, the others did.
-            Some((_, err)) => job.fail(err.class.clone()),
+        for job in place.jobs {
+            let job = &mut group[job];
+            match refused {
+                None => job.settle(Settled::Committed(&outcomes[place.statements.clone()]), &planner.resident),
+                Some((index, err)) if is_refusal(&err.message) => {
+                    job.settle(Settled::Refused(index), &planner.resident)
+                }
+                // The assertion itself could not run: these jobs did not apply, the others did.
+                Some((_, err)) => job.fail(err.class.clone()),
+            }
         }
     }
     Ok(())
@@ -407,12 +459,13 @@ fn is_refusal(message: &str) -> bool {
 async fn run_with_retries(
     db: &Database,
     session: Option<&Session>,
-    steps: &Steps,
+    steps: &mut Steps,
     metrics: &Metrics,
 ) -> Result<Vec<Outcome>, StoreError> {
     let mut attempt = 1;
     loop {
-        let outcomes = db.run_batch(session, &steps.steps).await?;
+        // (A retry only follows a failed BEGIN, after which no other step ran or gave up its parameters.)
+        let outcomes = db.run_batch(session, &mut steps.steps).await?;
         let begin_failed = match &outcomes[0] {
             Outcome::Failed(err) => err.clone(),
             _ => return Ok(outcomes),

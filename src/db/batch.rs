@@ -104,7 +104,8 @@ pub fn holds(cond: &Cond, outcomes: &[Outcome], autocommit: bool) -> bool {
 }
 
 /// Runs `steps` on a local connection, each through its prepared statement.
-pub(super) async fn run_local(session: &Session, steps: &[Step]) -> Vec<Outcome> {
+/// The parameters of the steps that run are moved out, not copied.
+pub(super) async fn run_local(session: &Session, steps: &mut [Step]) -> Vec<Outcome> {
     let mut outcomes: Vec<Outcome> = Vec::with_capacity(steps.len());
     for step in steps {
         if let Some(cond) = &step.cond {
@@ -113,7 +114,7 @@ pub(super) async fn run_local(session: &Session, steps: &[Step]) -> Vec<Outcome>
                 continue;
             }
         }
-        let outcome = match run_one(session, &step.stmt).await {
+        let outcome = match run_one(session, &mut step.stmt).await {
             Ok(done) => done,
             Err(err) => Outcome::Failed(StepError { message: err.to_string(), class: StoreError::from(err) }),
         };
@@ -122,14 +123,15 @@ pub(super) async fn run_local(session: &Session, steps: &[Step]) -> Vec<Outcome>
     outcomes
 }
 
-async fn run_one(session: &Session, stmt: &Stmt) -> Result<Outcome, libsql::Error> {
+async fn run_one(session: &Session, stmt: &mut Stmt) -> Result<Outcome, libsql::Error> {
     let statement = session.prepared.statement(&session.conn, &stmt.sql).await?;
+    let args = std::mem::take(&mut stmt.args);
     let result = async {
         if !stmt.rows {
-            let changed = statement.execute(stmt.args.clone()).await?;
+            let changed = statement.execute(args).await?;
             return Ok(Outcome::Done { rows: Vec::new(), changed: changed as u64 });
         }
-        let mut rows = statement.query(stmt.args.clone()).await?;
+        let mut rows = statement.query(args).await?;
         let columns = rows.column_count();
         let mut all = Vec::new();
         while let Some(row) = rows.next().await? {

@@ -343,6 +343,15 @@ impl ResidentState {
         }
     }
 
+    /// Forgets the object if it is resident under `fence` (a write planned
+    /// under that fence was refused); state read under a newer fence stays.
+    pub fn drop_under(&self, object: &ObjectRef, fence: i64) {
+        let mut inner = self.inner.lock().expect("resident lock");
+        if inner.objects.get(object).is_some_and(|r| r.head.fence == fence) && inner.remove(object) {
+            self.publish(&inner);
+        }
+    }
+
     pub fn drop_all(&self) {
         let mut inner = self.inner.lock().expect("resident lock");
         *inner = Inner::default();

@@ -81,6 +81,8 @@ pub struct Draft {
     /// A delete-all earlier in the group: every key not in `keys` is absent.
     /// (Otherwise a key not in `keys` is as committed: in memory or the database.)
     cleared: bool,
+    /// Key writes planned since the last statements were placed for this object.
+    segment: Option<Segment>,
 }
 
 /// The drafts of one group.
@@ -113,6 +115,10 @@ impl Work for WriteJob {
 
     fn weight(&self) -> usize {
         self.mutation.weight()
+    }
+
+    fn joins(&self) -> Option<&ObjectRef> {
+        matches!(self.mutation, Mutation::Ops { .. }).then_some(&self.object)
     }
 
     fn reads_rows_of(&self) -> Option<&ObjectRef> {
@@ -155,7 +161,7 @@ impl Work for WriteJob {
         let planned = self.planned.take().expect("settled after planning");
         match settled {
             Settled::Refused(_) => {
-                resident.drop_object(&self.object);
+                resident.drop_under(&self.object, self.fence);
                 Err(Rejection::Fenced)
             }
             Settled::Committed(outcomes) => {
@@ -189,10 +195,10 @@ async fn ensure_draft(
     if !planner.drafts.objects.contains_key(object) {
         if let Some((head, slots)) = planner.resident.view(object, fence, keys) {
             planner.resident.count_hit();
-            planner
-                .drafts
-                .objects
-                .insert(object.clone(), Draft { head, keys: slots.into_iter().collect(), cleared: false });
+            planner.drafts.objects.insert(
+                object.clone(),
+                Draft { head, keys: slots.into_iter().collect(), cleared: false, segment: None },
+            );
         }
     }
     let missing: Vec<&str> = match planner.drafts.objects.get_mut(object) {
@@ -235,6 +241,7 @@ async fn ensure_draft(
         head: loaded.head,
         keys: HashMap::new(),
         cleared: false,
+        segment: None,
     });
     for (key, slot) in loaded.keys {
         draft.keys.entry(key).or_insert(slot);
@@ -293,11 +300,11 @@ impl WriteJob {
     ) -> (Writes, Planned) {
         let from = draft.head;
         let version = from.version + 1;
-        let assertion = fence_assertion(&self.object, &self.owner, self.fence, Some(from.version));
-        let refuse = |answer: Rejection| {
-            let writes = Writes { assertions: vec![assertion.clone()], statements: vec![] };
-            (writes, Planned { answer: Err(answer), change: None, counted: None })
-        };
+        // Every answer, refusals and no-ops included, holds only if the fence
+        // does at commit: each joins its object's segment, which asserts it.
+        draft.join(self);
+        let refuse =
+            |answer: Rejection| (Writes::default(), Planned { answer: Err(answer), change: None, counted: None });
 
         // Keys as this write leaves them, on top of the draft.
         let mut now: HashMap<&str, Slot> = HashMap::new();
@@ -353,61 +360,37 @@ impl WriteJob {
             }
         }
         if changes.is_empty() && events.is_empty() {
-            // Nothing changes, but the answer holds only if the fence does: it is checked at commit.
-            let writes = Writes { assertions: vec![assertion], statements: vec![] };
             let answer = Ok(Committed { version: from.version, fence: self.fence, changed: false, results });
-            return (writes, Planned { answer, change: None, counted: None });
+            return (Writes::default(), Planned { answer, change: None, counted: None });
         }
 
-        let ObjectRef { ns, id } = &self.object;
-        let mut statements = vec![Stmt::exec(
-            "UPDATE objects SET version = ?5, updated_at = ?6, key_count = key_count + ?7, bytes = bytes + ?8
-             WHERE ns = ?1 AND id = ?2 AND fence = ?3 AND owner = ?4",
-            vec![
-                ns.as_str().into(),
-                id.as_str().into(),
-                self.fence.into(),
-                self.owner.as_str().into(),
-                version.into(),
-                self.now_ms.into(),
-                keys_delta.into(),
-                bytes_delta.into(),
-            ],
-        )];
         // Final states in the order keys were first named, so writes are deterministic.
-        let mut written = Vec::new();
-        let mut deleted = Vec::new();
         let mut resident_keys = Vec::new();
+        let segment = draft.segment.as_mut().expect("joined above");
         for key in self.named_keys() {
             let Some(slot) = now.get(key) else { continue };
             match slot {
                 Slot::Present { value: Some((value, content_type)), .. } => {
-                    written.push((key, value.clone(), content_type.clone()));
+                    segment.keys.insert(key.to_string(), Some((version, value.clone(), content_type.clone())));
                     resident_keys.push((key.to_string(), Slot::written(version, key, value, content_type)));
                 }
                 Slot::Present { value: None, .. } => unreachable!("a write keeps its value"),
                 Slot::Absent => {
-                    deleted.push(key);
+                    segment.keys.insert(key.to_string(), None);
                     resident_keys.push((key.to_string(), Slot::Absent));
                 }
             }
         }
-        for chunk in written.chunks(ROWS_PER_STATEMENT) {
-            let mut params = self.object_params();
-            params.push(version.into());
-            for (key, value, content_type) in chunk {
-                params.extend([key.as_bytes().into(), Value::Blob(value.to_vec()), content_type.as_ref().into()]);
-            }
-            statements.push(Stmt::exec_rows(&UPSERT_KV, chunk.len(), params));
-        }
-        for chunk in deleted.chunks(ROWS_PER_STATEMENT) {
-            let mut params = self.object_params();
-            params.extend(chunk.iter().map(|key| Value::from(key.as_bytes())));
-            statements.push(Stmt::exec_rows(&DELETE_KV, chunk.len(), params));
-        }
         // The outbox rows, in the same transaction: a write that is refused leaves none.
-        self.record_changes(&mut statements, version, &changes);
-        self.record_events(&mut statements, version, events);
+        segment.changes.extend(changes.iter().map(|change| self.change_row(version, change)));
+        segment.events.extend(events.iter().map(|event| EventRow {
+            version,
+            ts_micros: event.ts_micros,
+            event_id: event.event_id.to_string(),
+            event_type: event.event_type.clone(),
+            data: event.data.clone(),
+        }));
+        segment.now_ms = segment.now_ms.max(self.now_ms);
 
         let head = Head {
             fence: self.fence,
@@ -422,7 +405,7 @@ impl WriteJob {
         let change =
             ResidentChange { fence: self.fence, from_version: from.version, head, cleared: false, keys: resident_keys };
         let answer = Ok(Committed { version, fence: self.fence, changed: true, results });
-        (Writes { assertions: vec![assertion], statements }, Planned { answer, change: Some(change), counted: None })
+        (Writes::default(), Planned { answer, change: Some(change), counted: None })
     }
 
     /// Blobs and deleting a whole object. `current`: the blob as stored.
@@ -500,7 +483,8 @@ impl WriteJob {
             }
             Mutation::Ops { .. } => unreachable!("key operations take plan_ops"),
         };
-        self.record_changes(&mut statements, version, std::slice::from_ref(&change));
+        let row = self.change_row(version, &change);
+        statements.extend(outbox_statements(&self.object, self.fence, &self.owner, self.now_ms, &[row], &[]));
         draft.head = head;
         if cleared {
             draft.keys.clear();
@@ -511,52 +495,178 @@ impl WriteJob {
         (Writes { assertions: vec![assertion], statements }, Planned { answer, change: Some(resident), counted })
     }
 
-    fn record_changes(&self, statements: &mut Vec<Stmt>, version: i64, changes: &[Change<'_>]) {
-        for chunk in changes.chunks(ROWS_PER_STATEMENT) {
-            let mut params = self.outbox_params(version);
-            params.push((self.now_ms * 1000).into());
-            for change in chunk {
-                let capped = change.value.map(|v| &v[..v.len().min(self.value_cap)]);
-                let truncated = change.value.map(|v| i64::from(v.len() > self.value_cap));
-                params.extend([
-                    change.op.into(),
-                    change.key.into(),
-                    change.content_type.into(),
-                    change.size.into(),
-                    capped.map(<[u8]>::to_vec).into(),
-                    truncated.into(),
-                ]);
-            }
-            statements.push(Stmt::exec_rows(&OUTBOX_CHANGES, chunk.len(), params));
+    /// The outbox row of one change at `version`.
+    fn change_row(&self, version: i64, change: &Change<'_>) -> ChangeRow {
+        ChangeRow {
+            version,
+            ts_micros: self.now_ms * 1000,
+            op: change.op,
+            key: change.key.map(str::to_string),
+            content_type: change.content_type.map(str::to_string),
+            size: change.size,
+            value: change.value.map(|v| v[..v.len().min(self.value_cap)].to_vec()),
+            truncated: change.value.map(|v| i64::from(v.len() > self.value_cap)),
         }
     }
+}
 
-    fn record_events(&self, statements: &mut Vec<Stmt>, version: i64, events: &[Event]) {
-        for chunk in events.chunks(ROWS_PER_STATEMENT) {
-            let mut params = self.outbox_params(version);
-            for event in chunk {
-                params.extend([
-                    event.ts_micros.into(),
-                    event.event_id.to_string().into(),
-                    event.event_type.as_str().into(),
-                    event.data.as_str().into(),
-                ]);
-            }
-            statements.push(Stmt::exec_rows(&OUTBOX_EVENTS, chunk.len(), params));
+/// The key writes of one object in one group, merged into one run of
+/// statements under one fence assertion: every write of the object in the
+/// group shares its fence, so they stand or fall together anyway, and
+/// merging makes a group of N writes to one object four statements, not 4N.
+struct Segment {
+    /// The object as the segment's first write found it: what the assertion checks.
+    start: Head,
+    owner: String,
+    now_ms: i64,
+    /// Each key's final state: its value at its version, or deleted.
+    keys: indexmap::IndexMap<String, Option<(i64, bytes::Bytes, std::sync::Arc<str>)>>,
+    changes: Vec<ChangeRow>,
+    events: Vec<EventRow>,
+}
+
+struct ChangeRow {
+    version: i64,
+    ts_micros: i64,
+    op: &'static str,
+    key: Option<String>,
+    content_type: Option<String>,
+    size: Option<i64>,
+    value: Option<Vec<u8>>,
+    truncated: Option<i64>,
+}
+
+struct EventRow {
+    version: i64,
+    ts_micros: i64,
+    event_id: String,
+    event_type: String,
+    data: String,
+}
+
+impl Draft {
+    /// Adds `job` to the object's open segment, opening one at the current state.
+    fn join(&mut self, job: &WriteJob) {
+        if self.segment.is_none() {
+            self.segment = Some(Segment {
+                start: self.head,
+                owner: job.owner.clone(),
+                now_ms: job.now_ms,
+                keys: Default::default(),
+                changes: Vec::new(),
+                events: Vec::new(),
+            });
         }
     }
+}
 
-    /// `?1` and `?2`: the object.
-    fn object_params(&self) -> Vec<Value> {
-        vec![self.object.ns.as_str().into(), self.object.id.as_str().into()]
+impl Drafts {
+    /// Objects with an open segment, in no particular order.
+    pub fn open_segments(&self) -> Vec<ObjectRef> {
+        self.objects.iter().filter(|(_, d)| d.segment.is_some()).map(|(o, _)| o.clone()).collect()
     }
 
-    /// `?1` to `?6`: what every outbox row of this write shares.
-    fn outbox_params(&self, version: i64) -> Vec<Value> {
-        let mut params = self.object_params();
-        params.extend([version.into(), self.fence.into(), self.owner.as_str().into(), self.now_ms.into()]);
-        params
+    /// Closes `object`'s segment: its assertion and statements. Later writes
+    /// to the object in the same group open a new one.
+    pub fn close_segment(&mut self, object: &ObjectRef) -> Option<Writes> {
+        let draft = self.objects.get_mut(object)?;
+        let segment = draft.segment.take()?;
+        let end = draft.head;
+        let assertion = fence_assertion(object, &segment.owner, end.fence, Some(segment.start.version));
+        if end.version == segment.start.version {
+            // Only answers that depend on the fence: nothing to write.
+            return Some(Writes { assertions: vec![assertion], statements: vec![] });
+        }
+        let ObjectRef { ns, id } = object;
+        let object_params = || -> Vec<Value> { vec![ns.as_str().into(), id.as_str().into()] };
+        let mut statements = vec![Stmt::exec(
+            "UPDATE objects SET version = ?5, updated_at = ?6, key_count = key_count + ?7, bytes = bytes + ?8
+             WHERE ns = ?1 AND id = ?2 AND fence = ?3 AND owner = ?4",
+            vec![
+                ns.as_str().into(),
+                id.as_str().into(),
+                end.fence.into(),
+                segment.owner.as_str().into(),
+                end.version.into(),
+                segment.now_ms.into(),
+                (end.key_count - segment.start.key_count).into(),
+                (end.bytes - segment.start.bytes).into(),
+            ],
+        )];
+        let (written, deleted): (Vec<_>, Vec<_>) = segment.keys.iter().partition(|(_, state)| state.is_some());
+        for chunk in written.chunks(ROWS_PER_STATEMENT) {
+            let mut params = object_params();
+            for (key, state) in chunk {
+                let (version, value, content_type) = state.as_ref().expect("partitioned");
+                params.extend([
+                    key.as_bytes().into(),
+                    Value::Blob(value.to_vec()),
+                    content_type.as_ref().into(),
+                    (*version).into(),
+                ]);
+            }
+            statements.push(Stmt::exec_rows(&UPSERT_KV, chunk.len(), params));
+        }
+        for chunk in deleted.chunks(ROWS_PER_STATEMENT) {
+            let mut params = object_params();
+            params.extend(chunk.iter().map(|(key, _)| Value::from(key.as_bytes())));
+            statements.push(Stmt::exec_rows(&DELETE_KV, chunk.len(), params));
+        }
+        statements.extend(outbox_statements(
+            object,
+            end.fence,
+            &segment.owner,
+            segment.now_ms,
+            &segment.changes,
+            &segment.events,
+        ));
+        Some(Writes { assertions: vec![assertion], statements })
     }
+}
+
+/// The outbox rows of changes and events, a few multi-row INSERTs.
+fn outbox_statements(
+    object: &ObjectRef,
+    fence: i64,
+    owner: &str,
+    now_ms: i64,
+    changes: &[ChangeRow],
+    events: &[EventRow],
+) -> Vec<Stmt> {
+    let shared = || -> Vec<Value> {
+        vec![object.ns.as_str().into(), object.id.as_str().into(), fence.into(), owner.into(), now_ms.into()]
+    };
+    let mut statements = Vec::new();
+    for chunk in changes.chunks(ROWS_PER_STATEMENT) {
+        let mut params = shared();
+        for row in chunk {
+            params.extend([
+                row.version.into(),
+                row.ts_micros.into(),
+                row.op.into(),
+                row.key.clone().into(),
+                row.content_type.clone().into(),
+                row.size.into(),
+                row.value.clone().into(),
+                row.truncated.into(),
+            ]);
+        }
+        statements.push(Stmt::exec_rows(&OUTBOX_CHANGES, chunk.len(), params));
+    }
+    for chunk in events.chunks(ROWS_PER_STATEMENT) {
+        let mut params = shared();
+        for row in chunk {
+            params.extend([
+                row.version.into(),
+                row.ts_micros.into(),
+                row.event_id.as_str().into(),
+                row.event_type.as_str().into(),
+                row.data.as_str().into(),
+            ]);
+        }
+        statements.push(Stmt::exec_rows(&OUTBOX_EVENTS, chunk.len(), params));
+    }
+    statements
 }
 
 /// Rows per multi-row statement: as many as a batch holds ops, so a batch's
@@ -564,11 +674,10 @@ impl WriteJob {
 /// 128 outbox rows bind 774 parameters, far below SQLite's 32,766.
 const ROWS_PER_STATEMENT: usize = super::MAX_BATCH_OPS;
 
+/// `?1`, `?2`: the object; then key, value, content type and version per row.
 static UPSERT_KV: Shape = Shape {
     text: |rows| {
-        let values: Vec<String> = (0..rows)
-            .map(|row| format!("(?1, ?2, ?{}, ?{}, ?{}, ?3)", 4 + 3 * row, 5 + 3 * row, 6 + 3 * row))
-            .collect();
+        let values: Vec<String> = (0..rows).map(|row| format!("(?1, ?2, {})", numbered(3 + 4 * row, 4))).collect();
         format!(
             "INSERT INTO kv (ns, id, key, value, content_type, version) VALUES {}
              ON CONFLICT (ns, id, key) DO UPDATE SET
@@ -581,10 +690,14 @@ static UPSERT_KV: Shape = Shape {
 static DELETE_KV: Shape =
     Shape { text: |keys| format!("DELETE FROM kv WHERE ns = ?1 AND id = ?2 AND key IN ({})", numbered(3, keys)) };
 
+/// `?1` to `?5`: ns, id, fence, instance, commit time; then 8 values per row.
 static OUTBOX_CHANGES: Shape = Shape {
     text: |rows| {
         let values: Vec<String> = (0..rows)
-            .map(|row| format!("('change', ?1, ?2, ?3, ?4, ?5, ?7, {}, ?6)", numbered(8 + 6 * row, 6)))
+            .map(|row| {
+                let n = 6 + 8 * row;
+                format!("('change', ?1, ?2, ?{}, ?3, ?4, ?{}, {}, ?5)", n, n + 1, numbered(n + 2, 6))
+            })
             .collect();
         format!(
             "INSERT INTO outbox (kind, ns, id, version, fence, instance, ts, op, key, content_type, size, value, value_truncated, committed_ms)
@@ -594,10 +707,15 @@ static OUTBOX_CHANGES: Shape = Shape {
     },
 };
 
+/// `?1` to `?5`: ns, id, fence, instance, commit time; then 5 values per row.
 static OUTBOX_EVENTS: Shape = Shape {
     text: |rows| {
-        let values: Vec<String> =
-            (0..rows).map(|row| format!("('event', ?1, ?2, ?3, ?4, ?5, {}, ?6)", numbered(7 + 4 * row, 4))).collect();
+        let values: Vec<String> = (0..rows)
+            .map(|row| {
+                let n = 6 + 5 * row;
+                format!("('event', ?1, ?2, ?{}, ?3, ?4, {}, ?5)", n, numbered(n + 1, 4))
+            })
+            .collect();
         format!(
             "INSERT INTO outbox (kind, ns, id, version, fence, instance, ts, event_id, type, data, committed_ms) VALUES {}",
             values.join(", ")
