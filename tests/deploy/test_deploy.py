@@ -12,8 +12,8 @@ No Docker engine, cluster or fly.io account is needed; every tool comes from PyP
   defaults plus one token line, with deploy/helm/ci-all-on.values.yaml, with an
   existingSecret and with auth.insecure, and kubernetes-validate checks every
   rendered object against the Kubernetes schemas in strict mode;
-- check-jsonschema validates deploy/fly/fly.toml against SchemaStore's fly.json,
-  which must be at ../shared/schemas/fly.json beside the repository;
+- check-jsonschema validates deploy/fly/fly.toml and the chart's Chart.yaml against
+  SchemaStore's schemas, kept in tests/deploy/schemas/ (source and licence in its README);
 - the environment variables the server reads (ENV_VARS in src/config.rs) are
   compared with the table in deploy/README.md and with what each target sets.
 
@@ -51,9 +51,9 @@ CHART = DEPLOY / "helm" / "statehouse"
 ALL_ON_VALUES = DEPLOY / "helm" / "ci-all-on.values.yaml"
 DEPLOY_README = DEPLOY / "README.md"
 CONFIG_RS = REPO / "src" / "config.rs"
-SHARED_SCHEMAS = REPO.parent / "shared" / "schemas"
-FLY_SCHEMA = SHARED_SCHEMAS / "fly.json"
-CHART_SCHEMA = SHARED_SCHEMAS / "helm-chart.json"
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
+FLY_SCHEMA = SCHEMAS / "fly.json"
+CHART_SCHEMA = SCHEMAS / "helm-chart.json"
 
 # Oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest
 # kubernetes-validate knows.
@@ -438,7 +438,7 @@ def fly_schema() -> Path:
     if not FLY_SCHEMA.is_file():
         pytest.fail(
             f"the fly.toml JSON schema is missing: expected {FLY_SCHEMA} "
-            "(../shared/schemas/fly.json relative to the repository root)"
+            "(SchemaStore's fly.json; see tests/deploy/schemas/README.md)"
         )
     return FLY_SCHEMA
 
