@@ -64,6 +64,11 @@ SECRET_VARS = {
     "TURSO_TOKEN", "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY",
     "STATEHOUSE_AUTH_TOKENS", "STATEHOUSE_PEER_SECRET", "STATEHOUSE_JWT_HS256_SECRET",
 }
+# What `fly storage create` (Tigris, fly.io's S3-compatible store) sets on an app as
+# secrets, per fly.io's documentation; the server reads them when no R2_* store
+# setting is given.
+TIGRIS_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "BUCKET_NAME")
+TIGRIS_SECRETS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 # What compose.yaml requires from the shell or deploy/docker/.env: a token line (the
 # hash of "compose-test-token") and a peer secret.
 COMPOSE_AUTH_ENV = {
@@ -71,7 +76,7 @@ COMPOSE_AUTH_ENV = {
     "STATEHOUSE_PEER_SECRET": "compose-test-peer-secret-0123456789abcdef",
 }
 # Environment variables with these prefixes are the server's (or fly.io's).
-OWN_PREFIXES = ("STATEHOUSE_", "TURSO_", "R2_", "FLY_")
+OWN_PREFIXES = ("STATEHOUSE_", "TURSO_", "R2_", "FLY_", "AWS_", "BUCKET_NAME")
 TOOL_TIMEOUT = 120
 
 
@@ -408,6 +413,10 @@ def test_compose_statehouse_replicas(compose_config):
         assert env["STATEHOUSE_ADVERTISE_URL"] == f"http://{name}:8080", env["STATEHOUSE_ADVERTISE_URL"]
         advertised.add(env["STATEHOUSE_ADVERTISE_URL"])
         assert env["R2_ENDPOINT"] == "http://minio:9000"
+        # A shared database with no complete R2_* store would make the server refuse to start.
+        for var in ("R2_BUCKET", "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY"):
+            assert env.get(var), f"{name}: {var} missing: every replica needs the whole store"
+        assert "STATEHOUSE_OBJECTS_DIR_SHARED" not in env, f"{name}: the replicas share MinIO, not a folder"
         assert env["R2_BUCKET"] in " ".join(services["create-bucket"]["environment"].values())
         assert "FLY_MACHINE_ID" not in env, f"{name}: FLY_MACHINE_ID would turn forwarding into fly-replay"
         for var, value in COMPOSE_AUTH_ENV.items():
@@ -484,7 +493,7 @@ def test_fly_toml_settings(fly):
     # /metrics needs an admin bearer token, and Fly's managed scraper sends none.
     assert "metrics" not in fly, "fly.toml [metrics] would scrape /metrics without a token (401)"
 
-    leaked = SECRET_VARS & set(env)
+    leaked = (SECRET_VARS | TIGRIS_SECRETS) & set(env)
     assert not leaked, f"secrets in fly.toml [env]: {leaked}; use fly secrets set"
     assert "STATEHOUSE_INSECURE" not in env, "a fly.io app is public: it must authenticate"
     documented = fly_secrets_documented()
@@ -492,6 +501,27 @@ def test_fly_toml_settings(fly):
         assert name in documented, f"deploy/fly/README.md has no `fly secrets set {name}=...`"
     assert "FLY_MACHINE_ID" not in env, "fly.io sets FLY_MACHINE_ID itself"
     assert all(isinstance(v, str) for v in env.values())
+
+
+def test_fly_walkthrough_stores_objects_in_tigris(fly, table):
+    """fly.io: the README walks through launch, Tigris, Turso, secrets and deploy, in that
+    order, and what `fly storage create` sets is what the server reads."""
+    text = FLY_README.read_text()
+    walkthrough = text[text.index("## From zero to running"):]
+    walkthrough = walkthrough[: walkthrough.index("\n## ", 3)]
+    steps = ["fly launch", "fly storage create", "turso db create", "fly secrets set", "fly deploy"]
+    at = [walkthrough.find(step) for step in steps]
+    assert -1 not in at and at == sorted(at), f"the walkthrough must go {' -> '.join(steps)}: {dict(zip(steps, at))}"
+    read = env_vars_from_config_rs()
+    for name in TIGRIS_VARS:
+        assert name in read, f"`fly storage create` sets {name}, which the server does not read (ENV_VARS in src/config.rs)"
+        assert table[name].targets["fly.io"] == "platform", f"{name}: fly.io sets it, mark it `platform`"
+        assert name in walkthrough, f"the walkthrough does not say that `fly storage create` sets {name}"
+    # Any R2_* store setting makes the server ignore Tigris's (the precedence the README documents).
+    shadowing = {"R2_ENDPOINT", "R2_BUCKET", "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY", "R2_REGION"} & set(fly["env"])
+    assert not shadowing, f"fly.toml [env] sets {shadowing}, which would override the Tigris bucket"
+    assert "take precedence" in walkthrough and "R2_*" in walkthrough, "the README must document the precedence of R2_* over Tigris's variables"
+    assert "STATEHOUSE_OBJECTS_DIR_SHARED" not in fly["env"], "every fly.io Machine has a disk of its own"
 
 
 def fly_secrets_documented() -> set[str]:
@@ -1010,10 +1040,11 @@ def test_env_table_matches_the_code(table):
             assert row.status == "read", f"{name} is read by the server: mark it `read` in deploy/README.md"
         else:
             assert row.status == "upcoming", f"{name} is not in ENV_VARS: mark it `upcoming` or drop it"
-        assert row.secret == (name in SECRET_VARS), f"{name}: Secret column"
+        assert row.secret == (name in SECRET_VARS | TIGRIS_SECRETS), f"{name}: Secret column"
         if row.secret:
             for target in ("fly.io", "Helm"):
-                assert row.targets[target] in ("secret", "optional", "never"), f"{name}/{target}: a secret must not be set in plain text"
+                # platform: fly.io keeps what `fly storage create` sets as app secrets.
+                assert row.targets[target] in ("secret", "optional", "never", "platform"), f"{name}/{target}: a secret must not be set in plain text"
 
 
 def _compose_env(compose_config) -> tuple[dict[str, set[str]], set[str]]:
