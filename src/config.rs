@@ -484,7 +484,9 @@ impl Settings {
     fn check_store_is_shared(&self) -> Result<(), String> {
         let store = &self.objects;
         let s3 = [&store.r2_endpoint, &store.r2_bucket, &store.r2_access_key_id, &store.r2_secret_access_key];
-        if !self.database.turso_url.is_remote() || s3.iter().any(|v| v.is_some()) || self.store_fallbacks.objects_dir_shared
+        if !self.database.turso_url.is_remote()
+            || s3.iter().any(|v| v.is_some())
+            || self.store_fallbacks.objects_dir_shared
         {
             return Ok(());
         }
@@ -542,7 +544,9 @@ impl Cli {
     fn finish(&mut self, matches: &clap::ArgMatches) -> Result<(), String> {
         let (settings, matches) = match &mut self.command {
             None => (&mut self.serve, matches),
-            Some(Command::Serve(settings)) => (settings.as_mut(), matches.subcommand_matches("serve").unwrap_or(matches)),
+            Some(Command::Serve(settings)) => {
+                (settings.as_mut(), matches.subcommand_matches("serve").unwrap_or(matches))
+            }
             Some(_) => return Ok(()),
         };
         settings.resolve_object_store(given(matches, "r2_region"))?;

@@ -140,7 +140,12 @@ fn a_shared_database_with_an_unshared_local_folder_is_refused() {
         &[("TURSO_URL", "libsql://db-example.turso.io"), ("STATEHOUSE_OBJECTS_DIR", objects)],
         &[("TURSO_URL", remote), ("STATEHOUSE_OBJECTS_DIR", objects), ("STATEHOUSE_OBJECTS_DIR_SHARED", "false")],
         // AWS keys and a region alone (common on laptops and CI machines) are no store.
-        &[("TURSO_URL", remote), ("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE"), ("AWS_SECRET_ACCESS_KEY", "aws-s3cret"), ("AWS_REGION", "eu-west-1")],
+        &[
+            ("TURSO_URL", remote),
+            ("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE"),
+            ("AWS_SECRET_ACCESS_KEY", "aws-s3cret"),
+            ("AWS_REGION", "eu-west-1"),
+        ],
         &[("TURSO_URL", remote), ("STATEHOUSE_OBJECTS_DIR", objects), ("STATEHOUSE_LOG", "off")],
     ];
     for env in cases {
@@ -293,7 +298,12 @@ async fn the_server_starts_with_each_valid_combination_of_database_and_store() {
         assert_eq!(put.status(), 200, "{label}: {}", put.text().await.unwrap());
         assert_eq!(client.get(&blob).send().await.unwrap().text().await.unwrap(), "bytes of a blob", "{label}");
         let added = files_under(&s3.root.join(bucket).join("blobs")) - before;
-        assert_eq!(added > 0, on_s3, "{label}: the blob's bytes went to the {} store", if added > 0 { "S3" } else { "folder" });
+        assert_eq!(
+            added > 0,
+            on_s3,
+            "{label}: the blob's bytes went to the {} store",
+            if added > 0 { "S3" } else { "folder" }
+        );
         server.assert_no_panic();
         println!("{label}: started, ready, blob stored on {}", if on_s3 { "S3" } else { "the folder" });
     }
@@ -301,8 +311,5 @@ async fn the_server_starts_with_each_valid_combination_of_database_and_store() {
 
 fn files_under(dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else { return 0 };
-    entries
-        .map(|e| e.unwrap().path())
-        .map(|p| if p.is_dir() { files_under(&p) } else { 1 })
-        .sum()
+    entries.map(|e| e.unwrap().path()).map(|p| if p.is_dir() { files_under(&p) } else { 1 }).sum()
 }
