@@ -9,7 +9,8 @@
 #      as a .tar.gz, its four git dependencies under .gitdeps/), built once into
 #      the cache;
 #   4. otherwise `cargo install --git` of libsql-server from the upstream
-#      repository at the pinned revision, once, into the cache.
+#      repository (or a mirror named by SQLD_GIT) at the pinned revision, once,
+#      into the cache (SQLD_CACHE to put it elsewhere).
 # Steps 3 and 4 run one and the same `cargo install --git ... --locked`: for a
 # package, against a local git repository made from it, with its .gitdeps/
 # standing in for the git hosts (cargo source replacement). So a machine that
