@@ -209,6 +209,8 @@ async fn start_server(
     command
         .env("TURSO_URL", format!("file:{}/{name}.db", dir.display()))
         .env("STATEHOUSE_OBJECTS_DIR", dir.join(format!("{name}-objects")))
+        // One machine: the folder is shared by whatever runs here, also with a libSQL server.
+        .env("STATEHOUSE_OBJECTS_DIR_SHARED", "true")
         .env("STATEHOUSE_LISTEN", format!("127.0.0.1:{port}"))
         .env("STATEHOUSE_LOG", "warn");
     for (key, value) in env {

@@ -1,5 +1,5 @@
 -- One row per object: its version counter and the lease/fencing state of the
--- single-writer protocol (see DESIGN.md, "Single writer").
+-- single-writer protocol (see docs/design.md, "Leases and fencing tokens").
 CREATE TABLE objects (
     ns               TEXT    NOT NULL,
     id               TEXT    NOT NULL,

@@ -1,7 +1,7 @@
 -- The Iceberg catalog, in the table shape of the Iceberg SQL/JDBC catalog, so
 -- PyIceberg's SqlCatalog (and Java's JdbcCatalog) can open this database as
--- it is. The exporter moves `metadata_location` by compare-and-set, in the
--- same fenced transaction that deletes the outbox rows it published.
+-- it is. The exporter moves `metadata_location` by compare-and-set, in a
+-- transaction that checks its fence; the rows it published are deleted later.
 CREATE TABLE IF NOT EXISTS iceberg_tables (
     catalog_name               VARCHAR(255)  NOT NULL,
     table_namespace            VARCHAR(255)  NOT NULL,

@@ -155,6 +155,39 @@ pub struct ObjectStoreSettings {
     pub create_bucket: bool,
 }
 
+/// Where else the object store's settings may come from: fly.io Tigris's
+/// variables (`fly storage create` sets them), used when no R2_* store setting
+/// is given; and whether a local objects folder is storage every replica shares.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct StoreFallbacks {
+    /// The local objects folder is storage every replica shares (a network volume), so a remote TURSO_URL may use it.
+    #[arg(long = "objects-dir-shared", env = "STATEHOUSE_OBJECTS_DIR_SHARED", default_value_t = false,
+          action = clap::ArgAction::Set)]
+    pub objects_dir_shared: bool,
+
+    /// Tigris/S3 endpoint; stands in for R2_ENDPOINT when no R2_* store setting is given.
+    #[arg(long = "aws-endpoint-url-s3", env = "AWS_ENDPOINT_URL_S3", value_parser = parse_http_url)]
+    pub aws_endpoint_url_s3: Option<String>,
+
+    /// Bucket; stands in for R2_BUCKET when no R2_* store setting is given.
+    #[arg(long = "bucket-name", env = "BUCKET_NAME", value_parser = parse_bucket)]
+    pub bucket_name: Option<String>,
+
+    /// Stands in for R2_ACCESS_KEY_ID with AWS_ENDPOINT_URL_S3 / BUCKET_NAME.
+    #[arg(long = "aws-access-key-id", env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
+    #[serde(serialize_with = "redact")]
+    pub aws_access_key_id: Option<String>,
+
+    /// Stands in for R2_SECRET_ACCESS_KEY with AWS_ENDPOINT_URL_S3 / BUCKET_NAME.
+    #[arg(long = "aws-secret-access-key", env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
+    #[serde(serialize_with = "redact")]
+    pub aws_secret_access_key: Option<String>,
+
+    /// Stands in for R2_REGION (when R2_REGION is not given) with AWS_ENDPOINT_URL_S3 / BUCKET_NAME.
+    #[arg(long = "aws-region", env = "AWS_REGION")]
+    pub aws_region: Option<String>,
+}
+
 #[derive(Debug, Clone, Args, Serialize)]
 pub struct Settings {
     #[command(flatten)]
@@ -164,6 +197,10 @@ pub struct Settings {
     #[command(flatten)]
     #[serde(flatten)]
     pub objects: ObjectStoreSettings,
+
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub store_fallbacks: StoreFallbacks,
 
     #[command(flatten)]
     #[serde(flatten)]
@@ -414,17 +451,94 @@ impl Settings {
 
     /// Settings for tests and embedding: the defaults, with the database at `url`.
     pub fn for_database(url: &str) -> Result<Settings, String> {
-        let cli = Cli::try_parse_from(["statehouse", "--turso-url", url]).map_err(|e| e.to_string())?;
+        use clap::{CommandFactory, FromArgMatches};
+        let matches =
+            Cli::command().try_get_matches_from(["statehouse", "--turso-url", url]).map_err(|e| e.to_string())?;
+        let mut cli = Cli::from_arg_matches(&matches).map_err(|e| e.to_string())?;
+        cli.serve.resolve_object_store(given(&matches, "r2_region"))?;
         Ok(cli.serve)
     }
+
+    /// fly.io Tigris's variables configure the store when no R2_* store setting
+    /// is given and AWS_ENDPOINT_URL_S3 or BUCKET_NAME is: AWS keys and a
+    /// region alone are too common in environments that mean nothing to us.
+    /// R2_REGION, when given, beats AWS_REGION too.
+    fn resolve_object_store(&mut self, r2_region_given: bool) -> Result<(), String> {
+        let (store, aws) = (&mut self.objects, &self.store_fallbacks);
+        let r2 = [&store.r2_endpoint, &store.r2_bucket, &store.r2_access_key_id, &store.r2_secret_access_key];
+        if r2.iter().any(|v| v.is_some()) || (aws.aws_endpoint_url_s3.is_none() && aws.bucket_name.is_none()) {
+            return Ok(());
+        }
+        let parts = [
+            ("AWS_ENDPOINT_URL_S3", &aws.aws_endpoint_url_s3),
+            ("BUCKET_NAME", &aws.bucket_name),
+            ("AWS_ACCESS_KEY_ID", &aws.aws_access_key_id),
+            ("AWS_SECRET_ACCESS_KEY", &aws.aws_secret_access_key),
+        ];
+        let missing: Vec<&str> = parts.iter().filter(|(_, v)| v.is_none()).map(|(n, _)| *n).collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "a store from fly.io Tigris's variables needs AWS_ENDPOINT_URL_S3, BUCKET_NAME, AWS_ACCESS_KEY_ID and \
+                 AWS_SECRET_ACCESS_KEY; missing {} (R2_ENDPOINT, R2_BUCKET, R2_ACCESS_KEY_ID and R2_SECRET_ACCESS_KEY, \
+                 when set, are used instead)",
+                missing.join(", ")
+            ));
+        }
+        store.r2_endpoint = aws.aws_endpoint_url_s3.clone();
+        store.r2_bucket = aws.bucket_name.clone();
+        store.r2_access_key_id = aws.aws_access_key_id.clone();
+        store.r2_secret_access_key = aws.aws_secret_access_key.clone();
+        if let (false, Some(region)) = (r2_region_given, &aws.aws_region) {
+            store.r2_region = region.clone();
+        }
+        Ok(())
+    }
+
+    /// A remote database means replicas on several machines. Each would keep
+    /// blobs and Iceberg files in its own local folder while the shared
+    /// database lists them for every replica: refused unless the folder is
+    /// declared shared storage.
+    fn check_store_is_shared(&self) -> Result<(), String> {
+        let store = &self.objects;
+        let s3 = [&store.r2_endpoint, &store.r2_bucket, &store.r2_access_key_id, &store.r2_secret_access_key];
+        if !self.database.turso_url.is_remote()
+            || s3.iter().any(|v| v.is_some())
+            || self.store_fallbacks.objects_dir_shared
+        {
+            return Ok(());
+        }
+        Err(format!(
+            "TURSO_URL is a database replicas on other machines share, but blobs and Iceberg files would stay in this \
+             machine's folder STATEHOUSE_OBJECTS_DIR={}: set R2_* (R2_ENDPOINT, R2_BUCKET, R2_ACCESS_KEY_ID, \
+             R2_SECRET_ACCESS_KEY) to an S3-compatible store, or STATEHOUSE_OBJECTS_DIR_SHARED=true if that folder is \
+             storage every replica shares",
+            store.objects_dir.display()
+        ))
+    }
+}
+
+/// Whether the setting `id` came from a flag or the environment, not its default.
+fn given(matches: &clap::ArgMatches, id: &str) -> bool {
+    matches.value_source(id).is_some_and(|source| source != clap::parser::ValueSource::DefaultValue)
 }
 
 impl Cli {
     /// Parses flags and environment. On a bad value prints one line naming the
     /// setting (clap's first line names both the flag and the variable) and exits 2.
     pub fn parse_or_exit() -> Cli {
-        match Cli::try_parse() {
-            Ok(cli) => cli,
+        use clap::{CommandFactory, FromArgMatches};
+        let parsed = Cli::command()
+            .try_get_matches()
+            .and_then(|matches| Ok((Cli::from_arg_matches(&matches)?, matches)))
+            .map_err(|err| err.format(&mut Cli::command()));
+        match parsed {
+            Ok((mut cli, matches)) => {
+                if let Err(line) = cli.finish(&matches) {
+                    eprintln!("error: {line}");
+                    std::process::exit(2);
+                }
+                cli
+            }
             Err(err) => {
                 use clap::error::ErrorKind;
                 match err.kind() {
@@ -438,6 +552,22 @@ impl Cli {
                 }
             }
         }
+    }
+}
+
+impl Cli {
+    /// What one setting alone cannot say: where the store's settings come
+    /// from, and whether the combination is safe to serve with.
+    fn finish(&mut self, matches: &clap::ArgMatches) -> Result<(), String> {
+        let (settings, matches) = match &mut self.command {
+            None => (&mut self.serve, matches),
+            Some(Command::Serve(settings)) => {
+                (settings.as_mut(), matches.subcommand_matches("serve").unwrap_or(matches))
+            }
+            Some(_) => return Ok(()),
+        };
+        settings.resolve_object_store(given(matches, "r2_region"))?;
+        settings.check_store_is_shared()
     }
 }
 
@@ -475,6 +605,12 @@ pub const ENV_VARS: &[&str] = &[
     "R2_SECRET_ACCESS_KEY",
     "R2_REGION",
     "STATEHOUSE_CREATE_BUCKET",
+    "STATEHOUSE_OBJECTS_DIR_SHARED",
+    "AWS_ENDPOINT_URL_S3",
+    "BUCKET_NAME",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_REGION",
     "STATEHOUSE_MAX_BLOB_BYTES",
     "STATEHOUSE_SWEEP_INTERVAL_MS",
     "STATEHOUSE_CHANGE_VALUE_CAP_BYTES",

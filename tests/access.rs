@@ -525,6 +525,7 @@ fn insecure_mode_and_development_mode_say_so_loudly() {
         cmd.env_clear()
             .env("TURSO_URL", &db.url)
             .env("STATEHOUSE_OBJECTS_DIR", dir.path())
+            .env("STATEHOUSE_OBJECTS_DIR_SHARED", "true")
             .env("STATEHOUSE_LISTEN", "0.0.0.0:0")
             .env("STATEHOUSE_INSECURE", "true")
             .env("STATEHOUSE_ADVERTISE_URL", "http://127.0.0.1:1")

@@ -281,6 +281,7 @@ async fn turso_token_is_checked_by_a_server_with_jwt_auth() {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_statehouse"));
         cmd.env_clear()
             .env("TURSO_URL", sqld.url())
+            .env("STATEHOUSE_OBJECTS_DIR_SHARED", "true")
             .env("STATEHOUSE_LISTEN", "127.0.0.1:0")
             .env("STATEHOUSE_LOG", "off");
         if let Some(token) = token {

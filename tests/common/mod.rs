@@ -191,6 +191,9 @@ impl Process {
             .env("STATEHOUSE_LOG_FORMAT", "json")
             .env("STATEHOUSE_LOG", "info,tower_http=warn")
             .env("STATEHOUSE_OBJECTS_DIR", objects.path())
+            // One machine: every process can reach every folder, also with a
+            // libSQL server (tests that share blobs give one folder to all).
+            .env("STATEHOUSE_OBJECTS_DIR_SHARED", "true")
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         for (k, v) in env {

