@@ -456,7 +456,11 @@ async fn killing_the_exporter_at_random_points_loses_and_duplicates_nothing() {
         if listed["events"]["pending_rows"] == 0 && listed["events"]["exists"] == true {
             break;
         }
-        assert!(Instant::now() < deadline, "the outbox never drained: {:?}", listed["events"]);
+        if Instant::now() > deadline {
+            let log = last.log();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            panic!("the outbox never drained: {:?}\nthe last exporter's log, newest first:\n{}", listed["events"], tail.join("\n"));
+        }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let listed = tables(&client, &last.base).await;
