@@ -459,7 +459,11 @@ async fn killing_the_exporter_at_random_points_loses_and_duplicates_nothing() {
         if Instant::now() > deadline {
             let log = last.log();
             let tail: Vec<&str> = log.lines().rev().take(30).collect();
-            panic!("the outbox never drained: {:?}\nthe last exporter's log, newest first:\n{}", listed["events"], tail.join("\n"));
+            panic!(
+                "the outbox never drained: {:?}\nthe last exporter's log, newest first:\n{}",
+                listed["events"],
+                tail.join("\n")
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
