@@ -98,9 +98,10 @@ struct Reader {
 }
 
 /// A connection and the statements prepared on it. It derefs to the
-/// connection; `exec` and `first_row` run statements prepared once, which
-/// matters on the hot paths: SQLite takes longer to parse and plan their
-/// small statements than to run them.
+/// connection; `first_row`, `rows_of` and the writer's batches (`batch.rs`)
+/// run statements prepared once (on a local file), which matters on the hot
+/// paths: SQLite takes longer to parse and plan their small statements than
+/// to run them.
 #[derive(Clone)]
 pub struct Session {
     conn: Connection,
@@ -116,30 +117,6 @@ impl Deref for Session {
 }
 
 impl Session {
-    /// The same prepared statements, run through `conn` (a transaction's handle on this connection).
-    pub fn within(&self, conn: &Connection) -> Session {
-        Session { conn: conn.clone(), prepared: self.prepared.clone() }
-    }
-
-    /// Runs a statement that returns no rows; the number of rows it changed.
-    pub async fn exec(&self, sql: &'static str, params: impl IntoParams) -> Result<usize, StoreError> {
-        self.exec_sql(Sql::Fixed(sql), params).await
-    }
-
-    /// `exec` for a statement shaped for `rows` rows.
-    pub async fn exec_rows(&self, shape: &'static Shape, rows: usize, params: Vec<Value>) -> Result<usize, StoreError> {
-        self.exec_sql(Sql::Shaped(shape, rows), params).await
-    }
-
-    async fn exec_sql(&self, sql: Sql, params: impl IntoParams) -> Result<usize, StoreError> {
-        let Some(statement) = self.prepared.get(&self.conn, &sql).await? else {
-            return Ok(self.conn.execute(&sql.text(), params).await? as usize);
-        };
-        let changed = statement.execute(params).await;
-        statement.reset();
-        Ok(changed?)
-    }
-
     /// The first row a statement returns, read by `read` (an `UPDATE ... RETURNING`
     /// has made all its changes by then).
     pub async fn first_row<T>(

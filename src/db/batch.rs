@@ -35,11 +35,6 @@ impl Stmt {
     pub fn exec_rows(shape: &'static Shape, count: usize, args: Vec<Value>) -> Stmt {
         Stmt { sql: Sql::Shaped(shape, count), args, rows: false }
     }
-
-    /// `query` for a statement shaped for `count` rows.
-    pub fn query_rows(shape: &'static Shape, count: usize, args: Vec<Value>) -> Stmt {
-        Stmt { sql: Sql::Shaped(shape, count), args, rows: true }
-    }
 }
 
 pub struct Step {
