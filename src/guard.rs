@@ -339,7 +339,7 @@ impl Work for Acquire {
             "SELECT owner, owner_url, owner_machine, lease_expires_at FROM objects WHERE ns = ?1 AND id = ?2",
             vec![ns.as_str().into(), id.as_str().into()],
         );
-        let [row, keys] = crate::objects::load_statements(&self.object);
+        let [row, keys] = crate::objects::load_statements(&self.object, &self.me.instance);
         Box::pin(async move { Ok(Ok(Writes { assertions: vec![], statements: vec![take, holder, row, keys] })) })
     }
 

@@ -276,18 +276,22 @@ static KEYS_FOR_PLANNING: Shape = Shape {
     },
 };
 
-/// What a replica taking an object's lease reads of it, in the same
+/// What a replica taking an object's lease (as `owner`) reads of it, in the same
 /// transaction (`Acquire`): the row, and its first `LOAD_KEYS` keys with
 /// values up to `LOAD_VALUE_BYTES`.
-pub fn load_statements(object: &ObjectRef) -> [Stmt; 2] {
+pub fn load_statements(object: &ObjectRef, owner: &str) -> [Stmt; 2] {
     let ns_id = || -> Vec<Value> { vec![object.ns.as_str().into(), object.id.as_str().into()] };
     let mut keys = ns_id();
-    keys.extend([(LOAD_VALUE_BYTES as i64).into(), (LOAD_KEYS as i64 + 1).into()]);
+    keys.extend([(LOAD_VALUE_BYTES as i64).into(), (LOAD_KEYS as i64 + 1).into(), owner.into()]);
     [
         Stmt::query("SELECT fence, version, key_count, bytes FROM objects WHERE ns = ?1 AND id = ?2", ns_id()),
+        // Only when the lease was taken: a replica that finds the object held
+        // (every write it forwards asks again) reads no keys.
         Stmt::query(
             "SELECT key, version, length(key) + length(value), CASE WHEN length(value) <= ?3 THEN value END, content_type
-             FROM kv WHERE ns = ?1 AND id = ?2 ORDER BY key LIMIT ?4",
+             FROM kv WHERE ns = ?1 AND id = ?2
+               AND EXISTS (SELECT 1 FROM objects WHERE ns = ?1 AND id = ?2 AND owner = ?5)
+             ORDER BY key LIMIT ?4",
             keys,
         ),
     ]
