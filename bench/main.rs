@@ -95,8 +95,11 @@ async fn main() {
         let (mut sqld, url) = match database {
             "sqld" => {
                 let (sqld, url) = start_sqld(dir.path());
-                rtt_ms = pipeline_round_trip_ms(&client, &url).await;
-                println!("database=sqld round_trip_ms={rtt_ms:.3} (median of 200 `SELECT 1` requests to /v2/pipeline, keep-alive)");
+                rtt_ms = pipeline_round_trip_ms(&client, &url, true).await;
+                let new_stream_ms = pipeline_round_trip_ms(&client, &url, false).await;
+                println!(
+                    "database=sqld round_trip_ms={rtt_ms:.3} new_stream_round_trip_ms={new_stream_ms:.3} (median of 200 `SELECT 1` requests to /v2/pipeline on a keep-alive connection: on a kept stream, as the writer sends, and on a new stream each)"
+                );
                 (Some(sqld), url)
             }
             _ => (None, format!("file:{}/bench.db", dir.path().display())),
@@ -691,16 +694,24 @@ fn start_sqld(dir: &std::path::Path) -> (std::process::Child, String) {
     (child, format!("http://127.0.0.1:{port}"))
 }
 
-/// The median time of one `/v2/pipeline` request (`SELECT 1`) on a kept-alive connection.
-async fn pipeline_round_trip_ms(client: &reqwest::Client, url: &str) -> f64 {
-    let body = json!({"requests": [{"type": "execute", "stmt": {"sql": "SELECT 1"}}, {"type": "close"}]});
+/// The median time of one `/v2/pipeline` request (`SELECT 1`) on a
+/// kept-alive connection: on a stream kept between requests (its baton, as
+/// the writer sends its batches), or on a new stream each time.
+async fn pipeline_round_trip_ms(client: &reqwest::Client, url: &str, kept_stream: bool) -> f64 {
+    let mut baton: Option<String> = None;
     let mut times = Vec::new();
     for _ in 0..200 {
+        let mut requests = vec![json!({"type": "execute", "stmt": {"sql": "SELECT 1"}})];
+        if !kept_stream {
+            requests.push(json!({"type": "close"}));
+        }
+        let body = json!({"baton": baton, "requests": requests});
         let t = Instant::now();
         let r = client.post(format!("{url}/v2/pipeline")).json(&body).send().await.unwrap();
         assert!(r.status().is_success());
-        let _ = r.bytes().await;
+        let answer: serde_json::Value = r.json().await.unwrap();
         times.push(t.elapsed().as_secs_f64() * 1000.0);
+        baton = answer["baton"].as_str().map(str::to_string);
     }
     times.sort_by(f64::total_cmp);
     times[times.len() / 2]

@@ -255,6 +255,36 @@ fn jwt(key: &ed25519_dalek::SigningKey) -> String {
     format!("{signing_input}.{signature}")
 }
 
+/// The writer keeps its stream on the server between requests. A server that
+/// restarts while the writer is idle no longer knows that stream: the next
+/// write must go through on a new one, not fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_after_the_server_restarted_is_not_lost_to_a_stale_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut sqld = Sqld::start(&dir.path().join("sqld"), &[]);
+    // A long lease: no renewal runs (and no write fails) while the server is down.
+    let a = replica(&sqld.url(), &[("STATEHOUSE_LEASE_MS", "60000".to_string())]);
+    let ns = unique_ns("sqldstream");
+    let client = patient_client();
+    let put = |key: &'static str| {
+        let url = format!("{}/v1/objects/{ns}/o/kv/{key}", a.base);
+        let client = client.clone();
+        async move { client.put(url).json(&serde_json::json!({"k": key})).send().await.unwrap() }
+    };
+    assert_eq!(put("before").await.status(), 200);
+    let written = Instant::now();
+    sqld.restart();
+    assert!(written.elapsed() < Duration::from_secs(4), "the restart took too long to reach a kept stream");
+    let answer = put("after").await;
+    let status = answer.status();
+    assert_eq!(status, 200, "the first write after a restart: {}", answer.text().await.unwrap());
+    for key in ["before", "after"] {
+        let got = client.get(format!("{}/v1/objects/{ns}/o/kv/{key}", a.base)).send().await.unwrap();
+        assert_eq!(got.status(), 200, "{key} is stored");
+    }
+    a.assert_no_panic();
+}
+
 #[tokio::test]
 async fn turso_token_is_checked_by_a_server_with_jwt_auth() {
     let dir = tempfile::tempdir().unwrap();
