@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use serde_json::{json, Value};
 
 struct Args {
     seconds: u64,
@@ -98,13 +98,13 @@ async fn main() {
                 rtt_ms = pipeline_round_trip_ms(&client, &url, true).await;
                 let new_stream_ms = pipeline_round_trip_ms(&client, &url, false).await;
                 println!(
-                    "database=sqld round_trip_ms={rtt_ms:.3} new_stream_round_trip_ms={new_stream_ms:.3} (median of 200 `SELECT 1` requests to /v2/pipeline on a keep-alive connection: on a kept stream, as the writer sends, and on a new stream each)"
+                    "database=sqld round_trip_ms={rtt_ms:.3} new_stream_round_trip_ms={new_stream_ms:.3} (median of 200 `SELECT 1` requests to /v3/pipeline on a keep-alive connection: on a kept stream, as the writer sends, and on a new stream each)"
                 );
                 (Some(sqld), url)
             }
             _ => (None, format!("file:{}/bench.db", dir.path().display())),
         };
-        let env = [("TURSO_URL", url)];
+        let env = [("TURSO_URL", url.clone())];
         let (mut server, base) =
             start_server(&args.binary, dir.path(), &format!("bench-{database}"), &env, &client).await;
         // Fixtures: a hot key, and an object with 1000 keys for listing.
@@ -167,6 +167,7 @@ async fn main() {
         let _ = server.kill();
         let _ = server.wait();
         if let Some(sqld) = sqld.as_mut() {
+            raw_sqld_limit(&client, &url, args.seconds.min(3)).await;
             let _ = sqld.kill();
             let _ = sqld.wait();
         }
@@ -694,7 +695,91 @@ fn start_sqld(dir: &std::path::Path) -> (std::process::Child, String) {
     (child, format!("http://127.0.0.1:{port}"))
 }
 
-/// The median time of one `/v2/pipeline` request (`SELECT 1`) on a
+/// What the libSQL server itself does with the rows a group commit writes,
+/// with nothing of Statehouse in between: transactions sent back to back on
+/// kept streams (one, or two at once), each one request holding BEGIN
+/// IMMEDIATE, the object rows' UPDATE, one multi-row upsert of new keys, one
+/// multi-row insert of their outbox rows, and COMMIT. `rows` = 16 is a
+/// `put_one_object` group of 16 writes, 16 over 16 objects a `put_many_objects`
+/// group, 160 over 16 objects a `batch_10` group.
+async fn raw_sqld_limit(client: &reqwest::Client, url: &str, seconds: u64) {
+    let text = |v: String| json!({"type": "text", "value": v});
+    let int = |v: i64| json!({"type": "integer", "value": v.to_string()});
+    let stmt = |sql: String, args: Vec<Value>| json!({"stmt": {"sql": sql, "args": args}});
+    let send = |body: Value| async move {
+        let answer: Value =
+            client.post(format!("{url}/v3/pipeline")).json(&body).send().await.unwrap().json().await.unwrap();
+        answer
+    };
+    // The objects the transactions write to.
+    for object in 0..16 {
+        let sql = "INSERT OR IGNORE INTO objects (ns, id, created_at, updated_at) VALUES ('rawbench', ?1, 0, 0)";
+        send(json!({"requests": [{"type": "execute", "stmt": {"sql": sql, "args": [text(format!("o{object}"))]}}, {"type": "close"}]}))
+            .await;
+    }
+    for (rows, objects) in [(1usize, 1usize), (16, 1), (16, 16), (160, 16)] {
+        for streams in [1usize, 2] {
+            let deadline = Instant::now() + Duration::from_secs(seconds);
+            let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let tasks: Vec<_> = (0..streams)
+                .map(|stream| {
+                    let done = done.clone();
+                    async move {
+                        let mut baton: Option<String> = None;
+                        let mut n = 0u64;
+                        while Instant::now() < deadline {
+                            let mut kv = Vec::new();
+                            let mut outbox = Vec::new();
+                            for row in 0..rows {
+                                let id = format!("o{}", row % objects);
+                                let key = format!("s{stream}-{n}-{row}");
+                                kv.extend([text("rawbench".into()), text(id.clone()), text(key.clone()), text("value of some length".into()), text("text/plain".into()), int(n as i64)]);
+                                outbox.extend([text(id), int(n as i64), text(key), int(20), text("value of some length".into())]);
+                            }
+                            let kv_sql = format!(
+                                "INSERT INTO kv (ns, id, key, value, content_type, version) VALUES {} ON CONFLICT (ns, id, key) DO UPDATE SET value = excluded.value, version = excluded.version",
+                                vec!["(?, ?, ?, ?, ?, ?)"; rows].join(", ")
+                            );
+                            let outbox_sql = format!(
+                                "INSERT INTO outbox (kind, ns, id, version, fence, instance, ts, op, key, content_type, size, value, value_truncated, committed_ms) VALUES {}",
+                                vec!["('change', 'rawbench', ?, ?, 1, 'raw', 0, 'put', ?, 'text/plain', ?, ?, 0, 0)"; rows].join(", ")
+                            );
+                            let ids: Vec<Value> = (0..objects).map(|o| text(format!("o{o}"))).collect();
+                            let update_sql = format!(
+                                "UPDATE objects SET version = version + 1, updated_at = 1 WHERE ns = 'rawbench' AND id IN ({})",
+                                vec!["?"; objects].join(", ")
+                            );
+                            let steps = vec![
+                                stmt("BEGIN IMMEDIATE".into(), vec![]),
+                                stmt(update_sql, ids),
+                                stmt(kv_sql, kv),
+                                stmt(outbox_sql, outbox),
+                                stmt("COMMIT".into(), vec![]),
+                            ];
+                            let answer = send(json!({"baton": baton, "requests": [{"type": "batch", "batch": {"steps": steps}}]})).await;
+                            let errors = &answer["results"][0]["response"]["result"]["step_errors"];
+                            assert!(
+                                errors.as_array().is_some_and(|e| e.iter().all(Value::is_null)),
+                                "raw sqld transaction failed: {answer}"
+                            );
+                            baton = answer["baton"].as_str().map(str::to_string);
+                            n += 1;
+                        }
+                        done.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                    }
+                })
+                .collect();
+            futures::future::join_all(tasks).await;
+            let txn_per_s = done.load(std::sync::atomic::Ordering::Relaxed) as f64 / seconds as f64;
+            println!(
+                "baseline=raw_sqld rows_per_txn={rows} objects_per_txn={objects} streams={streams} txn_per_s={txn_per_s:.0} rows_per_s={:.0} (the server alone: BEGIN IMMEDIATE, UPDATE objects, upsert kv, insert outbox, COMMIT in one request on a kept stream)",
+                txn_per_s * rows as f64
+            );
+        }
+    }
+}
+
+/// The median time of one `/v3/pipeline` request (`SELECT 1`) on a
 /// kept-alive connection: on a stream kept between requests (its baton, as
 /// the writer sends its batches), or on a new stream each time.
 async fn pipeline_round_trip_ms(client: &reqwest::Client, url: &str, kept_stream: bool) -> f64 {
@@ -707,9 +792,9 @@ async fn pipeline_round_trip_ms(client: &reqwest::Client, url: &str, kept_stream
         }
         let body = json!({"baton": baton, "requests": requests});
         let t = Instant::now();
-        let r = client.post(format!("{url}/v2/pipeline")).json(&body).send().await.unwrap();
+        let r = client.post(format!("{url}/v3/pipeline")).json(&body).send().await.unwrap();
         assert!(r.status().is_success());
-        let answer: serde_json::Value = r.json().await.unwrap();
+        let answer: Value = r.json().await.unwrap();
         times.push(t.elapsed().as_secs_f64() * 1000.0);
         baton = answer["baton"].as_str().map(str::to_string);
     }

@@ -16,9 +16,10 @@ use crate::config::{DatabaseSettings, DatabaseUrl, SyncMode};
 use crate::threads::{self, Priority};
 
 pub mod batch;
+pub mod cells;
 mod remote;
 
-use batch::{Outcome, Step};
+use batch::{Outcome, Step, Stmt};
 
 /// How long a local connection waits for another process's write lock
 /// before giving up with SQLITE_BUSY.
@@ -193,6 +194,8 @@ pub fn numbered(first: usize, count: usize) -> String {
 enum Sql {
     Fixed(&'static str),
     Shaped(&'static Shape, usize),
+    /// Built for one use (a listing's bounds): never kept prepared.
+    Once(Arc<str>),
 }
 
 impl Sql {
@@ -200,15 +203,18 @@ impl Sql {
         match self {
             Sql::Fixed(sql) => (*sql).into(),
             Sql::Shaped(shape, rows) => (shape.text)(*rows).into(),
+            Sql::Once(sql) => sql.to_string().into(),
         }
     }
 
     /// Identifies the text by where it lives, which is cheaper than hashing
-    /// it; equal keys always mean equal texts (both are `'static`).
-    fn key(&self) -> StatementKey {
+    /// it; equal keys always mean equal texts (both are `'static`). None:
+    /// not to be kept.
+    fn key(&self) -> Option<StatementKey> {
         match self {
-            Sql::Fixed(sql) => StatementKey(sql.as_ptr() as usize, sql.len(), false),
-            Sql::Shaped(shape, rows) => StatementKey(*shape as *const Shape as usize, *rows, true),
+            Sql::Fixed(sql) => Some(StatementKey(sql.as_ptr() as usize, sql.len(), false)),
+            Sql::Shaped(shape, rows) => Some(StatementKey(*shape as *const Shape as usize, *rows, true)),
+            Sql::Once(_) => None,
         }
     }
 }
@@ -260,7 +266,9 @@ impl Prepared {
 
     /// The statement for `sql`, prepared on first use (local connections only).
     async fn statement(&self, conn: &Connection, sql: &Sql) -> Result<Arc<Statement>, libsql::Error> {
-        let key = sql.key();
+        let Some(key) = sql.key() else {
+            return Ok(Arc::new(conn.prepare(&sql.text()).await?));
+        };
         // Every use resets its statement when done, so a cached one is ready for new parameters.
         if let Some(statement) = self.statements.lock().expect("statement cache lock").get(&key) {
             return Ok(statement.clone());
@@ -370,6 +378,34 @@ impl Database {
             (None, Some(session)) => Ok(batch::run_local(session, steps).await),
             (None, None) => Err(StoreError::Internal("a local batch needs the writer's connection".into())),
         }
+    }
+
+    /// The rows of one read-only statement, outside any transaction. On a
+    /// remote server it is one request on a kept stream (the libsql client's
+    /// `query` is two, a `describe` and a cursor, each on a new stream); on a
+    /// file, a read connection runs it prepared. A read that failed on the
+    /// way is tried once more: it changes nothing.
+    pub async fn query(&self, stmt: Stmt) -> Result<Vec<Vec<Value>>, StoreError> {
+        let rows = |outcome: Option<Outcome>| match outcome {
+            Some(Outcome::Done { rows, .. }) => Ok(rows),
+            Some(Outcome::Failed(err)) => Err(err.class),
+            _ => Err(StoreError::Internal("a read did not run".into())),
+        };
+        if let Some(pipeline) = &self.pipeline {
+            let steps = [Step { stmt, cond: None }];
+            return match pipeline.run(&steps).await {
+                Err(StoreError::Unavailable(_)) => rows(pipeline.run(&steps).await?.into_iter().next()),
+                answer => rows(answer?.into_iter().next()),
+            };
+        }
+        self.read(|session| {
+            let stmt = stmt.clone();
+            async move {
+                let mut steps = [Step { stmt, cond: None }];
+                rows(batch::run_local(&session, &mut steps).await.into_iter().next())
+            }
+        })
+        .await
     }
 
     /// Runs `read` on one of the read connections. Reads never wait behind

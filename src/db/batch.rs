@@ -31,6 +31,16 @@ impl Stmt {
         Stmt { sql: Sql::Fixed(sql), args, rows: true }
     }
 
+    /// A query built for one use (a listing's bounds): never kept prepared.
+    pub fn query_once(sql: String, args: Vec<Value>) -> Stmt {
+        Stmt { sql: Sql::Once(sql.into()), args, rows: true }
+    }
+
+    /// `query` for a statement shaped for `count` rows.
+    pub fn query_rows(shape: &'static Shape, count: usize, args: Vec<Value>) -> Stmt {
+        Stmt { sql: Sql::Shaped(shape, count), args, rows: true }
+    }
+
     /// `exec` for a statement shaped for `count` rows.
     pub fn exec_rows(shape: &'static Shape, count: usize, args: Vec<Value>) -> Stmt {
         Stmt { sql: Sql::Shaped(shape, count), args, rows: false }

@@ -1,5 +1,5 @@
 //! A whole batch as one HTTP request to a libSQL server (Hrana's
-//! `/v2/pipeline`). The server runs the steps under their conditions and
+//! `/v3/pipeline`). The server runs the steps under their conditions and
 //! answers every step's outcome. Every batch ends its own transaction
 //! (COMMIT, or ROLLBACK when anything failed), so nothing is held open
 //! between requests, and a replica that dies mid-request leaves no
@@ -23,7 +23,7 @@ use libsql_hrana::proto::{
     Batch, BatchStep, BatchStreamReq, PipelineReqBody, PipelineRespBody, StreamRequest, StreamResponse, StreamResult,
 };
 
-use super::batch::{Outcome, Step, StepError};
+use super::batch::{Cond, Outcome, Step, StepError};
 use super::StoreError;
 
 /// How long one batch may take on the wire and on the server before the
@@ -32,14 +32,16 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long an idle stream is used again: well inside sqld's 10 s expiry.
 const KEEP_STREAM_FOR: Duration = Duration::from_secs(5);
+/// Idle streams kept at most (the server holds a connection for each).
+const MAX_KEPT_STREAMS: usize = 64;
 
 #[derive(Clone)]
 pub struct Pipeline {
     http: reqwest::Client,
     endpoint: Arc<str>,
     token: Option<Arc<str>>,
-    /// The stream of the last successful request, for the next one.
-    kept: Arc<Mutex<Option<KeptStream>>>,
+    /// Idle streams, the most recently used last.
+    kept: Arc<Mutex<Vec<KeptStream>>>,
 }
 
 struct KeptStream {
@@ -64,7 +66,7 @@ impl Pipeline {
             .pool_idle_timeout(Duration::from_secs(30))
             .build()
             .map_err(|e| StoreError::Internal(format!("cannot build the database HTTP client: {e}")))?;
-        let endpoint = format!("{}/v2/pipeline", base_url.trim_end_matches('/'));
+        let endpoint = format!("{}/v3/pipeline", base_url.trim_end_matches('/'));
         Ok(Pipeline {
             http,
             endpoint: endpoint.into(),
@@ -77,7 +79,11 @@ impl Pipeline {
     /// nothing ran (the server or the network failed); otherwise one outcome per step.
     pub async fn run(&self, steps: &[Step]) -> Result<Vec<Outcome>, StoreError> {
         // Taken, not borrowed: a stream serves one request at a time.
-        let kept = self.kept.lock().expect("stream slot").take().filter(|s| s.last_used.elapsed() < KEEP_STREAM_FOR);
+        let kept = {
+            let mut kept = self.kept.lock().expect("kept streams");
+            kept.retain(|stream| stream.last_used.elapsed() < KEEP_STREAM_FOR);
+            kept.pop()
+        };
         let answer = match self.send(steps, kept).await {
             Err(Failure::StreamGone(message)) => {
                 tracing::debug!(%message, "the database no longer has the kept stream; sending on a new one");
@@ -92,13 +98,14 @@ impl Pipeline {
     }
 
     async fn send(&self, steps: &[Step], stream: Option<KeptStream>) -> Result<Vec<Outcome>, Failure> {
-        let batch = Batch {
-            steps: steps
-                .iter()
-                .map(|step| BatchStep { condition: step.cond.clone(), stmt: hrana_stmt(step) })
-                .collect(),
-            replication_index: None,
-        };
+        let mut batch_steps: Vec<BatchStep> =
+            steps.iter().map(|step| BatchStep { condition: step.cond.clone(), stmt: hrana_stmt(step) }).collect();
+        // Whatever happened above, the stream leaves with no transaction open.
+        batch_steps.push(BatchStep {
+            condition: Some(Cond::Not { cond: Box::new(Cond::IsAutocommit {}) }),
+            stmt: libsql_hrana::proto::Stmt::new("ROLLBACK", false),
+        });
+        let batch = Batch { steps: batch_steps, replication_index: None };
         let (baton, endpoint) = match stream {
             Some(stream) => (Some(stream.baton), stream.endpoint),
             None => (None, self.endpoint.clone()),
@@ -128,13 +135,6 @@ impl Pipeline {
         }
         let answer: PipelineRespBody = serde_json::from_slice(&bytes)
             .map_err(|e| other(StoreError::Internal(format!("unreadable database answer: {e}"))))?;
-        if let Some(baton) = answer.baton {
-            let endpoint = match answer.base_url {
-                Some(base) => format!("{}/v2/pipeline", base.trim_end_matches('/')).into(),
-                None => endpoint,
-            };
-            *self.kept.lock().expect("stream slot") = Some(KeptStream { baton, endpoint, last_used: Instant::now() });
-        }
         let result = match answer.results.into_iter().next() {
             Some(StreamResult::Ok { response: StreamResponse::Batch(batch) }) => batch.result,
             Some(StreamResult::Error { error }) => {
@@ -145,6 +145,17 @@ impl Pipeline {
             }
             _ => return Err(other(StoreError::Internal("the database answered no batch result".into()))),
         };
+        let guard_failed = result.step_errors.get(steps.len()).is_some_and(Option::is_some);
+        if let (Some(baton), false) = (answer.baton, guard_failed) {
+            let endpoint = match answer.base_url {
+                Some(base) => format!("{}/v3/pipeline", base.trim_end_matches('/')).into(),
+                None => endpoint,
+            };
+            let mut kept = self.kept.lock().expect("kept streams");
+            if kept.len() < MAX_KEPT_STREAMS {
+                kept.push(KeptStream { baton, endpoint, last_used: Instant::now() });
+            }
+        }
         let mut outcomes = Vec::with_capacity(steps.len());
         for index in 0..steps.len() {
             let done = result.step_results.get(index).cloned().flatten();

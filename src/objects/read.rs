@@ -2,13 +2,14 @@
 //! take a lease and never wait behind the writer.
 
 use bytes::Bytes;
-use libsql::{params, Value};
+use libsql::Value;
 
 use super::encoding::prefix_successor;
 use super::resident::{Head, Loaded, Lookup, ResidentState, Slot, LOAD_KEYS, MAX_RESIDENT_VALUE};
 use super::ObjectRef;
 use crate::db::batch::Stmt;
-use crate::db::{numbered, Database, Session, Shape, StoreError};
+use crate::db::cells::Cells;
+use crate::db::{numbered, Database, Shape, StoreError};
 
 #[derive(Debug, Clone)]
 pub struct Entry {
@@ -21,23 +22,20 @@ pub struct Entry {
 }
 
 pub async fn get_entry(db: &Database, object: &ObjectRef, key: &str) -> Result<Option<Entry>, StoreError> {
-    db.read(|conn| async move { get_entry_on(&conn, object, key).await }).await
-}
-
-pub(super) async fn get_entry_on(conn: &Session, object: &ObjectRef, key: &str) -> Result<Option<Entry>, StoreError> {
-    conn.first_row(
-        "SELECT value, content_type, version FROM kv WHERE ns = ?1 AND id = ?2 AND key = ?3",
-        params![object.ns.as_str(), object.id.as_str(), key.as_bytes()],
-        |row| {
-            Ok(Entry {
-                key: key.to_string(),
-                value: Bytes::from(row.get::<Vec<u8>>(0)?),
-                content_type: row.get(1)?,
-                version: row.get(2)?,
-            })
-        },
-    )
-    .await
+    let rows = db
+        .query(Stmt::query(
+            "SELECT value, content_type, version FROM kv WHERE ns = ?1 AND id = ?2 AND key = ?3",
+            vec![object.ns.as_str().into(), object.id.as_str().into(), key.as_bytes().into()],
+        ))
+        .await?;
+    let Some(row) = rows.first() else { return Ok(None) };
+    let row = Cells(row);
+    Ok(Some(Entry {
+        key: key.to_string(),
+        value: Bytes::from(row.bytes(0)?),
+        content_type: row.text(1)?,
+        version: row.int(2)?,
+    }))
 }
 
 /// Which keys a listing covers, in byte order of their UTF-8 encoding.
@@ -86,22 +84,14 @@ pub async fn list_keys(db: &Database, object: &ObjectRef, range: &KeyRange) -> R
     args.push(Value::Integer(range.limit as i64 + 1));
     sql.push_str(&format!(" LIMIT ?{}", args.len()));
 
-    let mut entries = db
-        .read(|conn| {
-            let (sql, args) = (&sql, args.clone());
-            async move {
-                let mut rows = conn.query(sql, args).await?;
-                let mut entries = Vec::new();
-                while let Some(row) = rows.next().await? {
-                    let key = String::from_utf8(row.get::<Vec<u8>>(0)?)
-                        .map_err(|_| StoreError::Internal(format!("a stored key of {object} is not UTF-8")))?;
-                    let value = if range.with_values { Bytes::from(row.get::<Vec<u8>>(3)?) } else { Bytes::new() };
-                    entries.push(Entry { key, version: row.get(1)?, content_type: row.get(2)?, value });
-                }
-                Ok(entries)
-            }
-        })
-        .await?;
+    let mut entries = Vec::new();
+    for row in db.query(Stmt::query_once(sql, args)).await? {
+        let row = Cells(&row);
+        let key = String::from_utf8(row.bytes(0)?)
+            .map_err(|_| StoreError::Internal(format!("a stored key of {object} is not UTF-8")))?;
+        let value = if range.with_values { Bytes::from(row.bytes(3)?) } else { Bytes::new() };
+        entries.push(Entry { key, version: row.int(1)?, content_type: row.text(2)?, value });
+    }
     let more = entries.len() > range.limit;
     entries.truncate(range.limit);
     Ok((entries, more))
@@ -120,26 +110,24 @@ pub struct ObjectInfo {
 
 /// The object's counters and lease, or None if nothing was ever committed to it.
 pub async fn object_info(db: &Database, object: &ObjectRef) -> Result<Option<ObjectInfo>, StoreError> {
-    db.read(|conn| async move {
-        let mut rows = conn
-            .query(
-                "SELECT version, key_count, bytes, fence, owner, owner_url, lease_expires_at
-                 FROM objects WHERE ns = ?1 AND id = ?2 AND version > 0",
-                params![object.ns.as_str(), object.id.as_str()],
-            )
-            .await?;
-        let Some(row) = rows.next().await? else { return Ok(None) };
-        Ok(Some(ObjectInfo {
-            version: row.get(0)?,
-            keys: row.get(1)?,
-            bytes: row.get(2)?,
-            fence: row.get(3)?,
-            owner: row.get(4)?,
-            owner_url: row.get(5)?,
-            lease_expires_at_ms: row.get(6)?,
-        }))
-    })
-    .await
+    let rows = db
+        .query(Stmt::query(
+            "SELECT version, key_count, bytes, fence, owner, owner_url, lease_expires_at
+             FROM objects WHERE ns = ?1 AND id = ?2 AND version > 0",
+            vec![object.ns.as_str().into(), object.id.as_str().into()],
+        ))
+        .await?;
+    let Some(row) = rows.first() else { return Ok(None) };
+    let row = Cells(row);
+    Ok(Some(ObjectInfo {
+        version: row.int(0)?,
+        keys: row.int(1)?,
+        bytes: row.int(2)?,
+        fence: row.int(3)?,
+        owner: row.opt_text(4)?,
+        owner_url: row.opt_text(5)?,
+        lease_expires_at_ms: row.int(6)?,
+    }))
 }
 
 #[derive(Debug, Clone)]
@@ -175,24 +163,11 @@ pub async fn list_objects(
     }
     args.push(Value::Integer(limit as i64 + 1));
     sql.push_str(&format!(" ORDER BY id LIMIT ?{}", args.len()));
-    let mut objects = db
-        .read(|conn| {
-            let (sql, args) = (&sql, args.clone());
-            async move {
-                let mut rows = conn.query(sql, args).await?;
-                let mut objects = Vec::new();
-                while let Some(row) = rows.next().await? {
-                    objects.push(ObjectSummary {
-                        id: row.get(0)?,
-                        version: row.get(1)?,
-                        keys: row.get(2)?,
-                        bytes: row.get(3)?,
-                    });
-                }
-                Ok(objects)
-            }
-        })
-        .await?;
+    let mut objects = Vec::new();
+    for row in db.query(Stmt::query_once(sql, args)).await? {
+        let row = Cells(&row);
+        objects.push(ObjectSummary { id: row.text(0)?, version: row.int(1)?, keys: row.int(2)?, bytes: row.int(3)? });
+    }
     let more = objects.len() > limit;
     objects.truncate(limit);
     Ok((objects, more))
@@ -205,37 +180,29 @@ pub(super) async fn load_keys(
     object: &ObjectRef,
     keys: &[&str],
 ) -> Result<Option<LoadedKeys>, StoreError> {
-    db.read(|conn| async move {
-        let mut params: Vec<Value> =
-            vec![object.ns.as_str().into(), object.id.as_str().into(), (MAX_RESIDENT_VALUE as i64).into()];
-        params.extend(keys.iter().map(|key| Value::from(key.as_bytes())));
-        let mut head = None;
-        let mut found = Vec::new();
-        conn.rows_of(&KEYS_FOR_PLANNING, keys.len(), params, |row| {
-            head = Some((
-                Head { fence: row.get(0)?, version: row.get(2)?, key_count: row.get(3)?, bytes: row.get(4)? },
-                row.get::<Option<String>>(1)?,
-            ));
-            if let Value::Blob(key) = row.get_value(5)? {
-                found.push((key, slot_from(row, 6)?));
-            }
-            Ok(())
-        })
-        .await?;
-        let Some((head, owner)) = head else { return Ok(None) };
-        let mut slots: Vec<(String, Slot)> = keys.iter().map(|key| (key.to_string(), Slot::Absent)).collect();
-        for (key, slot) in found {
-            let key = String::from_utf8(key)
-                .map_err(|_| StoreError::Internal(format!("a stored key of {object} is not UTF-8")))?;
-            let at = slots
-                .iter()
-                .position(|(named, _)| *named == key)
-                .ok_or_else(|| StoreError::Internal("the database answered a key not asked for".into()))?;
-            slots[at].1 = slot;
+    let mut params: Vec<Value> =
+        vec![object.ns.as_str().into(), object.id.as_str().into(), (MAX_RESIDENT_VALUE as i64).into()];
+    params.extend(keys.iter().map(|key| Value::from(key.as_bytes())));
+    let rows = db.query(Stmt::query_rows(&KEYS_FOR_PLANNING, keys.len(), params)).await?;
+    let Some(first) = rows.first() else { return Ok(None) };
+    let first = Cells(first);
+    let head = Head { fence: first.int(0)?, version: first.int(2)?, key_count: first.int(3)?, bytes: first.int(4)? };
+    let owner = first.opt_text(1)?;
+    let mut slots: Vec<(String, Slot)> = keys.iter().map(|key| (key.to_string(), Slot::Absent)).collect();
+    for row in &rows {
+        let row = Cells(row);
+        if row.is_null(5)? {
+            continue;
         }
-        Ok(Some(LoadedKeys { head, owner, keys: slots }))
-    })
-    .await
+        let key = String::from_utf8(row.bytes(5)?)
+            .map_err(|_| StoreError::Internal(format!("a stored key of {object} is not UTF-8")))?;
+        let at = slots
+            .iter()
+            .position(|(named, _)| *named == key)
+            .ok_or_else(|| StoreError::Internal("the database answered a key not asked for".into()))?;
+        slots[at].1 = slot_from(&row, 6)?;
+    }
+    Ok(Some(LoadedKeys { head, owner, keys: slots }))
 }
 
 pub(super) struct LoadedKeys {
@@ -245,12 +212,12 @@ pub(super) struct LoadedKeys {
 }
 
 /// A key's slot from `version, size, value (when kept), content_type` at `first`.
-fn slot_from(row: &libsql::Row, first: i32) -> Result<Slot, libsql::Error> {
-    let version = row.get::<i64>(first)?;
-    let size = row.get::<i64>(first + 1)?;
-    let value = match row.get_value(first + 2)? {
-        Value::Blob(value) => Some((Bytes::from(value), std::sync::Arc::from(row.get::<String>(first + 3)?))),
-        _ => None,
+fn slot_from(row: &Cells<'_>, first: usize) -> Result<Slot, StoreError> {
+    let version = row.int(first)?;
+    let size = row.int(first + 1)?;
+    let value = match row.is_null(first + 2)? {
+        false => Some((Bytes::from(row.bytes(first + 2)?), std::sync::Arc::from(row.text(first + 3)?))),
+        true => None,
     };
     Ok(Slot::Present { version, size, value })
 }
