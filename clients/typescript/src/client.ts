@@ -38,6 +38,8 @@ export interface StatehouseOptions {
   fetch?: typeof fetch;
   /** Makes the `x-request-id` of each call (kept across its retries). Default: a random UUID. */
   requestId?: () => string;
+  /** Keys per request when `list()` pages through the server's cursors: 1-10,000, default 1,000. */
+  listPageSize?: number;
 }
 
 /** When a failed attempt may be sent again. */
@@ -83,6 +85,8 @@ export class Statehouse {
   private readonly retry: Required<RetryOptions>;
   private readonly fetchImpl: typeof fetch;
   private readonly makeRequestId: () => string;
+  /** @internal */
+  readonly listPageSize: number;
 
   constructor(options: StatehouseOptions) {
     if (!options || typeof options.baseUrl !== "string" || options.baseUrl === "") {
@@ -101,6 +105,10 @@ export class Statehouse {
     if (typeof impl !== "function") throw new TypeError("no fetch: pass options.fetch on runtimes without a global fetch");
     this.fetchImpl = impl.bind(globalThis);
     this.makeRequestId = options.requestId ?? (() => crypto.randomUUID());
+    this.listPageSize = options.listPageSize ?? 1000;
+    if (!Number.isInteger(this.listPageSize) || this.listPageSize < 1 || this.listPageSize > 10_000) {
+      throw new RangeError(`listPageSize is 1 to 10000, got ${options.listPageSize}`);
+    }
   }
 
   /** One object: `storage` (DurableObjectStorage), events, blobs, info. */

@@ -54,8 +54,6 @@ export interface StorageOperations {
   list<T = unknown>(options?: StorageListOptions): Promise<Map<string, T>>;
 }
 
-const LIST_PAGE = 1000;
-
 /**
  * The Durable Objects `DurableObjectStorage` API for one Statehouse object.
  * Every call is one HTTP request; multi-key calls are one atomic batch.
@@ -457,7 +455,8 @@ async function* serverListing(
   do {
     if (!first) onRequest?.();
     first = false;
-    const pageSize = wanted === undefined ? LIST_PAGE : Math.min(LIST_PAGE, Math.max(1, wanted + (skip ? 1 : 0)));
+    const most = object.client.listPageSize;
+    const pageSize = wanted === undefined ? most : Math.min(most, Math.max(1, wanted + (skip ? 1 : 0)));
     const page = await object.listPage({ prefix: options.prefix, start, end: options.end, reverse: options.reverse, limit: pageSize, cursor });
     for (const item of page.items) {
       if (item.key !== skip) yield item;

@@ -10,7 +10,7 @@
 //   {"$map": [[k, v], ...]}                      {"$set": [v, ...]}
 //   {"$number": "NaN"|"Infinity"|"-Infinity"|"-0"}  {"$undefined": true}
 //   {"$arraybuffer": "<base64>"}                 {"$typed": {"type": "Int32Array", "data": "<base64>"}}
-//   {"$regexp": {"source": s, "flags": f}}       {"$error": {"name": n, "message": m}}
+//   {"$regexp": {"source": s, "flags": f}}       {"$error": {"name": n, "message": m, "stack"?: s}}
 //   {"$sparse": {"length": n, "items": {"<index>": v}}}   {"$boxed": v}
 //   {"$object": {...}} for a plain object with a key starting with "$", so user
 //   data never reads as a tag; other objects are JSON objects of encoded values.
@@ -219,7 +219,11 @@ function toTagged(value: unknown, ancestors: Set<object>): unknown {
       const bytes = new Uint8Array(object.buffer, object.byteOffset, object.byteLength);
       return { $typed: { type: viewTypeName(object), data: bytesToBase64(bytes) } };
     }
-    if (object instanceof Error) return { $error: { name: object.name, message: object.message } };
+    if (object instanceof Error) {
+      const error: Record<string, string> = { name: object.name, message: object.message };
+      if (typeof object.stack === "string") error.stack = object.stack;
+      return { $error: error };
+    }
     if (object instanceof Boolean || object instanceof Number || object instanceof String) {
       return { $boxed: toTagged(object.valueOf(), ancestors) };
     }
@@ -279,10 +283,13 @@ function fromTagged(value: unknown): unknown {
         return new View(buffer);
       }
       case "$error": {
-        const { name, message } = body as { name: string; message: string };
+        const { name, message, stack } = body as { name: string; message: string; stack?: string };
         const Kind = ({ TypeError, RangeError, SyntaxError, ReferenceError, EvalError, URIError } as Record<string, ErrorConstructor>)[name] ?? Error;
         const error = new Kind(message);
         if (error.name !== name) error.name = name;
+        // As structured clone does: the stack of where it was made, not of where it was read.
+        if (stack !== undefined) Object.defineProperty(error, "stack", { value: stack, writable: true, configurable: true, enumerable: false });
+        else delete error.stack;
         return error;
       }
       case "$boxed":
