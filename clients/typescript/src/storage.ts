@@ -132,6 +132,7 @@ export class StatehouseStorage implements StorageOperations {
     let lastKey: string | undefined;
     for (let attempt = 1; attempt <= maxAttempts; attempt++) {
       const txn = new StatehouseTransaction(this.object);
+      const started = Date.now();
       let result: T;
       try {
         result = await closure(txn);
@@ -144,7 +145,7 @@ export class StatehouseStorage implements StorageOperations {
       } finally {
         txn.close();
       }
-      if (attempt < maxAttempts) await sleep(conflictBackoff(attempt));
+      if (attempt < maxAttempts) await sleep(conflictBackoff(attempt, Date.now() - started));
     }
     throw new TransactionConflictError(maxAttempts, last!, lastKey);
   }
@@ -527,9 +528,13 @@ function sortedUnique(keys: string[]): string[] {
   return [...new Set(keys)].sort(compareKeys);
 }
 
-function conflictBackoff(attempt: number): number {
-  // Full jitter over a window that doubles: contenders spread out instead of colliding again.
-  return Math.random() * Math.min(1000, 5 * 2 ** attempt);
+/**
+ * Full jitter over a window that doubles with each conflict, in units of how
+ * long the failed attempt took: contenders spread out over several attempt
+ * lengths instead of colliding again, whatever the server's latency.
+ */
+function conflictBackoff(attempt: number, attemptMs: number): number {
+  return Math.random() * Math.min(2000, Math.max(attemptMs, 1) * 2 ** attempt);
 }
 
 function sleep(ms: number): Promise<void> {
