@@ -3,13 +3,25 @@
 // document beside it. The freshness test calls render() on the running
 // server's document and compares, so a server change that is not regenerated
 // here fails the suite instead of drifting silently.
-import { readFileSync, writeFileSync } from "node:fs";
+import { existsSync, readFileSync, writeFileSync } from "node:fs";
 import { dirname, join } from "node:path";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import openapiTS, { astToString } from "openapi-typescript";
 import { startServer } from "./server.mjs";
 
-const ROOT = join(dirname(fileURLToPath(import.meta.url)), "..");
+// The package folder: the nearest one up with a package.json (the tests run a
+// compiled copy of this file from .build/scripts).
+function packageRoot() {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  while (!existsSync(join(dir, "package.json"))) {
+    const parent = dirname(dir);
+    if (parent === dir) throw new Error("no package.json above " + fileURLToPath(import.meta.url));
+    dir = parent;
+  }
+  return dir;
+}
+
+export const ROOT = packageRoot();
 export const DOCUMENT_PATH = join(ROOT, "openapi.json");
 export const TYPES_PATH = join(ROOT, "src", "generated", "openapi.ts");
 
