@@ -314,7 +314,7 @@ describe("blobs", () => {
     assert.equal(page.items[0]!.content_type, "text/plain; charset=utf-8");
   });
 
-  test("commit refuses an upload key that presign did not issue", async () => {
+  test("commit refuses an upload key that presign did not hand out", async () => {
     const b = blobs();
     assert.equal((await rejection(b.commit("x", { uploadKey: "blobs/elsewhere/nope" }))).kind, "bad-request");
   });
