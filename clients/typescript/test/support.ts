@@ -60,7 +60,7 @@ export function prng(seed: number): {
 
 /** A bearer token and its STATEHOUSE_AUTH_TOKENS line, made by the binary itself (`statehouse token`). */
 export function makeToken(name: string, namespaces: string, rights: string): { token: string; line: string } {
-  const out = execFileSync(statehouseBin(), ["token", "--name", name, "--namespaces", namespaces, "--rights", rights], { encoding: "utf8" });
+  const out = execFileSync(statehouseBin(), ["token", "--name", name, "--namespaces", namespaces, "--rights", rights], { encoding: "utf8", stdio: ["ignore", "pipe", "pipe"] });
   const token = out.match(/^token:\s*(\S+)/m)?.[1];
   const line = out.match(/^line:\s*(.+)$/m)?.[1]?.trim();
   if (!token || !line) throw new Error(`unexpected output of statehouse token:\n${out}`);
