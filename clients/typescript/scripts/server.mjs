@@ -60,6 +60,13 @@ export async function startServer(options = {}) {
   throw lastError;
 }
 
+// Servers still running when this process exits (a crashed test run skips its
+// after-hooks) are killed with it rather than left listening.
+const running = new Set();
+process.on("exit", () => {
+  for (const child of running) child.kill("SIGKILL");
+});
+
 function launch(bin, dataDir, port, options) {
   const env = {
     PATH: process.env.PATH ?? "",
@@ -69,6 +76,8 @@ function launch(bin, dataDir, port, options) {
     ...options.env,
   };
   const child = spawn(bin, [], { cwd: dataDir, env, stdio: ["ignore", "pipe", "pipe"] });
+  running.add(child);
+  child.once("exit", () => running.delete(child));
   const logs = [];
   return new Promise((resolve, reject) => {
     let settled = false;
