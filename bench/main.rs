@@ -152,6 +152,9 @@ async fn main() {
                     "database={database} workload={workload} connections={connections} rps={:.0} p50_ms={:.2} p99_ms={:.2} errors={}{ratio}{group_line}",
                     result.rps, result.p50_ms, result.p99_ms, result.errors
                 );
+                if let Some(error) = &result.first_error {
+                    println!("  first error: {}", error.chars().take(400).collect::<String>());
+                }
                 table.push((workload.clone(), connections, database, result));
             }
         }
@@ -405,16 +408,20 @@ struct Outcome {
     p50_ms: f64,
     p99_ms: f64,
     errors: u64,
+    /// What the first failed request answered.
+    first_error: Option<String>,
 }
 
 async fn run(base: &str, workload: &str, connections: usize, duration: Duration) -> Outcome {
     // One client per connection: each task keeps its own keep-alive connection.
     let errors = Arc::new(AtomicU64::new(0));
+    let first_error: Arc<std::sync::Mutex<Option<String>>> = Arc::default();
     let started = Instant::now();
     let deadline = started + duration;
     let mut tasks = Vec::new();
     for c in 0..connections {
         let (base, workload, errors) = (base.to_string(), workload.to_string(), errors.clone());
+        let first_error = first_error.clone();
         tasks.push(tokio::spawn(async move {
             let client = reqwest::Client::builder().pool_max_idle_per_host(1).build().unwrap();
             let mut latencies = Vec::with_capacity(4096);
@@ -447,8 +454,15 @@ async fn run(base: &str, workload: &str, connections: usize, duration: Duration)
                         let _ = r.bytes().await;
                         latencies.push(t.elapsed());
                     }
-                    _ => {
+                    failed => {
                         errors.fetch_add(1, Ordering::Relaxed);
+                        if first_error.lock().unwrap().is_none() {
+                            let what = match failed {
+                                Ok(r) => format!("{} {}", r.status(), r.text().await.unwrap_or_default()),
+                                Err(e) => e.to_string(),
+                            };
+                            first_error.lock().unwrap().get_or_insert(what);
+                        }
                     }
                 }
             }
@@ -470,6 +484,7 @@ async fn run(base: &str, workload: &str, connections: usize, duration: Duration)
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
         errors: errors.load(Ordering::Relaxed),
+        first_error: first_error.lock().map(|first| first.clone()).unwrap_or_default(),
     }
 }
 

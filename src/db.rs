@@ -30,6 +30,10 @@ const READ_CONNECTIONS: usize = 4;
 /// On a remote server a read waits a network round trip, during which its
 /// connection serves nobody else: more of them, so reads do not queue.
 const REMOTE_READ_CONNECTIONS: usize = 32;
+/// Reads sent at once to a remote server through `Database::query`, each on a
+/// stream kept between requests: a read takes about one round trip, and the
+/// server counts every open stream against its connection limit.
+const REMOTE_READ_STREAMS: usize = 16;
 /// A remote server expires an idle Hrana stream after 10 s, and a read
 /// connection keeps its stream open between queries: renew it well before.
 const REMOTE_STREAM_MAX_IDLE: Duration = Duration::from_secs(5);
@@ -91,6 +95,8 @@ pub struct Database {
     wal: Option<Arc<WalState>>,
     /// Remote servers only: how the writer sends a transaction as one request.
     pipeline: Option<remote::Pipeline>,
+    /// Remote servers only: single-statement reads (`query`).
+    read_pipeline: Option<remote::Pipeline>,
 }
 
 struct Reader {
@@ -303,7 +309,13 @@ impl Database {
             next_reader: AtomicUsize::new(0),
             wal: None,
             pipeline: match &settings.turso_url {
-                DatabaseUrl::Remote(url) => Some(remote::Pipeline::new(url, settings.turso_token.as_deref())?),
+                DatabaseUrl::Remote(url) => Some(remote::Pipeline::new(url, settings.turso_token.as_deref(), 1)?),
+                DatabaseUrl::File(_) => None,
+            },
+            read_pipeline: match &settings.turso_url {
+                DatabaseUrl::Remote(url) => {
+                    Some(remote::Pipeline::new(url, settings.turso_token.as_deref(), REMOTE_READ_STREAMS)?)
+                }
                 DatabaseUrl::File(_) => None,
             },
         };
@@ -391,7 +403,7 @@ impl Database {
             Some(Outcome::Failed(err)) => Err(err.class),
             _ => Err(StoreError::Internal("a read did not run".into())),
         };
-        if let Some(pipeline) = &self.pipeline {
+        if let Some(pipeline) = &self.read_pipeline {
             let steps = [Step { stmt, cond: None }];
             return match pipeline.run(&steps).await {
                 Err(StoreError::Unavailable(_)) => rows(pipeline.run(&steps).await?.into_iter().next()),

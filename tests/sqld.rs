@@ -255,6 +255,47 @@ fn jwt(key: &ed25519_dalek::SigningKey) -> String {
     format!("{signing_input}.{signature}")
 }
 
+/// Every open stream is a connection the server counts against its limit
+/// (sqld answers 429 past it). A burst of reads far larger than the limit
+/// queues inside the replica instead of failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_reads_stays_within_the_servers_connection_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqld = Sqld::start(&dir.path().join("sqld"), &["--max-concurrent-requests".into(), "24".into()]);
+    let a = replica(&sqld.url(), &[("STATEHOUSE_LEASE_MS", "60000".to_string())]);
+    let ns = unique_ns("sqldburst");
+    let client =
+        reqwest::Client::builder().pool_max_idle_per_host(256).timeout(Duration::from_secs(30)).build().unwrap();
+    let ops: Vec<_> =
+        (0..100).map(|i| serde_json::json!({"op": "put", "key": format!("k{i:03}"), "value": i})).collect();
+    let written = client
+        .post(format!("{}/v1/objects/{ns}/o/batch", a.base))
+        .json(&serde_json::json!({"ops": ops}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(written.status(), 200);
+    let reads: Vec<_> = (0..200)
+        .map(|_| {
+            let url = format!("{}/v1/objects/{ns}/o/kv?limit=100", a.base);
+            let client = client.clone();
+            tokio::spawn(async move {
+                let answer = client.get(url).send().await.unwrap();
+                (answer.status().as_u16(), answer.text().await.unwrap())
+            })
+        })
+        .collect();
+    let mut failed = Vec::new();
+    for read in reads {
+        let (status, body) = read.await.unwrap();
+        if status != 200 {
+            failed.push(format!("{status} {body}"));
+        }
+    }
+    assert!(failed.is_empty(), "{} of 200 listings failed, first: {}", failed.len(), failed[0]);
+    a.assert_no_panic();
+}
+
 /// The writer keeps its stream on the server between requests. A server that
 /// restarts while the writer is idle no longer knows that stream: the next
 /// write must go through on a new one, not fail.

@@ -20,7 +20,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use libsql::Value;
 use libsql_hrana::proto::{
-    Batch, BatchStep, BatchStreamReq, PipelineReqBody, PipelineRespBody, StreamRequest, StreamResponse, StreamResult,
+    Batch, BatchStep, BatchStreamReq, CloseStreamReq, PipelineReqBody, PipelineRespBody, StreamRequest, StreamResponse,
+    StreamResult,
 };
 
 use super::batch::{Cond, Outcome, Step, StepError};
@@ -32,8 +33,6 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How long an idle stream is used again: well inside sqld's 10 s expiry.
 const KEEP_STREAM_FOR: Duration = Duration::from_secs(5);
-/// Idle streams kept at most (the server holds a connection for each).
-const MAX_KEPT_STREAMS: usize = 64;
 
 #[derive(Clone)]
 pub struct Pipeline {
@@ -42,6 +41,8 @@ pub struct Pipeline {
     token: Option<Arc<str>>,
     /// Idle streams, the most recently used last.
     kept: Arc<Mutex<Vec<KeptStream>>>,
+    /// Requests in flight at most (and so streams open at most).
+    in_flight: Arc<tokio::sync::Semaphore>,
 }
 
 struct KeptStream {
@@ -59,7 +60,7 @@ enum Failure {
 }
 
 impl Pipeline {
-    pub fn new(base_url: &str, token: Option<&str>) -> Result<Pipeline, StoreError> {
+    pub fn new(base_url: &str, token: Option<&str>, streams: usize) -> Result<Pipeline, StoreError> {
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .tcp_nodelay(true)
@@ -72,18 +73,28 @@ impl Pipeline {
             endpoint: endpoint.into(),
             token: token.filter(|t| !t.is_empty()).map(Into::into),
             kept: Arc::default(),
+            in_flight: Arc::new(tokio::sync::Semaphore::new(streams)),
         })
     }
 
     /// Sends `steps` as one batch. An error means the outcome is unknown or
     /// nothing ran (the server or the network failed); otherwise one outcome per step.
     pub async fn run(&self, steps: &[Step]) -> Result<Vec<Outcome>, StoreError> {
+        let _permit =
+            self.in_flight.acquire().await.map_err(|_| unavailable("the database client is closed".into()))?;
         // Taken, not borrowed: a stream serves one request at a time.
-        let kept = {
+        let (kept, stale) = {
             let mut kept = self.kept.lock().expect("kept streams");
-            kept.retain(|stream| stream.last_used.elapsed() < KEEP_STREAM_FOR);
-            kept.pop()
+            let (fresh, stale): (Vec<_>, Vec<_>) =
+                kept.drain(..).partition(|stream| stream.last_used.elapsed() < KEEP_STREAM_FOR);
+            *kept = fresh;
+            (kept.pop(), stale)
         };
+        for stream in stale {
+            // Closed rather than left to expire: until then the server counts its connection.
+            let pipeline = self.clone();
+            tokio::spawn(async move { pipeline.close(stream).await });
+        }
         let answer = match self.send(steps, kept).await {
             Err(Failure::StreamGone(message)) => {
                 tracing::debug!(%message, "the database no longer has the kept stream; sending on a new one");
@@ -95,6 +106,17 @@ impl Pipeline {
             Failure::StreamGone(message) => unavailable(format!("database refused a new stream: {message}")),
             Failure::Other(err) => err,
         })
+    }
+
+    async fn close(&self, stream: KeptStream) {
+        let body =
+            PipelineReqBody { baton: Some(stream.baton), requests: vec![StreamRequest::Close(CloseStreamReq {})] };
+        let mut request = self.http.post(&*stream.endpoint).json(&body);
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        // Best effort: a stream not closed expires on the server anyway.
+        let _ = request.send().await;
     }
 
     async fn send(&self, steps: &[Step], stream: Option<KeptStream>) -> Result<Vec<Outcome>, Failure> {
@@ -151,10 +173,8 @@ impl Pipeline {
                 Some(base) => format!("{}/v3/pipeline", base.trim_end_matches('/')).into(),
                 None => endpoint,
             };
-            let mut kept = self.kept.lock().expect("kept streams");
-            if kept.len() < MAX_KEPT_STREAMS {
-                kept.push(KeptStream { baton, endpoint, last_used: Instant::now() });
-            }
+            // (At most one per permit: this request holds one.)
+            self.kept.lock().expect("kept streams").push(KeptStream { baton, endpoint, last_used: Instant::now() });
         }
         let mut outcomes = Vec::with_capacity(steps.len());
         for index in 0..steps.len() {
