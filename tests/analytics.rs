@@ -321,6 +321,11 @@ async fn the_warehouse_on_s3_is_read_through_the_s3_api() {
     let files: Vec<_> = walk(&s3.root.join("lake/warehouse/statehouse"));
     assert!(files.iter().any(|f| f.ends_with(".parquet")), "no Parquet files in the bucket: {files:?}");
     assert!(files.iter().any(|f| f.contains("/events/data/ns=")), "events are not partitioned by ns: {files:?}");
+    // Partition values are escaped as the Iceberg Java writer does, and read back as they were.
+    assert!(
+        files.iter().any(|f| f.contains("/type=weird%2F..%2Ftype+%C3%BCn%C3%AF/")),
+        "the event type's directory is not URL-encoded: {files:?}"
+    );
     app.stop().await;
 }
 

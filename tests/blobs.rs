@@ -162,6 +162,35 @@ async fn blob_lifecycle(s3: bool) {
         "precondition-failed",
     )
     .await;
+    // Entity-tags we never made are well-formed (RFC 9110): they match nothing.
+    problem(
+        app.client.put(url("docs/readme.txt")).header("if-match", "\"abc\"").body("x").send().await.unwrap(),
+        412,
+        "precondition-failed",
+    )
+    .await;
+    problem(
+        app.client.put(url("docs/readme.txt")).header("if-match", "W/\"1\"").body("x").send().await.unwrap(),
+        412,
+        "precondition-failed",
+    )
+    .await;
+    problem(
+        app.client.delete(url("docs/readme.txt")).header("if-match", "\"abc\"").send().await.unwrap(),
+        412,
+        "precondition-failed",
+    )
+    .await;
+    let r = app.client.get(url("docs/readme.txt")).header("if-none-match", "\"abc\"").send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = app.client.get(url("docs/readme.txt")).header("if-none-match", "\"x\", W/\"1\"").send().await.unwrap();
+    assert_eq!(r.status(), 304);
+    problem(
+        app.client.get(url("docs/readme.txt")).header("if-none-match", "\"open").send().await.unwrap(),
+        400,
+        "bad-request",
+    )
+    .await;
     assert_eq!(
         app.client.get(url("docs/readme.txt")).send().await.unwrap().bytes().await.unwrap().as_ref(),
         data.as_slice()

@@ -734,10 +734,12 @@ async fn write_data_files(table: &Table, batch: RecordBatch) -> Result<Vec<DataF
     writer.close().await
 }
 
-/// `data/ns=<ns>/type=<type>/ts_day=<date>/`, with every character outside
-/// `[A-Za-z0-9_-]` of a value replaced by `_`, so no client-chosen event type
-/// can name a path outside the table or a key some stores refuse (`..`).
-/// Readers use the manifests' partition values, not these names.
+/// `data/ns=<ns>/type=<type>/ts_day=<date>/`, each value escaped as the
+/// Iceberg Java writer does (`URLEncoder`: `[A-Za-z0-9.*_-]` kept, a space as
+/// `+`, every other byte as `%XX`), so distinct values never share a
+/// directory. Every segment starts with `<field>=`, so no value can name a
+/// path outside the table (`type=..` is a plain name). Readers use the
+/// manifests' partition values and file paths, not these names.
 #[derive(Debug, Clone)]
 struct PartitionDirectories {
     data_location: String,
@@ -766,31 +768,49 @@ impl LocationGenerator for PartitionDirectories {
 }
 
 fn directory_safe(value: &str) -> String {
-    let safe: String = value
-        .chars()
-        .take(64)
-        .map(|c| if c.is_ascii_alphanumeric() || matches!(c, '_' | '-') { c } else { '_' })
-        .collect();
-    if safe.is_empty() {
-        "_".to_string()
-    } else {
-        safe
+    let mut escaped = String::with_capacity(value.len());
+    for byte in value.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'.' | b'*' | b'_' | b'-' => escaped.push(byte as char),
+            b' ' => escaped.push('+'),
+            _ => escaped.push_str(&format!("%{byte:02X}")),
+        }
     }
+    if escaped.len() <= MAX_PARTITION_NAME {
+        return escaped;
+    }
+    // File systems refuse names over 255 bytes: a long value keeps a prefix
+    // (never cut inside a %XX) and a digest of the whole, so it stays distinct.
+    let mut cut = MAX_PARTITION_NAME - 17;
+    while escaped.as_bytes()[cut - 1] == b'%' || escaped.as_bytes()[cut - 2] == b'%' {
+        cut -= 1;
+    }
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(value.as_bytes());
+    format!("{}-{}", &escaped[..cut], &hex::encode(digest)[..16])
 }
+
+/// The longest escaped partition value kept whole (bytes).
+const MAX_PARTITION_NAME: usize = 200;
 
 #[cfg(test)]
 mod tests {
-    use super::directory_safe;
+    use super::{directory_safe, MAX_PARTITION_NAME};
 
     #[test]
-    fn partition_directories_stay_inside_the_table() {
+    fn partition_directories_escape_as_iceberg_java_does() {
         assert_eq!(directory_safe("OrderPlaced"), "OrderPlaced");
-        assert_eq!(directory_safe("../../etc"), "______etc");
-        assert_eq!(directory_safe(".."), "__");
-        assert_eq!(directory_safe("v1.2-beta_x"), "v1_2-beta_x");
-        assert_eq!(directory_safe(""), "_");
-        assert_eq!(directory_safe("a/b c%2F"), "a_b_c_2F");
-        assert_eq!(directory_safe("ünï"), "_n_");
-        assert_eq!(directory_safe(&"x".repeat(300)).len(), 64);
+        assert_eq!(directory_safe("payments.do"), "payments.do");
+        assert_ne!(directory_safe("payments.do"), directory_safe("payments_do"));
+        assert_eq!(directory_safe("../../etc"), "..%2F..%2Fetc");
+        assert_eq!(directory_safe(".."), "..");
+        assert_eq!(directory_safe("v1.2-beta_x*"), "v1.2-beta_x*");
+        assert_eq!(directory_safe(""), "");
+        assert_eq!(directory_safe("a/b c%2F"), "a%2Fb+c%252F");
+        assert_eq!(directory_safe("ünï"), "%C3%BCn%C3%AF");
+        let long = directory_safe(&"ü".repeat(300));
+        assert!(long.len() <= MAX_PARTITION_NAME, "{}", long.len());
+        assert_ne!(long, directory_safe(&format!("{}x", "ü".repeat(300))));
+        assert!(!long.contains("%-") && !long.contains("%C-"), "no %XX is cut: {long}");
     }
 }

@@ -135,42 +135,115 @@ pub fn read_condition(pre: Precondition, version: i64) -> Result<Option<axum::re
     Ok(None)
 }
 
-/// Parses `If-Match` / `If-None-Match`: `*` or a list of strong entity-tags `"N"`.
+/// Parses `If-Match` / `If-None-Match` as RFC 9110 defines them: `*`, or a
+/// list of entity-tags, each `"opaque"` or weak `W/"opaque"`. Entity-tags are
+/// opaque to clients, and caches and proxies send ones we never made: a
+/// well-formed tag that is not one of our versions simply matches nothing.
+/// If-Match compares strongly (a weak tag never matches), If-None-Match
+/// weakly. Only a header that is not a valid list is a 400.
 pub fn precondition(headers: &HeaderMap) -> Result<Precondition, ApiError> {
     Ok(Precondition {
-        if_match: version_match(headers, "if-match")?,
-        if_none_match: version_match(headers, "if-none-match")?,
+        if_match: version_match(headers, "if-match", Comparison::Strong)?,
+        if_none_match: version_match(headers, "if-none-match", Comparison::Weak)?,
     })
 }
 
-fn version_match(headers: &HeaderMap, name: &str) -> Result<Option<VersionMatch>, ApiError> {
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Comparison {
+    Strong,
+    Weak,
+}
+
+fn version_match(headers: &HeaderMap, name: &str, comparison: Comparison) -> Result<Option<VersionMatch>, ApiError> {
     let mut values = headers.get_all(name).iter().peekable();
     if values.peek().is_none() {
         return Ok(None);
     }
+    let broken = |why: &str| {
+        ApiError::BadRequest(format!("{name} must be * or a list of entity-tags like \"42\" or W/\"42\": {why}"))
+    };
+    let mut any = false;
+    let mut tags = 0;
     let mut versions = Vec::new();
     for value in values {
-        let text = value.to_str().map_err(|_| ApiError::BadRequest(format!("{name} is not ASCII")))?;
-        for tag in text.split(',').map(str::trim).filter(|t| !t.is_empty()) {
-            if tag == "*" {
-                return Ok(Some(VersionMatch::Any));
+        for element in list_elements(value.as_bytes()).map_err(|why| broken(&why))? {
+            if element == b"*" {
+                any = true;
+                continue;
             }
-            // Weak tags compare equal for If-None-Match; versions are exact either way.
-            let tag = tag.strip_prefix("W/").unwrap_or(tag);
-            let version = tag
-                .strip_prefix('"')
-                .and_then(|t| t.strip_suffix('"'))
-                .and_then(|t| t.parse::<i64>().ok())
-                .ok_or_else(|| {
-                ApiError::BadRequest(format!("{name} must be * or a list of entity-tags like \"42\", got {tag:?}"))
-            })?;
-            versions.push(version);
+            let (weak, opaque) = entity_tag(element).map_err(|why| broken(&why))?;
+            tags += 1;
+            if weak && comparison == Comparison::Strong {
+                continue;
+            }
+            // Ours are a version in decimal; anything else matches nothing.
+            if let Some(version) =
+                std::str::from_utf8(opaque).ok().filter(|t| is_our_version(t)).and_then(|t| t.parse().ok())
+            {
+                versions.push(version);
+            }
         }
     }
-    if versions.is_empty() {
-        return Err(ApiError::BadRequest(format!("{name} is empty")));
+    match (any, tags) {
+        (true, 0) => Ok(Some(VersionMatch::Any)),
+        (true, _) => Err(broken("* stands alone")),
+        (false, 0) => Err(broken("it is empty")),
+        (false, _) => Ok(Some(VersionMatch::OneOf(versions))),
     }
-    Ok(Some(VersionMatch::OneOf(versions)))
+}
+
+/// The elements of a comma-separated header list (RFC 9110 5.6.1), empty
+/// ones skipped; commas inside an entity-tag's quotes do not separate.
+fn list_elements(value: &[u8]) -> Result<Vec<&[u8]>, String> {
+    let mut elements = Vec::new();
+    let mut at = 0;
+    while at < value.len() {
+        match value[at] {
+            b' ' | b'\t' | b',' => at += 1,
+            _ => {
+                let start = at;
+                let mut quoted = false;
+                while at < value.len() && (quoted || value[at] != b',') {
+                    if value[at] == b'"' {
+                        quoted = !quoted;
+                    }
+                    at += 1;
+                }
+                if quoted {
+                    return Err("an entity-tag's closing quote is missing".into());
+                }
+                let element = &value[start..at];
+                let end = element.iter().rposition(|b| !matches!(b, b' ' | b'\t')).map_or(0, |i| i + 1);
+                elements.push(&element[..end]);
+            }
+        }
+    }
+    Ok(elements)
+}
+
+/// `W/"opaque"` or `"opaque"`: whether it is weak, and the opaque part.
+fn entity_tag(element: &[u8]) -> Result<(bool, &[u8]), String> {
+    let (weak, quoted) = match element.strip_prefix(b"W/") {
+        Some(rest) => (true, rest),
+        None => (false, element),
+    };
+    let opaque = quoted
+        .strip_prefix(b"\"")
+        .and_then(|rest| rest.strip_suffix(b"\""))
+        .ok_or_else(|| format!("{:?} is not a quoted entity-tag", String::from_utf8_lossy(element)))?;
+    // etagc: %x21 / %x23-7E / obs-text (no spaces, no quotes inside).
+    if opaque.iter().any(|&b| b != 0x21 && !(0x23..=0x7e).contains(&b) && b < 0x80) {
+        return Err(format!("{:?} has a character an entity-tag cannot hold", String::from_utf8_lossy(element)));
+    }
+    Ok((weak, opaque))
+}
+
+/// The entity-tags this server makes: a version in plain decimal.
+fn is_our_version(tag: &str) -> bool {
+    !tag.is_empty()
+        && tag.len() <= 18
+        && tag.bytes().all(|b| b.is_ascii_digit())
+        && (tag == "0" || !tag.starts_with('0'))
 }
 
 /// The Content-Type a PUT stores: the request's, or application/octet-stream.
@@ -233,8 +306,18 @@ mod tests {
         assert_eq!(p.if_match, Some(VersionMatch::OneOf(vec![3, 5])));
         let p = precondition(&headers(&[("if-none-match", "*")])).unwrap();
         assert_eq!(p.if_none_match, Some(VersionMatch::Any));
-        assert!(precondition(&headers(&[("if-match", "3")])).is_err());
-        assert!(precondition(&headers(&[("if-match", "\"x\"")])).is_err());
-        assert!(precondition(&headers(&[("if-match", ",")])).is_err());
+        // Tags we did not make are well-formed: they match nothing.
+        let p = precondition(&headers(&[("if-match", "\"x\", \"a,b\", \"007\", \"3\"")])).unwrap();
+        assert_eq!(p.if_match, Some(VersionMatch::OneOf(vec![3])));
+        // Weak tags: never for If-Match (strong comparison), by version for If-None-Match.
+        let p = precondition(&headers(&[("if-match", "W/\"3\""), ("if-none-match", "W/\"3\", \"4\"")])).unwrap();
+        assert_eq!(p.if_match, Some(VersionMatch::OneOf(vec![])));
+        assert_eq!(p.if_none_match, Some(VersionMatch::OneOf(vec![3, 4])));
+        // Several header lines make one list.
+        let p = precondition(&headers(&[("if-none-match", "\"1\""), ("if-none-match", "\"2\"")])).unwrap();
+        assert_eq!(p.if_none_match, Some(VersionMatch::OneOf(vec![1, 2])));
+        for broken in ["3", ",", "", "\"3", "W/3", "\"a b\"", "*, \"3\"", "\"3\" \"4\"", "w/\"3\""] {
+            assert!(precondition(&headers(&[("if-match", broken)])).is_err(), "{broken:?} is not a valid list");
+        }
     }
 }

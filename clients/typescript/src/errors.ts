@@ -105,12 +105,7 @@ export class TransactionConflictError extends StatehouseError {
 
   constructor(attempts: number, last: StatehouseError, key: string | undefined) {
     super({
-      type: last.type,
-      status: last.status,
-      title: last.title,
-      detail: last.detail,
-      opIndex: last.opIndex,
-      requestId: last.requestId,
+      ...problemOf(last),
       message: `transaction conflicted on every one of ${attempts} attempts` + (key === undefined ? "" : ` (last on key ${JSON.stringify(key)})`),
     });
     this.name = "TransactionConflictError";
@@ -129,18 +124,25 @@ export class TransactionConflictError extends StatehouseError {
 export class CommitOutcomeUnknownError extends StatehouseError {
   constructor(last: StatehouseError) {
     super({
-      type: last.type,
-      status: last.status,
-      title: last.title,
-      detail: last.detail,
-      opIndex: last.opIndex,
-      requestId: last.requestId,
+      ...problemOf(last),
       message:
         "the transaction's commit may or may not have been applied: an attempt got no certain answer, " +
         `and its retry was refused (${last.status} ${last.detail})`,
     });
     this.name = "CommitOutcomeUnknownError";
   }
+}
+
+/** The problem an error carries, to wrap it in another error. */
+function problemOf(last: StatehouseError) {
+  return {
+    type: last.type,
+    status: last.status,
+    title: last.title,
+    detail: last.detail,
+    opIndex: last.opIndex,
+    requestId: last.requestId,
+  };
 }
 
 /** `Retry-After` as seconds: delta-seconds or an HTTP date; undefined when absent or unreadable. */
