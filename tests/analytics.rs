@@ -17,12 +17,15 @@ use common::{spawn_app_with, unique_ns, Process, TestApp, TestDatabase};
 use serde_json::{json, Value};
 
 /// What the server acknowledged, as the readers must show it.
+/// A change as the tables hold it: (ns, id, op, key, version, value as hex).
+type ChangeRow = (String, String, String, Option<String>, i64, Option<String>);
+
 #[derive(Default, Clone)]
 struct Expected {
     /// event_id -> (ns, id, type, data, version)
     events: BTreeMap<String, (String, String, String, String, i64)>,
     /// (ns, id, op, key, version, value as hex)
-    changes: BTreeSet<(String, String, String, Option<String>, i64, Option<String>)>,
+    changes: BTreeSet<ChangeRow>,
 }
 
 impl Expected {
@@ -143,10 +146,7 @@ fn seen_events(rows: &Value, namespaces: &[String]) -> BTreeMap<String, (String,
     seen
 }
 
-fn seen_changes(
-    rows: &Value,
-    namespaces: &[String],
-) -> BTreeSet<(String, String, String, Option<String>, i64, Option<String>)> {
+fn seen_changes(rows: &Value, namespaces: &[String]) -> BTreeSet<ChangeRow> {
     let mut seen = BTreeSet::new();
     let mut count = 0;
     for row in rows.as_array().unwrap() {
@@ -655,6 +655,6 @@ async fn an_object_store_outage_delays_the_export_and_loses_nothing() {
         started.elapsed()
     );
     let setup = ReadSetup::on_s3(&db, &s3);
-    check_readers(&app, &setup, &[ns.clone()], &expected, &[]).await;
+    check_readers(&app, &setup, std::slice::from_ref(&ns), &expected, &[]).await;
     app.stop().await;
 }
