@@ -426,7 +426,8 @@ pub struct PresignBody {
     commit_url: Option<String>,
 }
 
-/// POST on a blob path: `.../blobs/{name}/presign` or `.../blobs/{name}/commit`.
+/// A presigned URL for a blob: GET to download it, PUT to upload new bytes (then commit them).
+// This handler takes every POST under a blob path: `.../presign` and `.../commit`.
 #[utoipa::path(post, path = "/v1/objects/{ns}/{id}/blobs/{name}/presign", tag = "blobs",
     params(("ns" = String, Path), ("id" = String, Path), ("name" = String, Path)),
     request_body = PresignRequest,
@@ -483,16 +484,34 @@ async fn presign(state: &SharedState, object: &ObjectRef, name: &str, body: &[u8
     Ok(axum::Json(answer).into_response())
 }
 
-#[derive(Deserialize)]
+/// After a presigned PUT: which upload becomes the blob, and its headers.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
-struct CommitRequest {
+pub struct CommitRequest {
+    /// The `upload_key` the presign answer gave.
     upload_key: String,
     content_type: Option<String>,
     cache_control: Option<String>,
     content_disposition: Option<String>,
+    /// Kept as `x-statehouse-meta-<name>` headers.
     #[serde(default)]
     metadata: BTreeMap<String, String>,
 }
+
+/// Make the bytes uploaded through a presigned PUT the blob.
+///
+/// Blob names hold slashes, so one handler (`post_blob_action`) takes every
+/// POST under a blob path; this declaration only describes the commit route
+/// in the OpenAPI document.
+#[utoipa::path(post, path = "/v1/objects/{ns}/{id}/blobs/{name}/commit", tag = "blobs",
+    params(("ns" = String, Path), ("id" = String, Path), ("name" = String, Path),
+           ("If-Match" = Option<String>, Header), ("If-None-Match" = Option<String>, Header)),
+    request_body = CommitRequest,
+    responses((status = 200, body = BlobWritten), (status = 400, body = Problem), (status = 404, body = Problem),
+              (status = 409, body = Problem, description = "the upload is too old to commit, or the store is a local folder"),
+              (status = 412, body = Problem), (status = 503, body = Problem)))]
+#[allow(dead_code)]
+fn commit_presigned_route() {}
 
 /// Makes bytes uploaded through a presigned PUT the blob: reads them once to
 /// learn their size and SHA-256, then commits the metadata like any upload.

@@ -232,7 +232,41 @@ fn present<'de, D: Deserializer<'de>>(d: D) -> Result<Option<serde_json::Value>,
 pub struct BatchBody {
     /// The object's version after the batch (bumped once if anything changed).
     version: i64,
-    results: Vec<serde_json::Value>,
+    /// What each op did, in op order.
+    results: Vec<BatchResult>,
+    /// The ids given to the batch's events, in order.
+    event_ids: Vec<String>,
+}
+
+/// What one op of a batch did.
+#[derive(Serialize, ToSchema)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum BatchResult {
+    Put {
+        key: String,
+        /// The key's version now: the object's version after the batch.
+        version: i64,
+    },
+    Delete {
+        key: String,
+        /// Whether the key existed.
+        deleted: bool,
+    },
+    Get {
+        key: String,
+        found: bool,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        version: Option<i64>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        content_type: Option<String>,
+        /// JSON when the content type is JSON, a string for UTF-8 text, else base64.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        value: Option<serde_json::Value>,
+        /// `base64` when `value` is the bytes in base64.
+        #[serde(skip_serializing_if = "Option::is_none")]
+        #[schema(value_type = Option<String>)]
+        encoding: Option<&'static str>,
+    },
 }
 
 /// Apply several operations atomically.
@@ -267,12 +301,8 @@ pub async fn batch(
         Routed::Forwarded(response) => return Ok(response),
         Routed::Local(committed) => committed,
     };
-    let results: Vec<serde_json::Value> = committed.results.iter().map(batch_result).collect();
-    Ok(written(
-        &committed,
-        StatusCode::OK,
-        json!({ "version": committed.version, "results": results, "event_ids": event_ids }),
-    ))
+    let results = committed.results.iter().map(batch_result).collect();
+    Ok(written(&committed, StatusCode::OK, BatchBody { version: committed.version, results, event_ids }))
 }
 
 fn batch_op(op: BatchOp, max_value: usize) -> Result<Op, ApiError> {
@@ -343,21 +373,28 @@ fn at_op(index: usize, err: ApiError) -> ApiError {
     }
 }
 
-fn batch_result(result: &OpResult) -> serde_json::Value {
+fn batch_result(result: &OpResult) -> BatchResult {
     match result {
-        OpResult::Put { key, version } => json!({ "op": "put", "key": key, "version": version }),
-        OpResult::Delete { key, deleted } => json!({ "op": "delete", "key": key, "deleted": deleted }),
-        OpResult::Get { key, entry: None } => json!({ "op": "get", "key": key, "found": false }),
+        OpResult::Put { key, version } => BatchResult::Put { key: key.clone(), version: *version },
+        OpResult::Delete { key, deleted } => BatchResult::Delete { key: key.clone(), deleted: *deleted },
+        OpResult::Get { key, entry: None } => BatchResult::Get {
+            key: key.clone(),
+            found: false,
+            version: None,
+            content_type: None,
+            value: None,
+            encoding: None,
+        },
         OpResult::Get { key, entry: Some(entry) } => {
             let embedded = embed_value(&entry.value, &entry.content_type);
-            let mut out = json!({
-                "op": "get", "key": key, "found": true, "version": entry.version,
-                "content_type": entry.content_type, "value": embedded.value,
-            });
-            if let Some(encoding) = embedded.encoding {
-                out["encoding"] = json!(encoding);
+            BatchResult::Get {
+                key: key.clone(),
+                found: true,
+                version: Some(entry.version),
+                content_type: Some(entry.content_type.clone()),
+                value: Some(embedded.value),
+                encoding: embedded.encoding,
             }
-            out
         }
         OpResult::DeleteAll { .. } | OpResult::PutBlob { .. } | OpResult::DeleteBlob { .. } => {
             unreachable!("a batch holds only key operations")

@@ -270,7 +270,7 @@ async fn commit(state: &AppState, object: &ObjectRef, mutation: Mutation, replay
 }
 
 /// A successful write's response: its JSON body, with the fence it committed under.
-fn written(committed: &Committed, status: StatusCode, body: serde_json::Value) -> Response {
+fn written(committed: &Committed, status: StatusCode, body: impl serde::Serialize) -> Response {
     let mut response = (status, axum::Json(body)).into_response();
     response.headers_mut().insert(FENCE, HeaderValue::from(committed.fence));
     response

@@ -34,6 +34,7 @@ use super::{analytics, blobs, events, kv, need, objects, ops, Need, Problem};
         blobs::delete_blob,
         blobs::list_blobs,
         blobs::post_blob_action,
+        blobs::commit_presigned_route,
         analytics::export_now,
         analytics::list_tables,
         ops::healthz,

@@ -47,7 +47,7 @@ export interface BlobObject extends BlobMetadata {
   text(): Promise<string>;
 }
 
-/** The commit body after a presigned PUT. Not in the OpenAPI document (it describes only the presign body). */
+/** The commit body after a presigned PUT (the document's `CommitRequest`, in camelCase, with its conditions). */
 export interface BlobCommit {
   uploadKey: string;
   contentType?: string;

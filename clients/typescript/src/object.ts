@@ -13,8 +13,8 @@ export type ListedKey = Schemas["ListedKey"];
 export type ListKeysPage = Schemas["ListKeysBody"];
 
 /**
- * One op's answer in a batch. The server's OpenAPI document types these as
- * `unknown[]`, so they are spelled out here from what it answers.
+ * One op's answer in a batch: the document's `BatchResult`, narrowed so that a
+ * `get` that found its key has its version, content type and value.
  */
 export type BatchResult =
   | { op: "put"; key: string; version: number }
@@ -22,12 +22,8 @@ export type BatchResult =
   | { op: "get"; key: string; found: false }
   | { op: "get"; key: string; found: true; version: number; content_type: string; value: unknown; encoding?: string };
 
-/** The batch answer: the document's `BatchBody` lacks `event_ids`, which the server sends. */
-export interface BatchResponse {
-  version: number;
-  results: BatchResult[];
-  event_ids: string[];
-}
+/** The batch answer: the document's `BatchBody`, with the narrowed results. */
+export type BatchResponse = Omit<Schemas["BatchBody"], "results"> & { results: BatchResult[] };
 
 export type EventsRecorded = Schemas["EventsRecorded"];
 

@@ -192,6 +192,28 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/objects/{ns}/{id}/blobs/{name}/commit": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Make the bytes uploaded through a presigned PUT the blob.
+         * @description Blob names hold slashes, so one handler (`post_blob_action`) takes every
+         *     POST under a blob path; this declaration only describes the commit route
+         *     in the OpenAPI document.
+         */
+        post: operations["commit_presigned_route"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/objects/{ns}/{id}/blobs/{name}/presign": {
         parameters: {
             query?: never;
@@ -201,7 +223,7 @@ export interface paths {
         };
         get?: never;
         put?: never;
-        /** POST on a blob path: `.../blobs/{name}/presign` or `.../blobs/{name}/commit`. */
+        /** A presigned URL for a blob: GET to download it, PUT to upload new bytes (then commit them). */
         post: operations["post_blob_action"];
         delete?: never;
         options?: never;
@@ -267,7 +289,10 @@ export type webhooks = Record<string, never>;
 export interface components {
     schemas: {
         BatchBody: {
-            results: unknown[];
+            /** @description The ids given to the batch's events, in order. */
+            event_ids: string[];
+            /** @description What each op did, in op order. */
+            results: components["schemas"]["BatchResult"][];
             /**
              * Format: int64
              * @description The object's version after the batch (bumped once if anything changed).
@@ -307,6 +332,35 @@ export interface components {
             /** @description 0-128 operations, applied in order, all or nothing (with the events, at least one of either). */
             ops?: components["schemas"]["BatchOp"][];
         };
+        /** @description What one op of a batch did. */
+        BatchResult: {
+            key: string;
+            /** @enum {string} */
+            op: "put";
+            /**
+             * Format: int64
+             * @description The key's version now: the object's version after the batch.
+             */
+            version: number;
+        } | {
+            /** @description Whether the key existed. */
+            deleted: boolean;
+            key: string;
+            /** @enum {string} */
+            op: "delete";
+        } | {
+            content_type?: string | null;
+            /** @description `base64` when `value` is the bytes in base64. */
+            encoding?: string | null;
+            found: boolean;
+            key: string;
+            /** @enum {string} */
+            op: "get";
+            /** @description JSON when the content type is JSON, a string for UTF-8 text, else base64. */
+            value?: unknown;
+            /** Format: int64 */
+            version?: number | null;
+        };
         BlobWritten: {
             /** @description The ETag (quoted version). */
             etag: string;
@@ -320,6 +374,18 @@ export interface components {
              * @description The object's version after the write.
              */
             version: number;
+        };
+        /** @description After a presigned PUT: which upload becomes the blob, and its headers. */
+        CommitRequest: {
+            cache_control?: string | null;
+            content_disposition?: string | null;
+            content_type?: string | null;
+            /** @description Kept as `x-statehouse-meta-<name>` headers. */
+            metadata?: {
+                [key: string]: string;
+            };
+            /** @description The `upload_key` the presign answer gave. */
+            upload_key: string;
         };
         CommittedSnapshot: {
             data_files: number;
@@ -1680,6 +1746,123 @@ export interface operations {
                 };
             };
             /** @description ownership of the object moved while the write was queued (retry it), or a conflict with the configuration */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description If-Match, If-None-Match, if_version or if_absent does not hold */
+            412: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description the body is larger than this route allows */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description too many requests from this caller */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description database, object store or owner replica unreachable or busy, or the request timed out */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    commit_presigned_route: {
+        parameters: {
+            query?: never;
+            header?: {
+                "If-Match"?: string | null;
+                "If-None-Match"?: string | null;
+            };
+            path: {
+                ns: string;
+                id: string;
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["CommitRequest"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["BlobWritten"];
+                };
+            };
+            /** @description invalid namespace, id, key, query, header or body */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description missing or invalid credential */
+            401: {
+                headers: {
+                    /** @description the scheme to authenticate with: Bearer */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description the credential does not allow this namespace or operation */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description no such object, key, blob or route */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description the upload is too old to commit, or the store is a local folder */
             409: {
                 headers: {
                     [name: string]: unknown;
