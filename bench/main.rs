@@ -25,12 +25,21 @@ struct Args {
     baselines: bool,
 }
 
+/// The server binary of the same build: the bench runs as
+/// `<target>/release/examples/bench`, wherever `CARGO_TARGET_DIR` put it.
+fn server_beside_the_bench() -> String {
+    std::env::current_exe()
+        .ok()
+        .and_then(|exe| Some(exe.parent()?.parent()?.join("statehouse")))
+        .map_or_else(|| "target/release/statehouse".into(), |path| path.display().to_string())
+}
+
 fn args() -> Args {
     let mut args = Args {
         seconds: 10,
         connections: vec![32, 256],
         workloads: WORKLOADS.iter().map(|w| w.to_string()).collect(),
-        binary: concat!(env!("CARGO_MANIFEST_DIR"), "/target/release/statehouse").to_string(),
+        binary: server_beside_the_bench(),
         export_events: 200_000,
         database: "file".into(),
         baselines: true,
