@@ -1,4 +1,6 @@
-//! Wall-clock time. Only lease expiry (liveness) reads it; safety never does.
+//! Wall-clock time: lease expiry (liveness), and the times the server records
+//! and answers (commit and event timestamps, blob ages, presigned URLs, token
+//! expiry). The safety of writes never reads it: the fence decides.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 

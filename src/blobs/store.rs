@@ -1,6 +1,6 @@
 //! The one place that talks to the object store: a local folder by default,
 //! any S3-compatible store (R2, S3, Tigris, MinIO) when R2_* is set. Blobs and
-//! (later) the Iceberg export share this configuration and client.
+//! the Iceberg export share this configuration and client.
 
 use std::sync::Arc;
 use std::time::Duration;
