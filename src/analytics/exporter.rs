@@ -59,7 +59,7 @@ const ROW_GROUP_ROWS: usize = 128 * 1024;
 
 /// The reserved object whose lease makes one replica the exporter.
 pub fn singleton() -> ObjectRef {
-    ObjectRef { ns: "_system".into(), id: "exporter".into() }
+    ObjectRef::singleton("exporter")
 }
 
 #[derive(Debug, Clone)]
@@ -76,34 +76,15 @@ pub struct ExportPolicy {
     pub orphan_grace: Duration,
 }
 
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 pub enum ExportError {
     /// Another replica is the exporter.
+    #[error("replica {} is the exporter", .0.instance)]
     NotOwner(Owner),
-    Database(StoreError),
-    Iceberg(iceberg::Error),
-}
-
-impl std::fmt::Display for ExportError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            ExportError::NotOwner(owner) => write!(f, "replica {} is the exporter", owner.instance),
-            ExportError::Database(err) => write!(f, "database: {err}"),
-            ExportError::Iceberg(err) => write!(f, "iceberg: {err}"),
-        }
-    }
-}
-
-impl From<StoreError> for ExportError {
-    fn from(err: StoreError) -> Self {
-        ExportError::Database(err)
-    }
-}
-
-impl From<iceberg::Error> for ExportError {
-    fn from(err: iceberg::Error) -> Self {
-        ExportError::Iceberg(err)
-    }
+    #[error("database: {0}")]
+    Database(#[from] StoreError),
+    #[error("iceberg: {0}")]
+    Iceberg(#[from] iceberg::Error),
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]

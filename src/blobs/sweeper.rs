@@ -39,7 +39,7 @@ pub struct Sweeper {
 /// The reserved object whose lease makes one replica the sweeper. `_system`
 /// is not a valid namespace, so no client can touch it.
 fn singleton() -> ObjectRef {
-    ObjectRef { ns: "_system".into(), id: "blob-sweeper".into() }
+    ObjectRef::singleton("blob-sweeper")
 }
 
 impl Sweeper {

@@ -29,6 +29,13 @@ impl ObjectRef {
         validate_id(id)?;
         Ok(ObjectRef { ns: ns.to_string(), id: id.to_string() })
     }
+
+    /// The object whose lease makes one replica of the cluster the only one
+    /// doing `role` (the exporter, the blob sweeper): in `_system`, a
+    /// namespace clients cannot name.
+    pub fn singleton(role: &str) -> ObjectRef {
+        ObjectRef { ns: "_system".into(), id: role.into() }
+    }
 }
 
 impl fmt::Display for ObjectRef {
