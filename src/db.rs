@@ -27,13 +27,19 @@ const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 /// Read connections on a local file: reads take microseconds, and SQLite
 /// serves them beside the writer.
 const READ_CONNECTIONS: usize = 4;
-/// On a remote server a read waits a network round trip, during which its
-/// connection serves nobody else: more of them, so reads do not queue.
-const REMOTE_READ_CONNECTIONS: usize = 32;
+/// On a remote server the hot reads go through `query` (its own bounded
+/// streams); these serve the rest (the exporter, the sweeper, blob rows,
+/// readiness). Each may keep a stream, and so one of the server's
+/// connections, between queries: few of them.
+const REMOTE_READ_CONNECTIONS: usize = 8;
 /// Reads sent at once to a remote server through `Database::query`, each on a
 /// stream kept between requests: a read takes about one round trip, and the
 /// server counts every open stream against its connection limit.
 const REMOTE_READ_STREAMS: usize = 16;
+/// Of those, kept open between reads. Each kept stream holds one of the
+/// server's connections (for 10 s after a crash, until it expires), and the
+/// server's limit is shared by every replica: a few save most of the cost.
+const REMOTE_READ_STREAMS_KEPT: usize = 2;
 /// A remote server expires an idle Hrana stream after 10 s, and a read
 /// connection keeps its stream open between queries: renew it well before.
 const REMOTE_STREAM_MAX_IDLE: Duration = Duration::from_secs(5);
@@ -309,12 +315,17 @@ impl Database {
             next_reader: AtomicUsize::new(0),
             wal: None,
             pipeline: match &settings.turso_url {
-                DatabaseUrl::Remote(url) => Some(remote::Pipeline::new(url, settings.turso_token.as_deref(), 1)?),
+                DatabaseUrl::Remote(url) => Some(remote::Pipeline::new(url, settings.turso_token.as_deref(), 1, 1)?),
                 DatabaseUrl::File(_) => None,
             },
             read_pipeline: match &settings.turso_url {
                 DatabaseUrl::Remote(url) => {
-                    Some(remote::Pipeline::new(url, settings.turso_token.as_deref(), REMOTE_READ_STREAMS)?)
+                    Some(remote::Pipeline::new(
+                        url,
+                        settings.turso_token.as_deref(),
+                        REMOTE_READ_STREAMS,
+                        REMOTE_READ_STREAMS_KEPT,
+                    )?)
                 }
                 DatabaseUrl::File(_) => None,
             },

@@ -1,20 +1,26 @@
 //! A whole batch as one HTTP request to a libSQL server (Hrana's
 //! `/v3/pipeline`). The server runs the steps under their conditions and
 //! answers every step's outcome. Every batch ends its own transaction
-//! (COMMIT, or ROLLBACK when anything failed), so nothing is held open
-//! between requests, and a replica that dies mid-request leaves no
-//! transaction (and no write lock) behind.
+//! (COMMIT, or ROLLBACK when anything failed), and one last step rolls back
+//! if a transaction is somehow still open, so nothing is held open between
+//! requests: a replica that dies mid-request leaves no transaction (and no
+//! write lock) behind.
 //!
-//! The stream itself is kept between requests (its baton): a new stream is a
+//! A few streams are kept between requests (their batons): a new stream is a
 //! new connection on the server, which parses the schema and prepares every
-//! statement again, about 1 ms of the server's CPU per request on sqld. A
-//! kept stream holds a connection and nothing else. Streams expire on the
-//! server after 10 s idle; one idle longer than `KEEP_STREAM_FOR` is not
-//! used, and a request whose stream the server no longer has (expired,
-//! restarted, another instance behind a balancer) ran nothing and is sent
-//! again on a new stream.
+//! statement again, about 1 ms of the server's CPU per request on sqld. But
+//! the server counts every open stream against its connection limit (sqld:
+//! 128 across all its clients, then 429), and a stream outlives a killed
+//! replica until it expires (10 s idle). So a pipeline has at most `streams`
+//! requests in flight, keeps at most `idle` streams between requests, and
+//! closes every other stream in the request that used it. A kept stream idle
+//! longer than `KEEP_STREAM_FOR` is closed; a request whose stream the server
+//! no longer has (expired, restarted, another instance behind a balancer) ran
+//! nothing and is sent again on a new stream.
 
 use std::sync::{Arc, Mutex};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -42,7 +48,9 @@ pub struct Pipeline {
     /// Idle streams, the most recently used last.
     kept: Arc<Mutex<Vec<KeptStream>>>,
     /// Requests in flight at most (and so streams open at most).
-    in_flight: Arc<tokio::sync::Semaphore>,
+    in_flight: Arc<Semaphore>,
+    /// Streams kept at most, idle or in use: a stream holds one of these.
+    keep: Arc<Semaphore>,
 }
 
 struct KeptStream {
@@ -50,6 +58,7 @@ struct KeptStream {
     /// Where the server asked this stream's requests to go (`base_url`).
     endpoint: Arc<str>,
     last_used: Instant,
+    slot: OwnedSemaphorePermit,
 }
 
 /// Why a request failed.
@@ -60,7 +69,7 @@ enum Failure {
 }
 
 impl Pipeline {
-    pub fn new(base_url: &str, token: Option<&str>, streams: usize) -> Result<Pipeline, StoreError> {
+    pub fn new(base_url: &str, token: Option<&str>, streams: usize, idle: usize) -> Result<Pipeline, StoreError> {
         let http = reqwest::Client::builder()
             .timeout(REQUEST_TIMEOUT)
             .tcp_nodelay(true)
@@ -73,7 +82,8 @@ impl Pipeline {
             endpoint: endpoint.into(),
             token: token.filter(|t| !t.is_empty()).map(Into::into),
             kept: Arc::default(),
-            in_flight: Arc::new(tokio::sync::Semaphore::new(streams)),
+            in_flight: Arc::new(Semaphore::new(streams)),
+            keep: Arc::new(Semaphore::new(idle)),
         })
     }
 
@@ -95,14 +105,18 @@ impl Pipeline {
             let pipeline = self.clone();
             tokio::spawn(async move { pipeline.close(stream).await });
         }
-        let answer = match self.send(steps, kept).await {
-            Err(Failure::StreamGone(message)) => {
+        let (stream, slot) = match kept {
+            Some(KeptStream { baton, endpoint, slot, .. }) => (Some((baton, endpoint)), Some(slot)),
+            None => (None, self.keep.clone().try_acquire_owned().ok()),
+        };
+        let answer = match self.send(steps, stream, slot).await {
+            Err((Failure::StreamGone(message), slot)) => {
                 tracing::debug!(%message, "the database no longer has the kept stream; sending on a new one");
-                self.send(steps, None).await
+                self.send(steps, None, slot).await
             }
             answer => answer,
         };
-        answer.map_err(|failure| match failure {
+        answer.map_err(|(failure, _)| match failure {
             Failure::StreamGone(message) => unavailable(format!("database refused a new stream: {message}")),
             Failure::Other(err) => err,
         })
@@ -119,7 +133,37 @@ impl Pipeline {
         let _ = request.send().await;
     }
 
-    async fn send(&self, steps: &[Step], stream: Option<KeptStream>) -> Result<Vec<Outcome>, Failure> {
+    /// Sends on `stream` (a baton and where it goes), or a new one. With a
+    /// `slot` the stream is kept afterwards; without, the request closes it.
+    /// A failure gives the slot back for a retry.
+    async fn send(
+        &self,
+        steps: &[Step],
+        stream: Option<(String, Arc<str>)>,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> Result<Vec<Outcome>, (Failure, Option<OwnedSemaphorePermit>)> {
+        match self.send_inner(steps, stream, slot.is_some()).await {
+            Ok((outcomes, Some(kept))) => {
+                if let Some(slot) = slot {
+                    let (baton, endpoint) = kept;
+                    let stream = KeptStream { baton, endpoint, last_used: Instant::now(), slot };
+                    self.kept.lock().expect("kept streams").push(stream);
+                }
+                Ok(outcomes)
+            }
+            Ok((outcomes, None)) => Ok(outcomes),
+            Err(failure) => Err((failure, slot)),
+        }
+    }
+
+    /// The outcomes, and the stream to keep (when `keep` and it is clean).
+    #[allow(clippy::type_complexity)]
+    async fn send_inner(
+        &self,
+        steps: &[Step],
+        stream: Option<(String, Arc<str>)>,
+        keep: bool,
+    ) -> Result<(Vec<Outcome>, Option<(String, Arc<str>)>), Failure> {
         let mut batch_steps: Vec<BatchStep> =
             steps.iter().map(|step| BatchStep { condition: step.cond.clone(), stmt: hrana_stmt(step) }).collect();
         // Whatever happened above, the stream leaves with no transaction open.
@@ -129,11 +173,15 @@ impl Pipeline {
         });
         let batch = Batch { steps: batch_steps, replication_index: None };
         let (baton, endpoint) = match stream {
-            Some(stream) => (Some(stream.baton), stream.endpoint),
+            Some((baton, endpoint)) => (Some(baton), endpoint),
             None => (None, self.endpoint.clone()),
         };
         let reusing = baton.is_some();
-        let body = PipelineReqBody { baton, requests: vec![StreamRequest::Batch(BatchStreamReq { batch })] };
+        let mut requests = vec![StreamRequest::Batch(BatchStreamReq { batch })];
+        if !keep {
+            requests.push(StreamRequest::Close(CloseStreamReq {}));
+        }
+        let body = PipelineReqBody { baton, requests };
         let mut request = self.http.post(&*endpoint).json(&body);
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
@@ -168,14 +216,16 @@ impl Pipeline {
             _ => return Err(other(StoreError::Internal("the database answered no batch result".into()))),
         };
         let guard_failed = result.step_errors.get(steps.len()).is_some_and(Option::is_some);
-        if let (Some(baton), false) = (answer.baton, guard_failed) {
-            let endpoint = match answer.base_url {
-                Some(base) => format!("{}/v3/pipeline", base.trim_end_matches('/')).into(),
-                None => endpoint,
-            };
-            // (At most one per permit: this request holds one.)
-            self.kept.lock().expect("kept streams").push(KeptStream { baton, endpoint, last_used: Instant::now() });
-        }
+        let kept = match (answer.baton, guard_failed) {
+            (Some(baton), false) => {
+                let endpoint = match answer.base_url {
+                    Some(base) => format!("{}/v3/pipeline", base.trim_end_matches('/')).into(),
+                    None => endpoint,
+                };
+                Some((baton, endpoint))
+            }
+            _ => None,
+        };
         let mut outcomes = Vec::with_capacity(steps.len());
         for index in 0..steps.len() {
             let done = result.step_results.get(index).cloned().flatten();
@@ -192,7 +242,7 @@ impl Pipeline {
                 (None, None) => Outcome::Skipped,
             });
         }
-        Ok(outcomes)
+        Ok((outcomes, kept))
     }
 }
 
