@@ -319,14 +319,12 @@ impl Database {
                 DatabaseUrl::File(_) => None,
             },
             read_pipeline: match &settings.turso_url {
-                DatabaseUrl::Remote(url) => {
-                    Some(remote::Pipeline::new(
-                        url,
-                        settings.turso_token.as_deref(),
-                        REMOTE_READ_STREAMS,
-                        REMOTE_READ_STREAMS_KEPT,
-                    )?)
-                }
+                DatabaseUrl::Remote(url) => Some(remote::Pipeline::new(
+                    url,
+                    settings.turso_token.as_deref(),
+                    REMOTE_READ_STREAMS,
+                    REMOTE_READ_STREAMS_KEPT,
+                )?),
                 DatabaseUrl::File(_) => None,
             },
         };
