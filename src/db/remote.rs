@@ -19,9 +19,7 @@
 //! nothing and is sent again on a new stream.
 
 use std::sync::{Arc, Mutex};
-
 use std::time::{Duration, Instant};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use bytes::Bytes;
 use libsql::Value;
@@ -29,6 +27,7 @@ use libsql_hrana::proto::{
     Batch, BatchStep, BatchStreamReq, CloseStreamReq, PipelineReqBody, PipelineRespBody, StreamRequest, StreamResponse,
     StreamResult,
 };
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::batch::{Cond, Outcome, Step, StepError};
 use super::StoreError;
