@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::now_ms;
 use crate::db::batch::Stmt;
-use crate::db::StoreError;
+use crate::db::{numbered, Shape, StoreError};
 use crate::objects::resident::ResidentState;
 use crate::objects::ObjectRef;
 use crate::telemetry::Metrics;
@@ -384,32 +384,86 @@ struct Renew {
     expires_at_ms: i64,
 }
 
+/// Leases per statement of a renewal or release: a replica holding thousands
+/// of objects renews them in a handful of statements, not one each.
+const LEASES_PER_STATEMENT: usize = 256;
+
+/// `?1`: the new expiry, `?2`: this replica; then ns, id, fence per lease. The
+/// rows it answers are the leases renewed.
+static RENEW_LEASES: Shape = Shape {
+    text: |leases| {
+        format!(
+            "UPDATE objects SET lease_expires_at = ?1 WHERE owner = ?2 AND (ns, id, fence) IN (VALUES {})
+             RETURNING ns, id",
+            lease_rows(3, leases)
+        )
+    },
+};
+
+/// `?1`: this replica; then ns, id, fence per lease.
+static RELEASE_LEASES: Shape = Shape {
+    text: |leases| {
+        format!(
+            "UPDATE objects SET owner = NULL, owner_url = NULL, owner_machine = NULL, lease_expires_at = 0
+             WHERE owner = ?1 AND (ns, id, fence) IN (VALUES {})",
+            lease_rows(2, leases)
+        )
+    },
+};
+
+/// `(?first, ?first+1, ?first+2), ...` for `leases` leases.
+fn lease_rows(first: usize, leases: usize) -> String {
+    (0..leases).map(|i| format!("({})", numbered(first + 3 * i, 3))).collect::<Vec<_>>().join(", ")
+}
+
+/// Each chunk of leases as parameters: ns, id, fence per lease, after `lead`.
+fn lease_statements(
+    shape: &'static Shape,
+    lead: Vec<Value>,
+    leases: &[(ObjectRef, i64)],
+    returning: bool,
+) -> Vec<Stmt> {
+    leases
+        .chunks(LEASES_PER_STATEMENT)
+        .map(|chunk| {
+            let mut args = lead.clone();
+            for (object, fence) in chunk {
+                args.extend([object.ns.as_str().into(), object.id.as_str().into(), (*fence).into()]);
+            }
+            if returning {
+                Stmt::query_rows(shape, chunk.len(), args)
+            } else {
+                Stmt::exec_rows(shape, chunk.len(), args)
+            }
+        })
+        .collect()
+}
+
 impl Work for Renew {
     type Output = Vec<bool>;
 
     fn plan<'a>(&'a mut self, _: &'a mut Planner) -> BoxFuture<'a, Result<Result<Writes, Vec<bool>>, StoreError>> {
-        let statements = self
-            .leases
-            .iter()
-            .map(|(object, fence)| {
-                Stmt::exec(
-                    "UPDATE objects SET lease_expires_at = ?5 WHERE ns = ?1 AND id = ?2 AND owner = ?3 AND fence = ?4",
-                    vec![
-                        object.ns.as_str().into(),
-                        object.id.as_str().into(),
-                        self.me.as_str().into(),
-                        (*fence).into(),
-                        self.expires_at_ms.into(),
-                    ],
-                )
-            })
-            .collect();
+        let lead = vec![self.expires_at_ms.into(), self.me.as_str().into()];
+        let statements = lease_statements(&RENEW_LEASES, lead, &self.leases, true);
         Box::pin(async move { Ok(Ok(Writes { assertions: vec![], statements })) })
     }
 
     fn settle(&mut self, settled: Settled<'_>, _: &ResidentState) -> Vec<bool> {
         match settled {
-            Settled::Committed(outcomes) => outcomes.iter().map(|o| o.changed() == 1).collect(),
+            Settled::Committed(outcomes) => {
+                let renewed: std::collections::HashSet<(String, String)> = outcomes
+                    .iter()
+                    .flat_map(|outcome| outcome.rows())
+                    .filter_map(|row| match row.as_slice() {
+                        [Value::Text(ns), Value::Text(id)] => Some((ns.clone(), id.clone())),
+                        _ => None,
+                    })
+                    .collect();
+                self.leases
+                    .iter()
+                    .map(|(object, _)| renewed.contains(&(object.ns.clone(), object.id.clone())))
+                    .collect()
+            }
             Settled::Refused(_) => vec![false; self.leases.len()],
         }
     }
@@ -425,22 +479,7 @@ impl Work for Release {
     type Output = ();
 
     fn plan<'a>(&'a mut self, _: &'a mut Planner) -> BoxFuture<'a, Result<Result<Writes, ()>, StoreError>> {
-        let statements = self
-            .leases
-            .iter()
-            .map(|(object, fence)| {
-                Stmt::exec(
-                    "UPDATE objects SET owner = NULL, owner_url = NULL, owner_machine = NULL, lease_expires_at = 0
-                     WHERE ns = ?1 AND id = ?2 AND owner = ?3 AND fence = ?4",
-                    vec![
-                        object.ns.as_str().into(),
-                        object.id.as_str().into(),
-                        self.me.as_str().into(),
-                        (*fence).into(),
-                    ],
-                )
-            })
-            .collect();
+        let statements = lease_statements(&RELEASE_LEASES, vec![self.me.as_str().into()], &self.leases, false);
         Box::pin(async move { Ok(Ok(Writes { assertions: vec![], statements })) })
     }
 

@@ -276,3 +276,38 @@ async fn metric(app: &common::TestApp, name: &str) -> f64 {
         .find_map(|line| line.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
         .unwrap_or_else(|| panic!("no metric {name} in /metrics"))
 }
+
+/// Renewals keep every lease in use, however many: a replica holding more
+/// objects than one renewal statement carries keeps them all across many
+/// renewals (a lost renewal would drop the lease and show in the gauge).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewals_keep_hundreds_of_leases_in_use() {
+    let db = TestDatabase::new();
+    let lease = 600;
+    let app = spawn_app_with(&db, |s| s.lease_ms = lease).await;
+    let ns = unique_ns("renew");
+    let objects = 300;
+    let urls: Vec<String> = (0..objects).map(|o| app.url(&format!("/v1/objects/{ns}/o{o}/kv/k"))).collect();
+    let client = &app.client;
+    let fences = futures::future::join_all(urls.iter().map(|url| async move {
+        let r = client.put(url).body("v").send().await.unwrap();
+        assert_eq!(r.status(), 200);
+        header(&r, "statehouse-fence")
+    }))
+    .await;
+    // Several renewal periods (a third of the lease each), every object in use.
+    let until = Instant::now() + Duration::from_millis(lease * 3);
+    while Instant::now() < until {
+        for url in &urls {
+            assert_eq!(app.client.get(url).send().await.unwrap().status(), 200);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(metric(&app, "statehouse_leases_held").await, objects as f64, "leases were lost");
+    // Still the same leases: a write needs no new one.
+    for (url, fence) in urls.iter().zip(&fences) {
+        let r = app.client.put(url).body("w").send().await.unwrap();
+        assert_eq!(&header(&r, "statehouse-fence"), fence);
+    }
+    app.stop().await;
+}
