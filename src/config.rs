@@ -41,7 +41,7 @@ pub struct TokenRequest {
     /// Namespace patterns the token may touch: `*`, `orders`, `payments.*` (comma-separated).
     #[arg(long, default_value = "*")]
     pub namespaces: String,
-    /// Rights: any of read, write, admin (comma-separated; admin needs namespaces `*`).
+    /// Rights: any of read, write, admin, analytics (comma-separated; admin and analytics need namespaces `*`).
     #[arg(long, default_value = "read,write")]
     pub rights: String,
 }
@@ -155,6 +155,34 @@ pub struct ObjectStoreSettings {
     pub create_bucket: bool,
 }
 
+/// What the Iceberg REST catalog (`/iceberg`) tells analysts' engines about
+/// the warehouse's storage. The server's own store keys are never handed out:
+/// readers bring their own, or get the read-only pair an operator sets here.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct IcebergReaderSettings {
+    /// S3 endpoint the catalog gives readers, when they reach the bucket by another address than the server does.
+    #[arg(long = "iceberg-s3-endpoint", env = "STATEHOUSE_ICEBERG_S3_ENDPOINT", value_parser = parse_http_url)]
+    pub s3_endpoint: Option<String>,
+
+    /// Read-only S3 access key the catalog vends to analysts with each table (never the server's own).
+    #[arg(
+        long = "iceberg-reader-access-key-id",
+        env = "STATEHOUSE_ICEBERG_READER_ACCESS_KEY_ID",
+        hide_env_values = true
+    )]
+    #[serde(serialize_with = "redact")]
+    pub access_key_id: Option<String>,
+
+    /// The secret of STATEHOUSE_ICEBERG_READER_ACCESS_KEY_ID.
+    #[arg(
+        long = "iceberg-reader-secret-access-key",
+        env = "STATEHOUSE_ICEBERG_READER_SECRET_ACCESS_KEY",
+        hide_env_values = true
+    )]
+    #[serde(serialize_with = "redact")]
+    pub secret_access_key: Option<String>,
+}
+
 /// Where else the object store's settings may come from: fly.io Tigris's
 /// variables (`fly storage create` sets them), used when no R2_* store setting
 /// is given; and whether a local objects folder is storage every replica shares.
@@ -205,6 +233,10 @@ pub struct Settings {
     #[command(flatten)]
     #[serde(flatten)]
     pub access: AccessSettings,
+
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub iceberg_readers: IcebergReaderSettings,
 
     /// Largest blob accepted by `PUT .../blobs/{name}`, in bytes.
     #[arg(long = "max-blob-bytes", env = "STATEHOUSE_MAX_BLOB_BYTES", default_value_t = 5 * 1024 * 1024 * 1024,
@@ -494,6 +526,36 @@ impl Settings {
         Ok(())
     }
 
+    /// Vended reader keys come as a pair, only with an S3 store, and never as
+    /// the server's own (which can write and delete everything).
+    fn check_iceberg_readers(&self) -> Result<(), String> {
+        let readers = &self.iceberg_readers;
+        let s3 = self.objects.r2_endpoint.is_some();
+        match (&readers.access_key_id, &readers.secret_access_key) {
+            (None, None) => {}
+            (Some(_), None) | (None, Some(_)) => {
+                return Err("STATEHOUSE_ICEBERG_READER_ACCESS_KEY_ID and STATEHOUSE_ICEBERG_READER_SECRET_ACCESS_KEY \
+                            are set together or not at all"
+                    .into())
+            }
+            (Some(_), Some(_)) if !s3 => {
+                return Err("STATEHOUSE_ICEBERG_READER_* keys are for a warehouse on S3/R2; with a local objects \
+                            folder readers open the files themselves"
+                    .into())
+            }
+            (Some(id), Some(_)) if Some(id) == self.objects.r2_access_key_id.as_ref() => {
+                return Err("STATEHOUSE_ICEBERG_READER_ACCESS_KEY_ID is the server's own store key: create a \
+                            read-only key for analysts instead (the catalog hands it to every analytics caller)"
+                    .into())
+            }
+            (Some(_), Some(_)) => {}
+        }
+        if readers.s3_endpoint.is_some() && !s3 {
+            return Err("STATEHOUSE_ICEBERG_S3_ENDPOINT is for a warehouse on S3/R2 (R2_ENDPOINT is not set)".into());
+        }
+        Ok(())
+    }
+
     /// A remote database means replicas on several machines. Each would keep
     /// blobs and Iceberg files in its own local folder while the shared
     /// database lists them for every replica: refused unless the folder is
@@ -567,7 +629,8 @@ impl Cli {
             Some(_) => return Ok(()),
         };
         settings.resolve_object_store(given(matches, "r2_region"))?;
-        settings.check_store_is_shared()
+        settings.check_store_is_shared()?;
+        settings.check_iceberg_readers()
     }
 }
 
@@ -620,6 +683,9 @@ pub const ENV_VARS: &[&str] = &[
     "STATEHOUSE_EXPORT_BATCH_ROWS",
     "STATEHOUSE_EXPORT_SNAPSHOT_MAX_AGE_MS",
     "STATEHOUSE_EXPORT_MIN_SNAPSHOTS",
+    "STATEHOUSE_ICEBERG_S3_ENDPOINT",
+    "STATEHOUSE_ICEBERG_READER_ACCESS_KEY_ID",
+    "STATEHOUSE_ICEBERG_READER_SECRET_ACCESS_KEY",
     "STATEHOUSE_AUTH_TOKENS",
     "STATEHOUSE_AUTH_FILE",
     "STATEHOUSE_JWT_HS256_SECRET",

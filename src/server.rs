@@ -11,6 +11,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::analytics::readers::ReaderAccess;
 use crate::analytics::{ExportPolicy, Exporter};
 use crate::blobs::{Storage, Sweeper};
 use crate::config::{DatabaseSettings, Settings, SyncMode};
@@ -118,6 +119,7 @@ pub async fn run(
         .pool_idle_timeout(std::time::Duration::from_secs(30))
         .build()
         .context("cannot build the HTTP client for peer replicas")?;
+    let readers = ReaderAccess::from_settings(&settings, exporter.catalog().warehouse());
     let state = Arc::new(AppState {
         settings: settings.clone(),
         db,
@@ -127,6 +129,7 @@ pub async fn run(
         metrics,
         peers,
         exporter,
+        readers,
         access,
     });
 

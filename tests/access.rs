@@ -115,7 +115,25 @@ async fn tokens_grant_rights_on_namespace_patterns_only() {
 
 /// Path parameters for an OpenAPI path template.
 fn fill(template: &str, ns: &str) -> String {
-    template.replace("{ns}", ns).replace("{id}", "o").replace("{key}", "k").replace("{name}", "f")
+    template
+        .replace("{ns}", ns)
+        .replace("{id}", "o")
+        .replace("{key}", "k")
+        .replace("{name}", "f")
+        // The Iceberg catalog's: warehouse, namespace and table.
+        .replace("{prefix}", "statehouse")
+        .replace("{namespace}", "statehouse")
+        .replace("{table}", "events")
+}
+
+/// A refusal in the Iceberg REST catalog's error model (HEAD answers carry no body).
+async fn iceberg_refusal(response: reqwest::Response, method: &Method, status: u16) {
+    assert_eq!(response.status().as_u16(), status);
+    if method != Method::HEAD {
+        assert_eq!(response.headers()["content-type"], "application/json");
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], status, "{body}");
+    }
 }
 
 #[tokio::test]
@@ -124,7 +142,8 @@ async fn every_operation_refuses_other_namespaces_and_non_admins() {
     let scoped = token("scoped", "a.*", "read,write");
     let admin = token("ops", "*", "admin");
     let everything = token("all", "*", "read");
-    let app = spawn_app_with(&db, |s| with_tokens(s, &[&scoped, &admin, &everything])).await;
+    let analyst = token("analyst", "*", "analytics");
+    let app = spawn_app_with(&db, |s| with_tokens(s, &[&scoped, &admin, &everything, &analyst])).await;
     let spec: Value = app.client.get(app.url("/openapi.json")).send().await.unwrap().json().await.unwrap();
     let own = format!("a.{}", unique_ns("own"));
     let other = unique_ns("b");
@@ -159,6 +178,26 @@ async fn every_operation_refuses_other_namespaces_and_non_admins() {
                     problem(send(&app, method.clone(), template, None, body).await, 401).await;
                     let status = send(&app, method.clone(), template, Some(&admin.secret), body).await.status();
                     assert!(status.is_success(), "{method} {template} as admin: {status}");
+                }
+                statehouse::http::Need::Analytics => {
+                    let path = fill(template, &own);
+                    let refuse = |response, status| iceberg_refusal(response, &method, status);
+                    if template.starts_with("/iceberg/") {
+                        refuse(send(&app, method.clone(), &path, Some(&everything.secret), body).await, 403).await;
+                        refuse(send(&app, method.clone(), &path, None, body).await, 401).await;
+                    } else {
+                        problem(send(&app, method.clone(), &path, Some(&everything.secret), body).await, 403).await;
+                        problem(send(&app, method.clone(), &path, None, body).await, 401).await;
+                    }
+                    for granted in [&analyst, &admin] {
+                        let status = send(&app, method.clone(), &path, Some(&granted.secret), body).await.status();
+                        assert!(
+                            status != StatusCode::UNAUTHORIZED
+                                && status != StatusCode::FORBIDDEN
+                                && !status.is_server_error(),
+                            "{method} {template} with analytics or admin: {status}"
+                        );
+                    }
                 }
                 statehouse::http::Need::Peer(_) => {
                     panic!("{template} is internal and must not be in the OpenAPI document")

@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::iceberg::{read_tables, tables};
+use common::iceberg::{read_tables, read_through_catalog, tables};
 use common::s3::S3Server;
 use common::{spawn_app_with, unique_ns, Process, TestApp, TestDatabase};
 use serde_json::{json, Value};
@@ -263,13 +263,17 @@ async fn wait_for_tables(app: &TestApp) {
     }
 }
 
-async fn interop(app: &TestApp, setup: ReadSetup, namespaces: Vec<String>, objects: usize, rounds: usize) {
+/// What was acknowledged, and per older snapshot (events, changes) what it holds.
+type History = Vec<(i64, i64, Expected)>;
+
+/// Rounds of the workload, each followed by an export cycle.
+async fn export_rounds(app: &TestApp, namespaces: &[String], objects: usize, rounds: usize) -> (Expected, History) {
     wait_for_tables(app).await;
     let mut expected = Expected::default();
     let mut history = Vec::new();
     let started = Instant::now();
     for round in 0..rounds {
-        workload(app, &namespaces, objects, round, &mut expected).await;
+        workload(app, namespaces, objects, round, &mut expected).await;
         let report = export_now(app).await;
         assert_eq!(report["nothing_to_do"], false, "{report}");
         let events_at = snapshot_of(&report, "events").expect("an events snapshot");
@@ -284,8 +288,13 @@ async fn interop(app: &TestApp, setup: ReadSetup, namespaces: Vec<String>, objec
         expected.changes.len(),
         started.elapsed()
     );
-    // The last snapshot is the current one; check the ones before it as history.
+    // The last snapshot is the current one; the ones before it are history.
     history.pop();
+    (expected, history)
+}
+
+async fn interop(app: &TestApp, setup: ReadSetup, namespaces: Vec<String>, objects: usize, rounds: usize) {
+    let (expected, history) = export_rounds(app, &namespaces, objects, rounds).await;
     check_readers(app, &setup, &namespaces, &expected, &history).await;
 }
 
@@ -656,5 +665,370 @@ async fn an_object_store_outage_delays_the_export_and_loses_nothing() {
     );
     let setup = ReadSetup::on_s3(&db, &s3);
     check_readers(&app, &setup, std::slice::from_ref(&ns), &expected, &[]).await;
+    app.stop().await;
+}
+
+// ------------------------------------------------------------- the Iceberg REST catalog
+
+/// How the catalog's readers authenticate and reach the files.
+struct CatalogReaders {
+    /// The analyst's token; None in development mode.
+    token: Option<String>,
+    /// Client-side S3 settings; None for a local folder, or when the catalog vends keys.
+    s3: Option<Value>,
+}
+
+fn per_namespace(expected: &Expected, table: &str, ns: &str) -> usize {
+    if table == "events" {
+        expected.events.values().filter(|e| e.0 == ns).count()
+    } else {
+        expected.changes.iter().filter(|c| c.0 == ns).count()
+    }
+}
+
+/// DuckDB (`ATTACH ... TYPE iceberg`) and PyIceberg (`RestCatalog`) through
+/// `/iceberg`, against what was acknowledged, now and at older snapshots.
+/// `refused`: tokens the catalog must turn away (None = no token), with what
+/// DuckDB and PyIceberg must each show of the reason; it returns what they said.
+async fn check_catalog_readers(
+    app: &TestApp,
+    readers: &CatalogReaders,
+    namespaces: &[String],
+    expected: &Expected,
+    history: &History,
+    refused: &[(Option<String>, [&str; 2])],
+) -> Value {
+    let listed = tables(&app.client, &app.base).await;
+    let mut refusals = Value::Null;
+    for table in ["events", "changes"] {
+        let at: Vec<i64> = history.iter().map(|(e, c, _)| if table == "events" { *e } else { *c }).collect();
+        let first_table = table == "events";
+        let request = json!({
+            "endpoint": app.url("/iceberg"),
+            "token": readers.token,
+            "table": table,
+            "snapshot_ids": at,
+            "filter_ns": namespaces[0],
+            "s3": readers.s3,
+            "refused_tokens": if first_table { refused.iter().map(|(t, _)| t.clone()).collect() } else { vec![] },
+            "try_commit": first_table,
+        });
+        let read = read_through_catalog(&request).await;
+        let pyiceberg = &read["pyiceberg"];
+        assert_eq!(pyiceberg["namespaces"], json!([["statehouse"]]));
+        assert_eq!(pyiceberg["tables"], json!(["statehouse.changes", "statehouse.events"]));
+        assert_eq!(
+            pyiceberg["metadata_location"], listed[table]["metadata_location"],
+            "RestCatalog loaded another metadata file than the exporter's current one"
+        );
+        let duckdb_tables = read["duckdb"]["tables"].as_array().unwrap();
+        assert!(duckdb_tables.contains(&json!(table)), "DuckDB's attached catalog lacks {table}: {duckdb_tables:?}");
+        for reader in ["duckdb", "pyiceberg"] {
+            let result = &read[reader];
+            let rows = &result["rows"];
+            let (seen, wanted) = if table == "events" {
+                (seen_events(rows, namespaces).len(), expected.events.len())
+            } else {
+                (seen_changes(rows, namespaces).len(), expected.changes.len())
+            };
+            assert_eq!(seen, wanted, "{reader} {table} through the catalog: row count");
+            if table == "events" {
+                assert!(seen_events(rows, namespaces) == expected.events, "{reader}: events differ");
+            } else {
+                assert!(seen_changes(rows, namespaces) == expected.changes, "{reader}: changes differ");
+            }
+            assert_eq!(result["count"], json!(wanted), "{reader} {table}: count(*)");
+            let in_ns = per_namespace(expected, table, &namespaces[0]);
+            assert!(in_ns > 0);
+            assert_eq!(result["filtered_count"], json!(in_ns), "{reader} {table}: rows of one namespace");
+            for (i, (events_at, changes_at, then)) in history.iter().enumerate() {
+                let id = if table == "events" { events_at } else { changes_at };
+                let old = &result["at"][id.to_string()];
+                if table == "events" {
+                    assert!(seen_events(old, namespaces) == then.events, "{reader}: events at snapshot {i} ({id})");
+                } else {
+                    assert!(seen_changes(old, namespaces) == then.changes, "{reader}: changes at snapshot {i} ({id})");
+                }
+            }
+            println!(
+                "{reader} through the REST catalog, {table}: {wanted} rows, {in_ns} in one namespace, \
+                 time travel to {} older snapshots checked",
+                history.len()
+            );
+        }
+        assert_eq!(read["duckdb"]["rows"], read["pyiceberg"]["rows"], "{table}: DuckDB and PyIceberg disagree");
+        if first_table {
+            refusals = read["refused"].clone();
+        }
+    }
+    println!("refusals as the clients show them: {refusals}");
+    for (i, (token, reasons)) in refused.iter().enumerate() {
+        for (client, reason) in ["duckdb_attach", "pyiceberg_load"].into_iter().zip(reasons) {
+            let said = refusals[client][i]
+                .as_str()
+                .unwrap_or_else(|| panic!("{client} with token {token:?} was let in: {refusals}"));
+            assert!(said.contains(reason), "{client} with token {token:?}: the error does not say {reason:?}: {said}");
+        }
+    }
+    // RestCatalog refuses by itself: the catalog's config lists no write endpoint
+    // (a client that tries anyway gets 406, checked by hand below).
+    let commit = refusals["pyiceberg_commit"].as_str().expect("a commit through RestCatalog was accepted");
+    assert!(commit.contains("does not support endpoint: POST"), "the refused commit does not say why: {commit}");
+    let after = tables(&app.client, &app.base).await;
+    assert_eq!(after["events"]["metadata_location"], listed["events"]["metadata_location"], "a refused commit moved");
+    refusals
+}
+
+/// A client that presents `secret` on every request.
+fn client_with_token(secret: &str) -> reqwest::Client {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(reqwest::header::AUTHORIZATION, format!("Bearer {secret}").parse().unwrap());
+    reqwest::Client::builder().default_headers(headers).build().unwrap()
+}
+
+struct Token {
+    secret: String,
+    line: String,
+}
+
+fn token(name: &str, namespaces: &str, rights: &str) -> Token {
+    let secret = statehouse::auth::new_token();
+    let line = format!("{name} {} {namespaces} {rights}", statehouse::auth::hash_token(&secret));
+    Token { secret, line }
+}
+
+#[tokio::test]
+async fn the_iceberg_rest_catalog_serves_duckdb_and_pyiceberg_exactly_the_acknowledged_rows() {
+    let db = TestDatabase::new();
+    let app_token = token("app", "*", "read,write,admin");
+    let analyst = token("analyst", "*", "analytics");
+    let writer = token("writer", "*", "read,write");
+    let lines = [&app_token, &analyst, &writer].map(|t| t.line.as_str()).join(";");
+    let mut app = spawn_app_with(&db, |s| {
+        s.export_interval_ms = 3_600_000;
+        s.access.auth_tokens = Some(lines);
+        s.access.peer_secret = Some("a-peer-secret-of-at-least-32-bytes!".into());
+    })
+    .await;
+    app.client = client_with_token(&app_token.secret);
+    let namespaces: Vec<String> = (0..3).map(|i| unique_ns(&format!("rest{i}"))).collect();
+    let (expected, history) = export_rounds(&app, &namespaces, 10, 3).await;
+    let readers = CatalogReaders { token: Some(analyst.secret.clone()), s3: None };
+    let refused = [
+        // (PyIceberg without a token sends `Bearer None`.)
+        (None, ["Unauthorized_401", "NotAuthorizedException"]),
+        (
+            Some("sh_not-a-token".to_string()),
+            ["Unauthorized_401", "NotAuthorizedException: the bearer token is not known"],
+        ),
+        (Some(writer.secret.clone()), ["Forbidden_403", "ForbiddenException: \"writer\" is not granted analytics"]),
+    ];
+    check_catalog_readers(&app, &readers, &namespaces, &expected, &history, &refused).await;
+
+    // The protocol, by hand: status codes, error model, ETag, HEAD, read-only writes.
+    let analyst_client = client_with_token(&analyst.secret);
+    let catalog = |path: &str| app.url(&format!("/iceberg/v1{path}"));
+    let error =
+        |body: &Value| (body["error"]["code"].as_u64().unwrap(), body["error"]["type"].as_str().unwrap().to_string());
+    let config: Value =
+        ok_json(analyst_client.get(catalog("/config?warehouse=statehouse")).send().await.unwrap()).await;
+    assert_eq!(config["overrides"]["prefix"], "statehouse");
+    let wrong = analyst_client.get(catalog("/config?warehouse=lake")).send().await.unwrap();
+    assert_eq!(wrong.status(), 400);
+    assert_eq!(error(&wrong.json().await.unwrap()), (400, "BadRequestException".into()));
+    let table = catalog("/statehouse/namespaces/statehouse/tables/events");
+    let loaded = analyst_client.get(&table).send().await.unwrap();
+    let etag = loaded.headers()["etag"].to_str().unwrap().to_string();
+    let loaded: Value = ok_json(loaded).await;
+    assert_eq!(loaded["metadata-location"], tables(&app.client, &app.base).await["events"]["metadata_location"]);
+    assert_eq!(loaded["metadata"]["format-version"], 2);
+    let again = analyst_client.get(&table).header("if-none-match", &etag).send().await.unwrap();
+    assert_eq!(again.status(), 304, "an unchanged table is not sent again");
+    for (path, status, kind) in [
+        ("/statehouse/namespaces/statehouse/tables/nope", 404, "NoSuchTableException"),
+        ("/statehouse/namespaces/nope/tables", 404, "NoSuchNamespaceException"),
+        ("/other/namespaces", 404, "NoSuchWarehouseException"),
+        ("/statehouse/namespaces/statehouse/tables/events?snapshots=some", 400, "BadRequestException"),
+        ("/statehouse/no-such-route", 404, "NotFoundException"),
+    ] {
+        let response = analyst_client.get(catalog(path)).send().await.unwrap();
+        assert_eq!(response.status(), status, "{path}");
+        assert_eq!(response.headers()["content-type"], "application/json", "{path}");
+        assert_eq!(error(&response.json().await.unwrap()), (status as u64, kind.into()), "{path}");
+    }
+    for (path, status) in [
+        ("/statehouse/namespaces/statehouse", 204),
+        ("/statehouse/namespaces/nope", 404),
+        ("/statehouse/namespaces/statehouse/tables/changes", 204),
+        ("/statehouse/namespaces/statehouse/tables/nope", 404),
+    ] {
+        assert_eq!(analyst_client.head(catalog(path)).send().await.unwrap().status(), status, "HEAD {path}");
+    }
+    let refused = reqwest::Client::new().get(catalog("/config")).send().await.unwrap();
+    assert_eq!(refused.status(), 401);
+    assert!(refused.headers().contains_key("www-authenticate"));
+    assert_eq!(error(&refused.json().await.unwrap()), (401, "NotAuthorizedException".into()));
+    let forbidden = client_with_token(&writer.secret).get(catalog("/config")).send().await.unwrap();
+    assert_eq!(error(&forbidden.json().await.unwrap()), (403, "ForbiddenException".into()));
+    let before = tables(&app.client, &app.base).await;
+    let commit = json!({"requirements": [], "updates": [{"action": "set-properties", "updates": {"x": "y"}}]});
+    for (method, path) in [
+        (reqwest::Method::POST, "/statehouse/namespaces/statehouse/tables/events"),
+        (reqwest::Method::DELETE, "/statehouse/namespaces/statehouse/tables/events"),
+        (reqwest::Method::POST, "/statehouse/namespaces/statehouse/tables"),
+        (reqwest::Method::POST, "/statehouse/namespaces"),
+        (reqwest::Method::POST, "/statehouse/tables/rename"),
+        (reqwest::Method::POST, "/statehouse/transactions/commit"),
+    ] {
+        let response = analyst_client.request(method.clone(), catalog(path)).json(&commit).send().await.unwrap();
+        assert_eq!(
+            error(&response.json().await.unwrap()),
+            (406, "UnsupportedOperationException".into()),
+            "{method} {path}"
+        );
+    }
+    let after = tables(&app.client, &app.base).await;
+    for table in ["events", "changes"] {
+        assert_eq!(
+            after[table]["metadata_location"], before[table]["metadata_location"],
+            "a refused write moved {table}"
+        );
+    }
+    app.stop().await;
+}
+
+/// With the warehouse on S3, readers reach the files with their own keys and
+/// the endpoint the catalog names; with read-only keys configured for
+/// analysts, the catalog vends them and readers need nothing but the token.
+#[tokio::test]
+async fn the_iceberg_rest_catalog_on_s3_names_the_bucket_and_vends_only_the_readers_keys() {
+    let db = TestDatabase::new();
+    let s3 = S3Server::start(Some("lake")).await;
+    let settings = s3.settings("lake");
+    let app = spawn_app_with(&db, |s| {
+        s.objects = settings.clone();
+        s.export_interval_ms = 3_600_000;
+    })
+    .await;
+    let namespaces = vec!["resta".to_string(), "restb".to_string()];
+    let (expected, history) = export_rounds(&app, &namespaces, 5, 2).await;
+    let loaded: Value = ok_json(
+        app.client.get(app.url("/iceberg/v1/statehouse/namespaces/statehouse/tables/events")).send().await.unwrap(),
+    )
+    .await;
+    assert_eq!(loaded["config"]["s3.endpoint"], s3.endpoint);
+    assert_eq!(loaded["config"]["s3.path-style-access"], "true");
+    assert!(loaded["config"].get("s3.access-key-id").is_none(), "keys vended without being configured: {loaded}");
+    assert!(!loaded.to_string().contains(common::s3::SECRET_KEY), "the server's own key was handed out");
+    let own_keys = CatalogReaders {
+        token: None,
+        s3: Some(json!({
+            "endpoint": s3.endpoint,
+            "access_key_id": common::s3::READER_ACCESS_KEY,
+            "secret_access_key": common::s3::READER_SECRET_KEY,
+            "region": "us-east-1",
+        })),
+    };
+    check_catalog_readers(&app, &own_keys, &namespaces, &expected, &history, &[]).await;
+    app.stop().await;
+
+    // The same tables, served by a replica that vends the analysts' keys.
+    let app = spawn_app_with(&db, |s| {
+        s.objects = settings;
+        s.export_interval_ms = 3_600_000;
+        s.iceberg_readers.access_key_id = Some(common::s3::READER_ACCESS_KEY.into());
+        s.iceberg_readers.secret_access_key = Some(common::s3::READER_SECRET_KEY.into());
+    })
+    .await;
+    let loaded: Value = ok_json(
+        app.client.get(app.url("/iceberg/v1/statehouse/namespaces/statehouse/tables/events")).send().await.unwrap(),
+    )
+    .await;
+    assert_eq!(loaded["config"]["s3.access-key-id"], common::s3::READER_ACCESS_KEY);
+    assert_eq!(loaded["storage-credentials"][0]["prefix"], "s3://lake/warehouse");
+    assert!(!loaded.to_string().contains(common::s3::SECRET_KEY), "the server's own key was handed out");
+    let vended = CatalogReaders { token: None, s3: None };
+    check_catalog_readers(&app, &vended, &namespaces, &expected, &history, &[]).await;
+    app.stop().await;
+}
+
+/// Loads while writers write and the exporter commits every 100 ms: each
+/// answer names a metadata file that exists, holds what was served, and was
+/// committed (it is the current pointer or in its metadata log right after).
+#[tokio::test]
+async fn catalog_loads_during_export_cycles_serve_only_committed_snapshots() {
+    let db = TestDatabase::new();
+    let app = spawn_app_with(&db, |s| s.export_interval_ms = 100).await;
+    wait_for_tables(&app).await;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ns = unique_ns("loads");
+    let mut writers = Vec::new();
+    for w in 0..4 {
+        let (client, base, stop, ns) = (app.client.clone(), app.base.clone(), stop.clone(), ns.clone());
+        writers.push(tokio::spawn(async move {
+            let mut acknowledged = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let url = format!("{base}/v1/objects/{ns}/w{w}/events");
+                let body = json!({"events": [{"type": "Tick", "data": {"n": acknowledged}}]});
+                if client.post(url).json(&body).send().await.unwrap().status().is_success() {
+                    acknowledged += 1;
+                }
+            }
+            acknowledged
+        }));
+    }
+    let mut loading = Duration::ZERO;
+    let mut sequence = BTreeMap::<&str, i64>::new();
+    let loads = 200;
+    for i in 0..loads {
+        let table = if i % 2 == 0 { "events" } else { "changes" };
+        let url = app.url(&format!("/iceberg/v1/statehouse/namespaces/statehouse/tables/{table}"));
+        let started = Instant::now();
+        let served: Value = ok_json(app.client.get(&url).send().await.unwrap()).await;
+        loading += started.elapsed();
+        let location = served["metadata-location"].as_str().unwrap();
+        let on_disk: Value = serde_json::from_slice(&std::fs::read(location).expect("the served metadata file exists"))
+            .expect("the served metadata file is whole");
+        let metadata = &served["metadata"];
+        for field in ["current-snapshot-id", "last-sequence-number", "snapshot-log", "refs"] {
+            assert_eq!(metadata[field], on_disk[field], "load {i}: the served {field} is not the file's");
+        }
+        // (A snapshot list's order carries no meaning.)
+        let by_id = |m: &Value| {
+            let snapshots = m["snapshots"].as_array().cloned().unwrap_or_default();
+            snapshots.into_iter().map(|s| (s["snapshot-id"].as_i64().unwrap(), s)).collect::<BTreeMap<_, _>>()
+        };
+        assert_eq!(by_id(metadata), by_id(&on_disk), "load {i}: the served snapshots are not the file's");
+        if let Some(current) = metadata["current-snapshot-id"].as_i64().filter(|id| *id != -1) {
+            let ids: Vec<i64> =
+                metadata["snapshots"].as_array().unwrap().iter().map(|s| s["snapshot-id"].as_i64().unwrap()).collect();
+            assert!(ids.contains(&current), "load {i}: the current snapshot {current} is not among {ids:?}");
+        }
+        let last = metadata["last-sequence-number"].as_i64().unwrap();
+        let previous = sequence.insert(table, last).unwrap_or(0);
+        assert!(last >= previous, "load {i}: {table} went back from sequence {previous} to {last}");
+        let now: Value = ok_json(app.client.get(&url).send().await.unwrap()).await;
+        let committed = now["metadata-location"] == served["metadata-location"]
+            || now["metadata"]["metadata-log"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|entry| entry["metadata-file"] == served["metadata-location"]);
+        assert!(committed, "load {i}: {location} was never a committed pointer of {table}");
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acknowledged = 0;
+    for writer in writers {
+        acknowledged += writer.await.unwrap();
+    }
+    let exported = tables(&app.client, &app.base).await["events"]["current_snapshot_id"].clone();
+    println!(
+        "catalog under export ({}): {loads} loads, each committed, {:.0} loads/s (mean {:.2} ms) while {acknowledged} \
+         events were written and exported every 100 ms (now at snapshot {exported})",
+        db.mode(),
+        loads as f64 / loading.as_secs_f64(),
+        loading.as_secs_f64() * 1000.0 / loads as f64
+    );
+    assert!(sequence["events"] > 1, "the exporter committed nothing during the loads");
     app.stop().await;
 }

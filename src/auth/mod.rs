@@ -30,8 +30,12 @@ const MIN_SECRET_BYTES: usize = 32;
 pub enum Right {
     Read,
     Write,
-    /// Server-wide operations: `/metrics`, `/v1/admin/*`, `/v1/analytics/*`.
+    /// Server-wide operations: `/metrics`, `/v1/admin/*`, `/v1/analytics/*`, the Iceberg catalog.
     Admin,
+    /// Reading the exported tables (`/v1/analytics/tables`, the Iceberg REST
+    /// catalog): every table holds every namespace's rows, so it is granted
+    /// only with namespaces `*`, like admin, and admin includes it.
+    Analytics,
 }
 
 impl Right {
@@ -40,6 +44,7 @@ impl Right {
             Right::Read => 1,
             Right::Write => 2,
             Right::Admin => 4,
+            Right::Analytics => 8,
         }
     }
 
@@ -48,6 +53,7 @@ impl Right {
             Right::Read => "read",
             Right::Write => "write",
             Right::Admin => "admin",
+            Right::Analytics => "analytics",
         }
     }
 }
@@ -58,7 +64,12 @@ pub struct Rights(u8);
 
 impl Rights {
     pub fn all() -> Rights {
-        Rights(7)
+        Rights(15)
+    }
+
+    /// Rights that span every namespace, so they are granted only with namespaces `*`.
+    pub fn server_wide(self) -> bool {
+        self.contains(Right::Admin) || self.contains(Right::Analytics)
     }
 
     pub fn contains(self, right: Right) -> bool {
@@ -72,12 +83,13 @@ impl Rights {
                 "read" => Right::Read,
                 "write" => Right::Write,
                 "admin" => Right::Admin,
-                other => return Err(format!("unknown right {other:?} (expected read, write or admin)")),
+                "analytics" => Right::Analytics,
+                other => return Err(format!("unknown right {other:?} (expected read, write, admin or analytics)")),
             };
             rights.0 |= right.bit();
         }
         if rights.0 == 0 {
-            return Err("no rights given (expected read, write or admin)".into());
+            return Err("no rights given (expected read, write, admin or analytics)".into());
         }
         Ok(rights)
     }
@@ -136,14 +148,16 @@ impl Caller {
         Caller::new("anonymous".into(), vec![NamespacePattern::Any], Rights::all(), None)
     }
 
-    /// Whether this caller holds `right` on `ns` (admin is server-wide and
-    /// counts only when granted on every namespace).
+    /// Whether this caller holds `right` on `ns` (admin and analytics are
+    /// server-wide and count only when granted on every namespace; admin
+    /// includes analytics).
     pub fn may(&self, right: Right, ns: Option<&str>) -> bool {
-        if !self.rights.contains(right) {
+        let held = self.rights.contains(right) || (right == Right::Analytics && self.rights.contains(Right::Admin));
+        if !held {
             return false;
         }
         match (right, ns) {
-            (Right::Admin, _) => self.namespaces.contains(&NamespacePattern::Any),
+            (Right::Admin | Right::Analytics, _) => self.namespaces.contains(&NamespacePattern::Any),
             (_, Some(ns)) => self.namespaces.iter().any(|pattern| pattern.matches(ns)),
             (_, None) => false,
         }

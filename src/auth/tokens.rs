@@ -8,7 +8,7 @@ use base64::Engine;
 use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-use super::{Caller, NamespacePattern, Right, Rights};
+use super::{Caller, NamespacePattern, Rights};
 use crate::limits::Rate;
 
 /// Prefix of the tokens `statehouse token` makes: recognisable in secret scanners.
@@ -92,8 +92,8 @@ fn parse_line(line: &str) -> Result<([u8; 32], Arc<Caller>), String> {
     let namespaces =
         namespaces.split(',').map(NamespacePattern::parse).collect::<Result<Vec<_>, _>>().map_err(prefixed(name))?;
     let rights = Rights::parse(rights.split(',')).map_err(prefixed(name))?;
-    if rights.contains(Right::Admin) && !namespaces.contains(&NamespacePattern::Any) {
-        return Err(format!("token {name:?}: admin is server-wide; grant it with namespaces *"));
+    if rights.server_wide() && !namespaces.contains(&NamespacePattern::Any) {
+        return Err(format!("token {name:?}: admin and analytics are server-wide; grant them with namespaces *"));
     }
     let rate = match rest {
         [] => None,
@@ -127,6 +127,7 @@ fn parse_rate(field: &str) -> Result<Rate, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::Right;
 
     #[test]
     fn lines_hashes_and_lookup() {

@@ -28,6 +28,8 @@ pub enum Need {
     Namespace(Right),
     /// The server-wide admin right.
     Admin,
+    /// Reading the exported tables: the analytics right (or admin), server-wide.
+    Analytics,
     /// A signed request from a peer replica, on behalf of a caller holding the right.
     Peer(Right),
 }
@@ -38,7 +40,10 @@ pub fn need(method: &Method, route: &str) -> Option<Need> {
     let reading = matches!(*method, Method::GET | Method::HEAD);
     Some(match route {
         "/healthz" | "/readyz" | "/openapi.json" => Need::Nothing,
-        "/metrics" | "/v1/admin/export" | "/v1/analytics/tables" => Need::Admin,
+        "/metrics" | "/v1/admin/export" => Need::Admin,
+        "/v1/analytics/tables" => Need::Analytics,
+        // The Iceberg REST catalog, reads and (refused) writes alike.
+        r if r.starts_with("/iceberg/") => Need::Analytics,
         "/v1/internal/objects/{ns}/{id}/blob-commit" => Need::Peer(Right::Write),
         // Every object route: reads need read; writes, deletes and blob POSTs (presign, commit) need write.
         r if r.starts_with("/v1/objects/{ns}") => Need::Namespace(if reading { Right::Read } else { Right::Write }),
@@ -146,7 +151,8 @@ async fn admit(
             let ns = params.iter().find(|(name, _)| *name == "ns").map(|(_, value)| value.to_string());
             (right, ns)
         }
-        _ => (Right::Admin, None),
+        Need::Analytics => (Right::Analytics, None),
+        Need::Admin | Need::Nothing => (Right::Admin, None),
     };
     if !caller.may(right, ns.as_deref()) {
         let scope = ns.map_or_else(|| "this server".to_string(), |ns| format!("namespace {ns:?}"));

@@ -8,6 +8,7 @@ use utoipa::ToSchema;
 use super::error::{ApiError, Problem};
 use super::extract::Replay;
 use super::{forward, SharedState};
+use crate::analytics::readers::WAREHOUSE;
 use crate::analytics::{CommittedSnapshot, ExportError, TableInfo, CATALOG_NAME};
 use crate::db::StoreError;
 
@@ -60,7 +61,17 @@ pub struct TablesBody {
     catalog: &'static str,
     /// Where the tables live: a folder or `s3://bucket/warehouse`.
     warehouse: String,
+    /// The Iceberg REST catalog that serves these tables to DuckDB, PyIceberg, Spark and Trino.
+    rest_catalog: RestCatalogInfo,
     tables: Vec<TableInfo>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct RestCatalogInfo {
+    /// The catalog's path on this server: its URI is this server's base URL plus this path.
+    path: &'static str,
+    /// The warehouse name to attach.
+    warehouse: &'static str,
 }
 
 /// The exported Iceberg tables: current snapshot, rows, files, metadata location.
@@ -71,6 +82,7 @@ pub async fn list_tables(State(state): State<SharedState>) -> Result<Response, A
     Ok(axum::Json(TablesBody {
         catalog: CATALOG_NAME,
         warehouse: state.exporter.catalog().warehouse().to_string(),
+        rest_catalog: RestCatalogInfo { path: super::iceberg::MOUNT, warehouse: WAREHOUSE },
         tables,
     })
     .into_response())

@@ -8,6 +8,7 @@ mod error;
 mod events;
 mod extract;
 mod forward;
+mod iceberg;
 mod kv;
 mod objects;
 mod openapi;
@@ -34,6 +35,7 @@ pub use access::{need, Access, Need};
 pub use error::{ApiError, Problem, PROBLEM_BASE};
 pub use openapi::openapi_json;
 
+use crate::analytics::readers::ReaderAccess;
 use crate::analytics::Exporter;
 use crate::blobs::Storage;
 use crate::config::Settings;
@@ -59,6 +61,8 @@ pub struct AppState {
     pub metrics: Arc<Metrics>,
     pub peers: reqwest::Client,
     pub exporter: Arc<Exporter>,
+    /// What the Iceberg REST catalog tells readers about the warehouse's storage.
+    pub readers: ReaderAccess,
     pub access: Access,
 }
 
@@ -100,10 +104,12 @@ pub fn app(state: SharedState) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi))
+        .nest(iceberg::MOUNT, iceberg::routes())
         .route_layer(middleware::from_fn_with_state(state.clone(), access::authorize))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(timeout, enforce_timeout))
+        .layer(middleware::from_fn(iceberg::error_model))
         .layer(middleware::from_fn_with_state(state.clone(), record_metrics));
 
     api.layer(

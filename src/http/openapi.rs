@@ -11,7 +11,7 @@ use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, Secur
 use utoipa::openapi::{Content, HeaderBuilder, ObjectBuilder, Ref, RefOr, Response, Type};
 use utoipa::{Modify, OpenApi};
 
-use super::{analytics, blobs, events, kv, need, objects, ops, Need, Problem};
+use super::{analytics, blobs, events, iceberg, kv, need, objects, ops, Need, Problem};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -37,12 +37,23 @@ use super::{analytics, blobs, events, kv, need, objects, ops, Need, Problem};
         blobs::commit_presigned_route,
         analytics::export_now,
         analytics::list_tables,
+        iceberg::config,
+        iceberg::list_namespaces,
+        iceberg::get_namespace,
+        iceberg::namespace_exists,
+        iceberg::list_tables,
+        iceberg::load_table,
+        iceberg::table_exists,
         ops::healthz,
         ops::readyz,
         ops::metrics,
         ops::openapi,
     ),
-    components(schemas(Problem)),
+    components(schemas(Problem, iceberg::IcebergErrorResponse)),
+    tags((name = "iceberg", description = "The Apache Iceberg REST catalog protocol, read-only: point DuckDB, \
+        PyIceberg, Spark or Trino at `<server>/iceberg` with warehouse `statehouse`. Its errors take the protocol's \
+        shape, `{\"error\": {message, type, code}}`; every write operation of the protocol answers 406 \
+        UnsupportedOperationException.")),
     modifiers(&SharedResponses)
 )]
 struct ApiDoc;
@@ -53,8 +64,17 @@ pub fn openapi_json() -> &'static str {
 }
 
 const BEARER: &str = "bearerAuth";
-const PROBLEM_JSON: &str = "application/problem+json";
-const PROBLEM_REF: &str = "#/components/schemas/Problem";
+
+/// How a route family answers errors: problem+json, or the Iceberg REST protocol's error model.
+struct ErrorShape {
+    content_type: &'static str,
+    schema: &'static str,
+}
+
+const PROBLEMS: ErrorShape =
+    ErrorShape { content_type: "application/problem+json", schema: "#/components/schemas/Problem" };
+const ICEBERG_ERRORS: ErrorShape =
+    ErrorShape { content_type: "application/json", schema: "#/components/schemas/IcebergErrorResponse" };
 
 struct SharedResponses;
 
@@ -75,22 +95,23 @@ impl Modify for SharedResponses {
                 (Method::OPTIONS, &mut item.options),
                 (Method::TRACE, &mut item.trace),
             ];
+            let shape = if path.starts_with(iceberg::MOUNT) { &ICEBERG_ERRORS } else { &PROBLEMS };
             for (method, operation) in operations {
                 if let Some(operation) = operation {
                     let open = need(&method, path) == Some(Need::Nothing);
                     // Handlers of the other methods read the request body.
                     let reads_body = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE);
-                    complete(operation, open, reads_body);
+                    complete(operation, open, reads_body, shape);
                 }
             }
         }
     }
 }
 
-/// Adds the problem responses `operation` can give without its handler
-/// saying so, and makes every problem response `application/problem+json`
+/// Adds the error responses `operation` can give without its handler
+/// saying so, and gives every error response its family's content type
 /// (utoipa labels any body `application/json`).
-fn complete(operation: &mut Operation, open: bool, reads_body: bool) {
+fn complete(operation: &mut Operation, open: bool, reads_body: bool, shape: &ErrorShape) {
     let mut statuses = vec![400, 429, 503];
     if open {
         // An empty list overrides the document's global requirement.
@@ -120,13 +141,13 @@ fn complete(operation: &mut Operation, open: bool, reads_body: bool) {
         let description = problem_description(&status);
         operation.responses.responses.entry(status).or_insert_with(|| {
             let mut response = Response::new(description);
-            response.content.insert(PROBLEM_JSON.into(), Content::new(Some(Ref::new(PROBLEM_REF))));
+            response.content.insert(shape.content_type.into(), Content::new(Some(Ref::new(shape.schema))));
             RefOr::T(response)
         });
     }
     for (status, response) in operation.responses.responses.iter_mut() {
         if let RefOr::T(response) = response {
-            describe_problem(status, response);
+            describe_error(status, response, shape);
         }
     }
 }
@@ -141,14 +162,13 @@ fn name_pattern(parameter: &str) -> Option<&'static str> {
     }
 }
 
-fn describe_problem(status: &str, response: &mut Response) {
-    let is_problem =
-        |content: &Content| matches!(&content.schema, Some(RefOr::Ref(r)) if r.ref_location == PROBLEM_REF);
-    if response.content.get("application/json").is_some_and(is_problem) {
+fn describe_error(status: &str, response: &mut Response, shape: &ErrorShape) {
+    let is_error = |content: &Content| matches!(&content.schema, Some(RefOr::Ref(r)) if r.ref_location == shape.schema);
+    if shape.content_type != "application/json" && response.content.get("application/json").is_some_and(is_error) {
         let content = response.content.shift_remove("application/json").expect("just found");
-        response.content.insert(PROBLEM_JSON.into(), content);
+        response.content.insert(shape.content_type.into(), content);
     }
-    if !response.content.get(PROBLEM_JSON).is_some_and(is_problem) {
+    if !response.content.get(shape.content_type).is_some_and(is_error) {
         return;
     }
     if response.description.is_empty() {

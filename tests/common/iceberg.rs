@@ -24,9 +24,19 @@ fn python() -> std::path::PathBuf {
 /// Runs both readers on `request` (see read.py) and returns `{"duckdb": .., "pyiceberg": ..}`.
 /// Async: an in-process S3 server must keep serving while they read.
 pub async fn read_tables(request: &Value) -> Value {
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/iceberg/read.py");
+    run_readers("read.py", request).await
+}
+
+/// Both readers through the server's Iceberg REST catalog (see rest.py):
+/// `{"duckdb": .., "pyiceberg": .., "refused": ..}`.
+pub async fn read_through_catalog(request: &Value) -> Value {
+    run_readers("rest.py", request).await
+}
+
+async fn run_readers(script: &str, request: &Value) -> Value {
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/iceberg").join(script);
     let mut child = Command::new(python())
-        .arg(script)
+        .arg(&script)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -36,7 +46,12 @@ pub async fn read_tables(request: &Value) -> Value {
     stdin.write_all(request.to_string().as_bytes()).await.unwrap();
     drop(stdin);
     let out = child.wait_with_output().await.unwrap();
-    assert!(out.status.success(), "the Iceberg readers failed on {request}:\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "the Iceberg readers ({}) failed on {request}:\n{}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("the readers print JSON")
 }
 

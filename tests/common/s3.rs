@@ -11,6 +11,10 @@ use statehouse::config::ObjectStoreSettings;
 
 pub const ACCESS_KEY: &str = "statehouse-test";
 pub const SECRET_KEY: &str = "statehouse-test-secret";
+/// A second key pair, as an operator would create for analysts (s3s-fs
+/// cannot make it read-only; what matters here is that it is not the server's).
+pub const READER_ACCESS_KEY: &str = "statehouse-test-reader";
+pub const READER_SECRET_KEY: &str = "statehouse-test-reader-secret";
 
 pub struct S3Server {
     pub endpoint: String,
@@ -63,7 +67,9 @@ impl S3Server {
 fn serve(listener: tokio::net::TcpListener, root: &std::path::Path) -> tokio::task::JoinHandle<()> {
     let fs = s3s_fs::FileSystem::new(root).unwrap();
     let mut builder = S3ServiceBuilder::new(fs);
-    builder.set_auth(SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY));
+    let mut auth = SimpleAuth::from_single(ACCESS_KEY, SECRET_KEY);
+    auth.register(READER_ACCESS_KEY.into(), READER_SECRET_KEY.into());
+    builder.set_auth(auth);
     let service = builder.build();
     tokio::spawn(async move {
         let http = ConnBuilder::new(TokioExecutor::new());

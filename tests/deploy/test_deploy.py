@@ -65,6 +65,7 @@ STATEHOUSE_SERVICES = ("statehouse-a", "statehouse-b")
 SECRET_VARS = {
     "TURSO_TOKEN", "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY",
     "STATEHOUSE_AUTH_TOKENS", "STATEHOUSE_PEER_SECRET", "STATEHOUSE_JWT_HS256_SECRET",
+    "STATEHOUSE_ICEBERG_READER_ACCESS_KEY_ID", "STATEHOUSE_ICEBERG_READER_SECRET_ACCESS_KEY",
 }
 # What `fly storage create` (Tigris, fly.io's S3-compatible store) sets on an app as
 # secrets, per fly.io's documentation; the server reads them when no R2_* store
@@ -1137,6 +1138,7 @@ def test_existing_secret_with_the_development_store(helm, kube_validate):
         ({"config": {"rateLimit": {"perSec": -1}}}, "perSec"),
         ({"config": {"maxConnections": 0}}, "maxConnections"),
         ({"config": {"corsOrigins": "app.example.com"}}, "corsOrigins"),
+        ({"config": {"iceberg": {"s3Endpoint": "minio:9000"}}}, "s3Endpoint"),
     ],
 )
 def test_values_schema_refuses_bad_values(helm, values, complaint):
@@ -1161,6 +1163,10 @@ def test_values_schema_refuses_bad_values(helm, values, complaint):
         ({"auth": {"jwt": {"jwks": {"configMap": "a", "secret": "b"}, "audience": "a", "issuer": "i"}}}, "auth.jwt.jwks"),
         (with_token({"secrets": {"existingSecret": "mine"}}), "existingSecret"),
         (with_token({"serviceMonitor": {"enabled": True}}), "serviceMonitor.bearerTokenSecret.name"),
+        # Vended reader keys come as a pair, and never as the server's own store keys.
+        (with_token({"secrets": {"icebergReaderAccessKeyId": "reader"}}), "secrets.icebergReaderSecretAccessKey"),
+        (with_token({"secrets": {"r2AccessKeyId": "k", "r2SecretAccessKey": "s",
+                                 "icebergReaderAccessKeyId": "k", "icebergReaderSecretAccessKey": "r"}}), "own store key"),
     ],
 )
 def test_render_refuses_unsafe_combinations(helm, values, complaint):

@@ -59,7 +59,7 @@ app.kubernetes.io/component: server
 {{- end }}
 {{- end }}
 
-{{/* Name of the Secret holding TURSO_TOKEN, the R2 keys and the auth secrets, if any. */}}
+{{/* Name of the Secret holding TURSO_TOKEN, the R2 keys, the Iceberg reader keys and the auth secrets, if any. */}}
 {{- define "statehouse.secretName" -}}
 {{- .Values.secrets.existingSecret | default (include "statehouse.fullname" .) }}
 {{- end }}
@@ -113,7 +113,7 @@ true
 
 {{/* "true" when the chart creates its own Secret (some secret value given or generated, no existingSecret). */}}
 {{- define "statehouse.createSecret" -}}
-{{- if and (not .Values.secrets.existingSecret) (or .Values.secrets.tursoToken (include "statehouse.chartR2Keys" .) .Values.auth.tokens .Values.auth.jwt.hs256Secret (include "statehouse.chartPeerSecret" .) (include "statehouse.generatedAdmin" .)) -}}
+{{- if and (not .Values.secrets.existingSecret) (or .Values.secrets.tursoToken (include "statehouse.chartR2Keys" .) .Values.secrets.icebergReaderAccessKeyId .Values.auth.tokens .Values.auth.jwt.hs256Secret (include "statehouse.chartPeerSecret" .) (include "statehouse.generatedAdmin" .)) -}}
 true
 {{- end }}
 {{- end }}
@@ -303,5 +303,13 @@ uploaded through one pod would be listed by all and readable on one.
 {{- $store := include "statehouse.objectStoreEndpoint" . }}
 {{- if and .Values.config.objectStore.endpoint (not .Values.secrets.existingSecret) (not (and .Values.secrets.r2AccessKeyId .Values.secrets.r2SecretAccessKey)) }}
 {{- fail "statehouse: config.objectStore.endpoint needs its keys: secrets.r2AccessKeyId and secrets.r2SecretAccessKey, or secrets.existingSecret holding R2_ACCESS_KEY_ID and R2_SECRET_ACCESS_KEY" }}
+{{- end }}
+{{- with .Values.secrets }}
+{{- if ne (empty .icebergReaderAccessKeyId) (empty .icebergReaderSecretAccessKey) }}
+{{- fail "statehouse: set secrets.icebergReaderAccessKeyId and secrets.icebergReaderSecretAccessKey together or not at all (a read-only key pair the Iceberg catalog hands to analysts)" }}
+{{- end }}
+{{- if and .icebergReaderAccessKeyId (include "statehouse.chartR2Keys" $) (eq .icebergReaderAccessKeyId (include "statehouse.r2AccessKeyId" $)) }}
+{{- fail "statehouse: secrets.icebergReaderAccessKeyId is the pods' own store key (R2_ACCESS_KEY_ID), which can write and delete everything: create a read-only key for analysts instead (the Iceberg catalog hands it to every analytics caller)" }}
+{{- end }}
 {{- end }}
 {{- end }}
