@@ -71,7 +71,8 @@ fn args() -> Args {
     args
 }
 
-const WORKLOADS: &[&str] = &["get_hot", "put_one_object", "put_many_objects", "batch_10", "list_100", "mixed"];
+const WORKLOADS: &[&str] =
+    &["get_hot", "put_one_object", "put_many_objects", "batch_10", "list_100", "mixed", "catalog_load"];
 
 #[tokio::main]
 async fn main() {
@@ -127,6 +128,9 @@ async fn main() {
                 .send()
                 .await
                 .unwrap();
+        }
+        if args.workloads.iter().any(|w| w == "catalog_load") {
+            wait_for_export_tables(&client, &base).await;
         }
 
         for workload in &args.workloads {
@@ -403,6 +407,20 @@ async fn export_lag(args: &Args, dir: &std::path::Path, client: &reqwest::Client
     let _ = server.wait();
 }
 
+/// The exporter creates the Iceberg tables in its first cycle, soon after start.
+async fn wait_for_export_tables(client: &reqwest::Client, base: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let listed: serde_json::Value =
+            client.get(format!("{base}/v1/analytics/tables")).send().await.unwrap().json().await.unwrap();
+        if listed["tables"].as_array().is_some_and(|t| t.iter().all(|t| t["exists"] == true)) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the exporter never created the tables: {listed}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 fn writes_per_request(workload: &str) -> f64 {
     match workload {
         "put_one_object" | "put_many_objects" => 1.0,
@@ -451,6 +469,9 @@ async fn run(base: &str, workload: &str, connections: usize, duration: Duration)
                         client.post(format!("{base}/v1/objects/bench/b{}/batch", c % 100)).json(&json!({"ops": ops}))
                     }
                     "list_100" => client.get(format!("{base}/v1/objects/bench/listed/kv?limit=100")),
+                    "catalog_load" => {
+                        client.get(format!("{base}/iceberg/v1/statehouse/namespaces/statehouse/tables/events"))
+                    }
                     "mixed" if i % 10 == 0 => {
                         client.put(format!("{base}/v1/objects/bench/m{}/kv/c{c}-{i}", c % 100)).body("v")
                     }

@@ -162,6 +162,7 @@ pub struct ObjectStoreSettings {
 pub struct IcebergReaderSettings {
     /// S3 endpoint the catalog gives readers, when they reach the bucket by another address than the server does.
     #[arg(long = "iceberg-s3-endpoint", env = "STATEHOUSE_ICEBERG_S3_ENDPOINT", value_parser = parse_http_url)]
+    #[serde(rename = "iceberg_s3_endpoint")]
     pub s3_endpoint: Option<String>,
 
     /// Read-only S3 access key the catalog vends to analysts with each table (never the server's own).
@@ -170,7 +171,7 @@ pub struct IcebergReaderSettings {
         env = "STATEHOUSE_ICEBERG_READER_ACCESS_KEY_ID",
         hide_env_values = true
     )]
-    #[serde(serialize_with = "redact")]
+    #[serde(rename = "iceberg_reader_access_key_id", serialize_with = "redact")]
     pub access_key_id: Option<String>,
 
     /// The secret of STATEHOUSE_ICEBERG_READER_ACCESS_KEY_ID.
@@ -179,7 +180,7 @@ pub struct IcebergReaderSettings {
         env = "STATEHOUSE_ICEBERG_READER_SECRET_ACCESS_KEY",
         hide_env_values = true
     )]
-    #[serde(serialize_with = "redact")]
+    #[serde(rename = "iceberg_reader_secret_access_key", serialize_with = "redact")]
     pub secret_access_key: Option<String>,
 }
 

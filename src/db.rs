@@ -3,7 +3,6 @@
 
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
-use std::ops::Deref;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -110,23 +109,15 @@ struct Reader {
     last_used: Instant,
 }
 
-/// A connection and the statements prepared on it. It derefs to the
-/// connection; `first_row`, `rows_of` and the writer's batches (`batch.rs`)
-/// run statements prepared once (on a local file), which matters on the hot
-/// paths: SQLite takes longer to parse and plan their small statements than
-/// to run them.
+/// A connection and the statements prepared on it, and the only way SQL is
+/// run on it: `first_row`, `rows`, `rows_of` and the writer's batches
+/// (`batch.rs`) run statements prepared once (on a local file), which matters
+/// on the hot paths: SQLite takes longer to parse and plan their small
+/// statements than to run them.
 #[derive(Clone)]
 pub struct Session {
     conn: Connection,
     prepared: Arc<Prepared>,
-}
-
-impl Deref for Session {
-    type Target = Connection;
-
-    fn deref(&self) -> &Connection {
-        &self.conn
-    }
 }
 
 impl Session {
@@ -144,10 +135,43 @@ impl Session {
             if let Some(read) = read.take() {
                 first = Some(read(row)?);
             }
-            Ok(false)
+            Ok::<bool, libsql::Error>(false)
         })
         .await?;
         Ok(first)
+    }
+
+    /// Every row of a statement, each given to `read`.
+    pub async fn rows<E>(
+        &self,
+        sql: &'static str,
+        params: impl IntoParams,
+        mut read: impl FnMut(&Row) -> Result<(), E>,
+    ) -> Result<(), StoreError>
+    where
+        E: From<libsql::Error>,
+        StoreError: From<E>,
+    {
+        self.each_row(Sql::Fixed(sql), params, |row| read(row).map(|()| true)).await
+    }
+
+    /// Every row of a statement built for this one use (never kept prepared).
+    pub async fn rows_once<E>(
+        &self,
+        sql: String,
+        params: impl IntoParams,
+        mut read: impl FnMut(&Row) -> Result<(), E>,
+    ) -> Result<(), StoreError>
+    where
+        E: From<libsql::Error>,
+        StoreError: From<E>,
+    {
+        self.each_row(Sql::Once(sql.into()), params, |row| read(row).map(|()| true)).await
+    }
+
+    /// False while a transaction is open on the connection (a failed batch may leave one).
+    pub fn is_autocommit(&self) -> bool {
+        self.conn.is_autocommit()
     }
 
     /// Every row of a statement shaped for `rows` rows, each given to `read`.
@@ -162,12 +186,16 @@ impl Session {
     }
 
     /// Gives rows to `read` until it answers false or they run out.
-    async fn each_row(
+    async fn each_row<E>(
         &self,
         sql: Sql,
         params: impl IntoParams,
-        mut read: impl FnMut(&Row) -> Result<bool, libsql::Error>,
-    ) -> Result<(), StoreError> {
+        mut read: impl FnMut(&Row) -> Result<bool, E>,
+    ) -> Result<(), StoreError>
+    where
+        E: From<libsql::Error>,
+        StoreError: From<E>,
+    {
         let statement = self.prepared.get(&self.conn, &sql).await?;
         let all = async {
             let mut rows = match &statement {
@@ -179,7 +207,7 @@ impl Session {
                     break;
                 }
             }
-            Ok::<(), libsql::Error>(())
+            Ok::<(), E>(())
         }
         .await;
         // Reset at once: a statement left mid-step would hold its read open.
@@ -376,11 +404,11 @@ impl Database {
 
     /// Called by the writer after each commit, outside any transaction: tells
     /// the checkpointer, and finishes a checkpoint it asked for (see `Checkpointer`).
-    pub async fn committed(&self, writer: &Connection) {
+    pub async fn committed(&self, writer: &Session) {
         let Some(wal) = &self.wal else { return };
         wal.commits.fetch_add(1, Ordering::Relaxed);
         if wal.restart_wanted.swap(false, Ordering::Relaxed) {
-            if let Err(err) = Checkpointer::checkpoint(writer).await {
+            if let Err(err) = Checkpointer::checkpoint(&writer.conn).await {
                 tracing::warn!(error = %err, "WAL checkpoint failed; will retry");
             }
         }
@@ -622,10 +650,11 @@ pub async fn migrate(conn: &Connection) -> Result<Vec<&'static str>, StoreError>
 }
 
 /// The highest migration recorded, or an error when the table is missing or unreachable.
-pub async fn schema_version(conn: &Connection) -> Result<i64, StoreError> {
-    let mut rows = conn.query("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", ()).await?;
-    let row = rows.next().await?.ok_or_else(|| StoreError::Internal("no row from MAX(version)".into()))?;
-    Ok(row.get::<i64>(0)?)
+pub async fn schema_version(session: &Session) -> Result<i64, StoreError> {
+    session
+        .first_row("SELECT COALESCE(MAX(version), 0) FROM schema_migrations", (), |row| row.get::<i64>(0))
+        .await?
+        .ok_or_else(|| StoreError::Internal("no row from MAX(version)".into()))
 }
 
 #[cfg(test)]

@@ -212,6 +212,40 @@ fn incomplete_tigris_variables_fail_with_one_line_naming_what_is_missing() {
     }
 }
 
+/// The keys the Iceberg catalog hands analysts: a pair, for an S3 store, and
+/// never the server's own; each mistake stops the start with one line.
+#[test]
+fn iceberg_reader_keys_are_a_pair_for_an_s3_store_and_never_the_servers_own() {
+    let store = [
+        ("R2_ENDPOINT", "https://account.r2.cloudflarestorage.com"),
+        ("R2_BUCKET", "statehouse-r2"),
+        ("R2_ACCESS_KEY_ID", "server-key-id"),
+        ("R2_SECRET_ACCESS_KEY", "server-s3cret"),
+    ];
+    let reader_id = ("STATEHOUSE_ICEBERG_READER_ACCESS_KEY_ID", "reader-key-id");
+    let reader_secret = ("STATEHOUSE_ICEBERG_READER_SECRET_ACCESS_KEY", "reader-s3cret");
+    let own_id = ("STATEHOUSE_ICEBERG_READER_ACCESS_KEY_ID", "server-key-id");
+    let endpoint = ("STATEHOUSE_ICEBERG_S3_ENDPOINT", "http://localhost:9000");
+    let cases: [(Vec<(&str, &str)>, &str); 4] = [
+        ([&store[..], &[reader_id]].concat(), "set together or not at all"),
+        (vec![reader_id, reader_secret], "for a warehouse on S3/R2"),
+        ([&store[..], &[own_id, reader_secret]].concat(), "the server's own store key"),
+        (vec![endpoint], "R2_ENDPOINT is not set"),
+    ];
+    for (env, complaint) in cases {
+        let out = statehouse(&["serve", "--listen", "127.0.0.1:0"], &env);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{env:?} must be refused: {stderr}");
+        assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+        assert!(stderr.contains(complaint), "{env:?}: {stderr}");
+        assert!(!stderr.contains("s3cret"), "a secret in the refusal: {stderr}");
+    }
+    let config = dump_config(&[&store[..], &[reader_id, reader_secret, endpoint]].concat());
+    assert_eq!(config["iceberg_s3_endpoint"], "http://localhost:9000");
+    assert_eq!(config["iceberg_reader_access_key_id"], "<redacted>");
+    assert_eq!(config["iceberg_reader_secret_access_key"], "<redacted>");
+}
+
 /// fly.toml's [env], the secrets deploy/fly/README.md sets, what `fly storage
 /// create` and the platform set: the configuration a fly.io Machine starts
 /// with must resolve to the shared Tigris bucket and pass the start-up checks.

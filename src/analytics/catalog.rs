@@ -109,17 +109,15 @@ impl LibsqlCatalog {
             .read(move |conn| {
                 let (namespace, name) = (namespace.clone(), name.clone());
                 async move {
-                    let mut rows = conn
-                        .query(
+                    let location = conn
+                        .first_row(
                             "SELECT metadata_location FROM iceberg_tables
-                         WHERE catalog_name = ?1 AND table_namespace = ?2 AND table_name = ?3",
+                             WHERE catalog_name = ?1 AND table_namespace = ?2 AND table_name = ?3",
                             params![CATALOG_NAME, namespace, name],
+                            |row| row.get::<Option<String>>(0),
                         )
                         .await?;
-                    match rows.next().await? {
-                        Some(row) => Ok(row.get::<Option<String>>(0)?),
-                        None => Ok(None),
-                    }
+                    Ok(location.flatten())
                 }
             })
             .await

@@ -87,6 +87,14 @@ pub enum ExportError {
     Iceberg(#[from] iceberg::Error),
 }
 
+impl ExportError {
+    /// A publish refused because the exporter lease or a table's pointer
+    /// moved: not an outage, nothing to back off from.
+    pub fn is_refused(&self) -> bool {
+        matches!(self, ExportError::Iceberg(err) if err.kind() == iceberg::ErrorKind::CatalogCommitConflicts)
+    }
+}
+
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct CommittedSnapshot {
     /// `statehouse.events` or `statehouse.changes`.
@@ -312,6 +320,12 @@ impl Exporter {
                     self.metrics.lag_seconds.set(0.0);
                     next_cycle = Instant::now() + self.policy.interval;
                 }
+                Err(err) if err.is_refused() => {
+                    self.metrics.failures.inc();
+                    tracing::warn!(error = %err, "an export snapshot was refused; the next cycle starts from the tables as they are");
+                    exporting_here = false;
+                    next_cycle = Instant::now() + self.policy.interval;
+                }
                 Err(err) => {
                     self.metrics.failures.inc();
                     // Nothing is lost: the rows stay in the outbox until a cycle publishes them.
@@ -333,15 +347,14 @@ impl Exporter {
         let (rows, oldest_ms) = self
             .db
             .read(|conn| async move {
-                let mut rows = conn
-                    .query(
-                        "SELECT count(*), min(committed_ms) FROM outbox
-                         WHERE (kind = ?1 AND seq > ?2) OR (kind = ?3 AND seq > ?4)",
-                        params![ExportTable::Events.outbox_kind(), events, ExportTable::Changes.outbox_kind(), changes],
-                    )
-                    .await?;
-                let row = rows.next().await?.ok_or_else(|| StoreError::Internal("count(*) gave no row".into()))?;
-                Ok((row.get::<i64>(0)?, row.get::<Option<i64>>(1)?))
+                conn.first_row(
+                    "SELECT count(*), min(committed_ms) FROM outbox
+                     WHERE (kind = ?1 AND seq > ?2) OR (kind = ?3 AND seq > ?4)",
+                    params![ExportTable::Events.outbox_kind(), events, ExportTable::Changes.outbox_kind(), changes],
+                    |row| Ok((row.get::<i64>(0)?, row.get::<Option<i64>>(1)?)),
+                )
+                .await?
+                .ok_or_else(|| StoreError::Internal("count(*) gave no row".into()))
             })
             .await?;
         self.metrics.outbox_rows.set(rows);
@@ -357,6 +370,20 @@ impl Exporter {
             Route::Local { fence } => fence,
             Route::Remote(owner) => return Err(ExportError::NotOwner(owner)),
         };
+        let result = self.cycle_under(fence, &mut last_maintenance).await;
+        if result.as_ref().is_err_and(ExportError::is_refused) {
+            // Whoever moved the lease (another replica, or this one after its
+            // lease ran out) exports from now on; the next cycle asks again.
+            self.guard.lost(&singleton(), fence);
+        }
+        result
+    }
+
+    async fn cycle_under(
+        &self,
+        fence: i64,
+        last_maintenance: &mut Option<Instant>,
+    ) -> Result<CycleReport, ExportError> {
         let catalog =
             self.catalog.fenced(Fenced { object: singleton(), owner: self.guard.me().instance.clone(), fence });
         let started = Instant::now();
@@ -597,10 +624,14 @@ impl Exporter {
             let pending: i64 = self
                 .db
                 .read(move |conn| async move {
-                    let mut rows = conn
-                        .query("SELECT count(*) FROM outbox WHERE kind = ?1 AND seq > ?2", params![kind, through])
+                    let count = conn
+                        .first_row(
+                            "SELECT count(*) FROM outbox WHERE kind = ?1 AND seq > ?2",
+                            params![kind, through],
+                            |row| row.get::<i64>(0),
+                        )
                         .await?;
-                    Ok(rows.next().await?.map(|r| r.get::<i64>(0)).transpose()?.unwrap_or(0))
+                    Ok(count.unwrap_or(0))
                 })
                 .await?;
             let Some(loaded) = loaded else {

@@ -9,9 +9,9 @@ use arrow_array::builder::{
 use arrow_array::{ArrayRef, RecordBatch};
 use iceberg::arrow::{schema_to_arrow_schema, UTC_TIME_ZONE};
 use iceberg::spec::{NestedField, PrimitiveType, Schema, Transform, Type, UnboundPartitionSpec};
-use libsql::{params, Connection};
+use libsql::params;
 
-use crate::db::StoreError;
+use crate::db::{Session, StoreError};
 
 /// The Iceberg namespace both tables live in (also the catalog's name).
 pub const NAMESPACE: &str = "statehouse";
@@ -99,7 +99,7 @@ impl ExportTable {
     /// record batch, and the last seq read. `None` when there is nothing.
     pub async fn read_outbox(
         self,
-        conn: &Connection,
+        conn: &Session,
         after_seq: i64,
         limit: usize,
     ) -> Result<Option<(RecordBatch, i64)>, StoreError> {
@@ -114,12 +114,13 @@ impl ExportTable {
                  FROM outbox WHERE kind = 'change' AND seq > ?1 ORDER BY seq LIMIT ?2"
             }
         };
-        let mut rows = conn.query(sql, params![after_seq, limit as i64]).await?;
         let mut columns = Columns::new(self);
         let mut last_seq = None;
-        while let Some(row) = rows.next().await? {
-            last_seq = Some(columns.push(&row)?);
-        }
+        conn.rows(sql, params![after_seq, limit as i64], |row| {
+            last_seq = Some(columns.push(row)?);
+            Ok::<(), StoreError>(())
+        })
+        .await?;
         let Some(last_seq) = last_seq else { return Ok(None) };
         let batch = RecordBatch::try_new(schema, columns.finish())
             .map_err(|e| StoreError::Internal(format!("building the {} batch: {e}", self.name())))?;

@@ -2,13 +2,13 @@
 
 use std::collections::BTreeMap;
 
-use libsql::{params, Connection, Value};
+use libsql::{params, Value};
 use object_store::path::Path;
 use sha2::{Digest, Sha256};
 
 use super::StorageError;
 use crate::db::batch::Stmt;
-use crate::db::{Database, StoreError};
+use crate::db::{Database, Session, StoreError};
 use crate::objects::{InvalidName, ObjectRef};
 
 pub const MAX_NAME_BYTES: usize = 1024;
@@ -98,24 +98,27 @@ fn row_to_meta(row: &libsql::Row) -> Result<BlobMeta, StoreError> {
     })
 }
 
-const COLUMNS: &str =
-    "name, storage_key, size, sha256, content_type, cache_control, content_disposition, user_meta, version";
+/// The columns `row_to_meta` reads, in its order (a macro, so statements can `concat!` it).
+macro_rules! blob_columns {
+    () => {
+        "name, storage_key, size, sha256, content_type, cache_control, content_disposition, user_meta, version"
+    };
+}
+const COLUMNS: &str = blob_columns!();
 
 pub async fn get(db: &Database, object: &ObjectRef, name: &str) -> Result<Option<BlobMeta>, StoreError> {
     db.read(|conn| async move { get_on(&conn, object, name).await }).await
 }
 
-async fn get_on(conn: &Connection, object: &ObjectRef, name: &str) -> Result<Option<BlobMeta>, StoreError> {
-    let mut rows = conn
-        .query(
-            &format!("SELECT {COLUMNS} FROM blobs WHERE ns = ?1 AND id = ?2 AND name = ?3"),
-            params![object.ns.as_str(), object.id.as_str(), name.as_bytes()],
-        )
-        .await?;
-    match rows.next().await? {
-        Some(row) => Ok(Some(row_to_meta(&row)?)),
-        None => Ok(None),
-    }
+async fn get_on(conn: &Session, object: &ObjectRef, name: &str) -> Result<Option<BlobMeta>, StoreError> {
+    const GET: &str = concat!("SELECT ", blob_columns!(), " FROM blobs WHERE ns = ?1 AND id = ?2 AND name = ?3");
+    let mut found = None;
+    conn.rows(GET, params![object.ns.as_str(), object.id.as_str(), name.as_bytes()], |row| {
+        found = Some(row_to_meta(row)?);
+        Ok::<(), StoreError>(())
+    })
+    .await?;
+    Ok(found)
 }
 
 /// Blobs of an object in name order after `after`; and whether more follow.
@@ -146,11 +149,12 @@ pub async fn list(
         .read(|conn| {
             let (sql, args) = (&sql, args.clone());
             async move {
-                let mut rows = conn.query(sql, args).await?;
                 let mut out = Vec::new();
-                while let Some(row) = rows.next().await? {
-                    out.push(row_to_meta(&row)?);
-                }
+                conn.rows_once(sql.clone(), args, |row| {
+                    out.push(row_to_meta(row)?);
+                    Ok::<(), StoreError>(())
+                })
+                .await?;
                 Ok(out)
             }
         })

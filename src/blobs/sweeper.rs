@@ -78,13 +78,16 @@ impl Sweeper {
             let keys: Vec<String> = self
                 .db
                 .read(|conn| async move {
-                    let mut rows = conn
-                        .query("SELECT storage_key FROM blob_garbage ORDER BY since LIMIT ?1", params![GARBAGE_BATCH])
-                        .await?;
                     let mut keys = Vec::new();
-                    while let Some(row) = rows.next().await? {
-                        keys.push(row.get::<String>(0)?);
-                    }
+                    conn.rows(
+                        "SELECT storage_key FROM blob_garbage ORDER BY since LIMIT ?1",
+                        params![GARBAGE_BATCH],
+                        |row| {
+                            keys.push(row.get::<String>(0)?);
+                            Ok::<(), libsql::Error>(())
+                        },
+                    )
+                    .await?;
                     Ok(keys)
                 })
                 .await
@@ -115,8 +118,10 @@ impl Sweeper {
                 .read(|conn| {
                     let key = key.clone();
                     async move {
-                        let mut rows = conn.query("SELECT 1 FROM blobs WHERE storage_key = ?1", params![key]).await?;
-                        Ok(rows.next().await?.is_some())
+                        let found = conn
+                            .first_row("SELECT 1 FROM blobs WHERE storage_key = ?1", params![key], |_| Ok(()))
+                            .await?;
+                        Ok(found.is_some())
                     }
                 })
                 .await

@@ -55,6 +55,19 @@ impl<S: Send + Sync> FromRequestParts<S> for KeyPath {
     }
 }
 
+/// Path parameters with no grammar of their own (the Iceberg catalog's);
+/// a segment that does not decode is a 400.
+pub struct ApiPath<T>(pub T);
+
+impl<S: Send + Sync, T: DeserializeOwned + Send> FromRequestParts<S> for ApiPath<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        let Path(value) = Path::<T>::from_request_parts(parts, state).await.map_err(path_error)?;
+        Ok(ApiPath(value))
+    }
+}
+
 /// Query parameters; a malformed query string is a 400 naming the parameter.
 pub struct ApiQuery<T>(pub T);
 

@@ -6,7 +6,7 @@
 //! protocol's shape (`{"error": {message, type, code}}`), not problem+json.
 
 use axum::body::Body;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use utoipa::{IntoParams, ToSchema};
 
+use super::extract::{ApiPath, ApiQuery};
 use super::SharedState;
 use crate::analytics::readers::{self, WAREHOUSE};
 use crate::analytics::NAMESPACE;
@@ -163,27 +164,33 @@ impl IntoResponse for IcebergError {
     }
 }
 
-/// Rewrites the problem+json answers of the layers around the catalog's
-/// handlers (access, rate limits, timeouts, unknown routes) into the
-/// protocol's error model, keeping status and headers.
+/// Rewrites every other error answer on the catalog's routes (access, rate
+/// limits, timeouts, unknown routes: problem+json; anything else a layer may
+/// answer in plain text) into the protocol's error model, keeping status and
+/// headers.
 pub async fn error_model(req: Request, next: Next) -> Response {
     let path = req.uri().path();
     if path != MOUNT && !path.starts_with("/iceberg/") {
         return next.run(req).await;
     }
     let response = next.run(req).await;
-    let is_problem = response.headers().get(header::CONTENT_TYPE).is_some_and(|v| v == "application/problem+json");
-    if !is_problem {
+    let content_type = response.headers().get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("");
+    let is_problem = content_type == "application/problem+json";
+    let already = content_type == "application/json" || response.status() == StatusCode::NOT_MODIFIED;
+    if !(response.status().is_client_error() || response.status().is_server_error()) || already {
         return response;
     }
     let (mut parts, body) = response.into_parts();
-    let detail = axum::body::to_bytes(body, 64 * 1024)
-        .await
-        .ok()
-        .and_then(|bytes| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
-        .and_then(|problem| problem["detail"].as_str().map(str::to_string))
-        .unwrap_or_default();
-    let body = IcebergErrorResponse::new(parts.status, IcebergError::kind_of(parts.status), detail);
+    let text = axum::body::to_bytes(body, 64 * 1024).await.unwrap_or_default();
+    let message = if is_problem {
+        serde_json::from_slice::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|problem| problem["detail"].as_str().map(str::to_string))
+            .unwrap_or_default()
+    } else {
+        String::from_utf8_lossy(&text).trim().to_string()
+    };
+    let body = IcebergErrorResponse::new(parts.status, IcebergError::kind_of(parts.status), message);
     parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
     parts.headers.remove(header::CONTENT_LENGTH);
     Response::from_parts(parts, Body::from(serde_json::to_vec(&body).expect("an error model serialises")))
@@ -206,12 +213,12 @@ pub struct ConfigQuery {
 }
 
 /// Iceberg REST catalog: configuration (`GET /v1/config`), the first call of every client.
-#[utoipa::path(get, path = "/iceberg/v1/config", tag = "iceberg", params(ConfigQuery),
+#[utoipa::path(get, path = "/iceberg/v1/config", tag = "iceberg", operation_id = "iceberg_config", params(ConfigQuery),
     responses((status = 200, body = CatalogConfig, description = "defaults, overrides (the path prefix) and endpoints"),
               (status = 400, body = IcebergErrorResponse, description = "an unknown warehouse")))]
 pub async fn config(
     State(state): State<SharedState>,
-    Query(query): Query<ConfigQuery>,
+    ApiQuery(query): ApiQuery<ConfigQuery>,
 ) -> Result<Response, IcebergError> {
     if let Some(warehouse) = query.warehouse.filter(|w| !w.is_empty()) {
         if warehouse != WAREHOUSE && warehouse != state.exporter.catalog().warehouse() {
@@ -255,13 +262,13 @@ pub struct ListNamespacesQuery {
 }
 
 /// Iceberg REST catalog: list namespaces (there is one, `statehouse`).
-#[utoipa::path(get, path = "/iceberg/v1/{prefix}/namespaces", tag = "iceberg",
+#[utoipa::path(get, path = "/iceberg/v1/{prefix}/namespaces", tag = "iceberg", operation_id = "iceberg_list_namespaces",
     params(("prefix" = String, Path, description = "the warehouse: statehouse"), ListNamespacesQuery),
     responses((status = 200, body = Object, description = "ListNamespacesResponse: {namespaces, next-page-token}"),
               (status = 404, body = IcebergErrorResponse, description = "no such warehouse or parent namespace")))]
 pub async fn list_namespaces(
-    Path(prefix): Path<String>,
-    Query(query): Query<ListNamespacesQuery>,
+    ApiPath(prefix): ApiPath<String>,
+    ApiQuery(query): ApiQuery<ListNamespacesQuery>,
 ) -> Result<Response, IcebergError> {
     check_prefix(&prefix)?;
     let namespaces = match query.parent.filter(|p| !p.is_empty()) {
@@ -275,14 +282,14 @@ pub async fn list_namespaces(
 }
 
 /// Iceberg REST catalog: a namespace and its properties.
-#[utoipa::path(get, path = "/iceberg/v1/{prefix}/namespaces/{namespace}", tag = "iceberg",
+#[utoipa::path(get, path = "/iceberg/v1/{prefix}/namespaces/{namespace}", tag = "iceberg", operation_id = "iceberg_get_namespace",
     params(("prefix" = String, Path, description = "the warehouse: statehouse"),
            ("namespace" = String, Path, description = "the namespace: statehouse")),
     responses((status = 200, body = Object, description = "GetNamespaceResponse: {namespace, properties}"),
               (status = 404, body = IcebergErrorResponse, description = "no such warehouse or namespace")))]
 pub async fn get_namespace(
     State(state): State<SharedState>,
-    Path((prefix, namespace)): Path<(String, String)>,
+    ApiPath((prefix, namespace)): ApiPath<(String, String)>,
 ) -> Result<Response, IcebergError> {
     check_prefix(&prefix)?;
     let namespace = check_namespace(&namespace)?;
@@ -295,12 +302,12 @@ pub async fn get_namespace(
 }
 
 /// Iceberg REST catalog: whether a namespace exists (204 or 404, no body).
-#[utoipa::path(head, path = "/iceberg/v1/{prefix}/namespaces/{namespace}", tag = "iceberg",
+#[utoipa::path(head, path = "/iceberg/v1/{prefix}/namespaces/{namespace}", tag = "iceberg", operation_id = "iceberg_namespace_exists",
     params(("prefix" = String, Path, description = "the warehouse: statehouse"),
            ("namespace" = String, Path, description = "the namespace: statehouse")),
     responses((status = 204, description = "the namespace exists"),
               (status = 404, description = "no such warehouse or namespace")))]
-pub async fn namespace_exists(Path((prefix, namespace)): Path<(String, String)>) -> StatusCode {
+pub async fn namespace_exists(ApiPath((prefix, namespace)): ApiPath<(String, String)>) -> StatusCode {
     match check_prefix(&prefix).and_then(|()| check_namespace(&namespace)) {
         Ok(_) => StatusCode::NO_CONTENT,
         Err(err) => err.status,
@@ -308,14 +315,14 @@ pub async fn namespace_exists(Path((prefix, namespace)): Path<(String, String)>)
 }
 
 /// Iceberg REST catalog: the tables of a namespace (those the exporter has created).
-#[utoipa::path(get, path = "/iceberg/v1/{prefix}/namespaces/{namespace}/tables", tag = "iceberg",
+#[utoipa::path(get, path = "/iceberg/v1/{prefix}/namespaces/{namespace}/tables", tag = "iceberg", operation_id = "iceberg_list_tables",
     params(("prefix" = String, Path, description = "the warehouse: statehouse"),
            ("namespace" = String, Path, description = "the namespace: statehouse")),
     responses((status = 200, body = Object, description = "ListTablesResponse: {identifiers, next-page-token}"),
               (status = 404, body = IcebergErrorResponse, description = "no such warehouse or namespace")))]
 pub async fn list_tables(
     State(state): State<SharedState>,
-    Path((prefix, namespace)): Path<(String, String)>,
+    ApiPath((prefix, namespace)): ApiPath<(String, String)>,
 ) -> Result<Response, IcebergError> {
     check_prefix(&prefix)?;
     let namespace = check_namespace(&namespace)?;
@@ -335,7 +342,7 @@ pub struct LoadTableQuery {
 
 /// Iceberg REST catalog: load a table (its metadata location, full metadata,
 /// and the storage settings a reader needs).
-#[utoipa::path(get, path = "/iceberg/v1/{prefix}/namespaces/{namespace}/tables/{table}", tag = "iceberg",
+#[utoipa::path(get, path = "/iceberg/v1/{prefix}/namespaces/{namespace}/tables/{table}", tag = "iceberg", operation_id = "iceberg_load_table",
     params(("prefix" = String, Path, description = "the warehouse: statehouse"),
            ("namespace" = String, Path, description = "the namespace: statehouse"),
            ("table" = String, Path, description = "events or changes"),
@@ -348,8 +355,8 @@ pub struct LoadTableQuery {
               (status = 404, body = IcebergErrorResponse, description = "no such warehouse, namespace or table")))]
 pub async fn load_table(
     State(state): State<SharedState>,
-    Path((prefix, namespace, table)): Path<(String, String, String)>,
-    Query(query): Query<LoadTableQuery>,
+    ApiPath((prefix, namespace, table)): ApiPath<(String, String, String)>,
+    ApiQuery(query): ApiQuery<LoadTableQuery>,
     headers: HeaderMap,
 ) -> Result<Response, IcebergError> {
     check_prefix(&prefix)?;
@@ -378,7 +385,7 @@ fn entity_tag(metadata_location: &str) -> String {
 }
 
 /// Iceberg REST catalog: whether a table exists (204 or 404, no body).
-#[utoipa::path(head, path = "/iceberg/v1/{prefix}/namespaces/{namespace}/tables/{table}", tag = "iceberg",
+#[utoipa::path(head, path = "/iceberg/v1/{prefix}/namespaces/{namespace}/tables/{table}", tag = "iceberg", operation_id = "iceberg_table_exists",
     params(("prefix" = String, Path, description = "the warehouse: statehouse"),
            ("namespace" = String, Path, description = "the namespace: statehouse"),
            ("table" = String, Path, description = "events or changes")),
@@ -386,7 +393,7 @@ fn entity_tag(metadata_location: &str) -> String {
               (status = 404, description = "no such warehouse, namespace or table")))]
 pub async fn table_exists(
     State(state): State<SharedState>,
-    Path((prefix, namespace, table)): Path<(String, String, String)>,
+    ApiPath((prefix, namespace, table)): ApiPath<(String, String, String)>,
 ) -> Result<StatusCode, IcebergError> {
     let found = check_prefix(&prefix).and_then(|()| check_namespace(&namespace)).is_ok()
         && match readers::export_table(&table) {

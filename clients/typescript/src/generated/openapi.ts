@@ -19,6 +19,96 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/iceberg/v1/config": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Iceberg REST catalog: configuration (`GET /v1/config`), the first call of every client. */
+        get: operations["iceberg_config"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/iceberg/v1/{prefix}/namespaces": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Iceberg REST catalog: list namespaces (there is one, `statehouse`). */
+        get: operations["iceberg_list_namespaces"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/iceberg/v1/{prefix}/namespaces/{namespace}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Iceberg REST catalog: a namespace and its properties. */
+        get: operations["iceberg_get_namespace"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        /** Iceberg REST catalog: whether a namespace exists (204 or 404, no body). */
+        head: operations["iceberg_namespace_exists"];
+        patch?: never;
+        trace?: never;
+    };
+    "/iceberg/v1/{prefix}/namespaces/{namespace}/tables": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Iceberg REST catalog: the tables of a namespace (those the exporter has created). */
+        get: operations["iceberg_list_tables"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/iceberg/v1/{prefix}/namespaces/{namespace}/tables/{table}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * Iceberg REST catalog: load a table (its metadata location, full metadata,
+         *     and the storage settings a reader needs).
+         */
+        get: operations["iceberg_load_table"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        /** Iceberg REST catalog: whether a table exists (204 or 404, no body). */
+        head: operations["iceberg_table_exists"];
+        patch?: never;
+        trace?: never;
+    };
     "/metrics": {
         parameters: {
             query?: never;
@@ -375,6 +465,19 @@ export interface components {
              */
             version: number;
         };
+        /**
+         * @description The catalog's configuration for a client: the path prefix to use, and
+         *     what it serves.
+         */
+        CatalogConfig: {
+            defaults: {
+                [key: string]: string;
+            };
+            endpoints: string[];
+            overrides: {
+                [key: string]: string;
+            };
+        };
         /** @description After a presigned PUT: which upload becomes the blob, and its headers. */
         CommitRequest: {
             cache_control?: string | null;
@@ -445,6 +548,20 @@ export interface components {
             orphan_files_deleted: number;
             /** @description Snapshots this cycle committed, oldest first. */
             snapshots: components["schemas"]["CommittedSnapshot"][];
+        };
+        IcebergErrorModel: {
+            /** Format: int32 */
+            code: number;
+            message: string;
+            /** @description The exception's name, e.g. `NoSuchTableException`. */
+            type: string;
+        };
+        /**
+         * @description The protocol's error document. (`iceberg_catalog_rest::ErrorResponse`
+         *     cannot be built outside its crate, and this one also describes itself.)
+         */
+        IcebergErrorResponse: {
+            error: components["schemas"]["IcebergErrorModel"];
         };
         ListBlobsBody: {
             cursor?: string | null;
@@ -540,6 +657,12 @@ export interface components {
             title: string;
             type: string;
         };
+        RestCatalogInfo: {
+            /** @description The catalog's path on this server: its URI is this server's base URL plus this path. */
+            path: string;
+            /** @description The warehouse name to attach. */
+            warehouse: string;
+        };
         TableInfo: {
             /** Format: int64 */
             current_snapshot_id?: number | null;
@@ -573,6 +696,8 @@ export interface components {
         TablesBody: {
             /** @description The Iceberg catalog name (for PyIceberg's `SqlCatalog`). */
             catalog: string;
+            /** @description The Iceberg REST catalog that serves these tables to DuckDB, PyIceberg, Spark and Trino. */
+            rest_catalog: components["schemas"]["RestCatalogInfo"];
             tables: components["schemas"]["TableInfo"][];
             /** @description Where the tables live: a folder or `s3://bucket/warehouse`. */
             warehouse: string;
@@ -638,6 +763,602 @@ export interface operations {
                 };
                 content: {
                     "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    iceberg_config: {
+        parameters: {
+            query?: {
+                /** @description The warehouse to attach: `statehouse` (or the warehouse's location); optional. */
+                warehouse?: string;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description defaults, overrides (the path prefix) and endpoints */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["CatalogConfig"];
+                };
+            };
+            /** @description an unknown warehouse */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description missing or invalid credential */
+            401: {
+                headers: {
+                    /** @description the scheme to authenticate with: Bearer */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description the credential does not allow this namespace or operation */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description too many requests from this caller */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description database, object store or owner replica unreachable or busy, or the request timed out */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+        };
+    };
+    iceberg_list_namespaces: {
+        parameters: {
+            query?: {
+                /** @description List the namespaces under this one (levels joined by %1F). */
+                parent?: string;
+            };
+            header?: never;
+            path: {
+                /** @description the warehouse: statehouse */
+                prefix: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description ListNamespacesResponse: {namespaces, next-page-token} */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": Record<string, never>;
+                };
+            };
+            /** @description invalid namespace, id, key, query, header or body */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description missing or invalid credential */
+            401: {
+                headers: {
+                    /** @description the scheme to authenticate with: Bearer */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description the credential does not allow this namespace or operation */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description no such warehouse or parent namespace */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description too many requests from this caller */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description database, object store or owner replica unreachable or busy, or the request timed out */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+        };
+    };
+    iceberg_get_namespace: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description the warehouse: statehouse */
+                prefix: string;
+                /** @description the namespace: statehouse */
+                namespace: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description GetNamespaceResponse: {namespace, properties} */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": Record<string, never>;
+                };
+            };
+            /** @description invalid namespace, id, key, query, header or body */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description missing or invalid credential */
+            401: {
+                headers: {
+                    /** @description the scheme to authenticate with: Bearer */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description the credential does not allow this namespace or operation */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description no such warehouse or namespace */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description too many requests from this caller */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description database, object store or owner replica unreachable or busy, or the request timed out */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+        };
+    };
+    iceberg_namespace_exists: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description the warehouse: statehouse */
+                prefix: string;
+                /** @description the namespace: statehouse */
+                namespace: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description the namespace exists */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description invalid namespace, id, key, query, header or body */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description missing or invalid credential */
+            401: {
+                headers: {
+                    /** @description the scheme to authenticate with: Bearer */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description the credential does not allow this namespace or operation */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description no such warehouse or namespace */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description too many requests from this caller */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description database, object store or owner replica unreachable or busy, or the request timed out */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+        };
+    };
+    iceberg_list_tables: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description the warehouse: statehouse */
+                prefix: string;
+                /** @description the namespace: statehouse */
+                namespace: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description ListTablesResponse: {identifiers, next-page-token} */
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": Record<string, never>;
+                };
+            };
+            /** @description invalid namespace, id, key, query, header or body */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description missing or invalid credential */
+            401: {
+                headers: {
+                    /** @description the scheme to authenticate with: Bearer */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description the credential does not allow this namespace or operation */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description no such warehouse or namespace */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description too many requests from this caller */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description database, object store or owner replica unreachable or busy, or the request timed out */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+        };
+    };
+    iceberg_load_table: {
+        parameters: {
+            query?: {
+                /** @description `all` (the default) or `refs`; every snapshot kept is referenced, so both answer the same. */
+                snapshots?: string;
+            };
+            header?: {
+                /** @description the ETag of a load: 304 while the table is unchanged */
+                "If-None-Match"?: string | null;
+            };
+            path: {
+                /** @description the warehouse: statehouse */
+                prefix: string;
+                /** @description the namespace: statehouse */
+                namespace: string;
+                /** @description events or changes */
+                table: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description LoadTableResult: {metadata-location, metadata, config, storage-credentials} */
+            200: {
+                headers: {
+                    /** @description names the committed metadata file */
+                    ETag?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": Record<string, never>;
+                };
+            };
+            /** @description the table has not changed since the ETag given */
+            304: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description invalid namespace, id, key, query, header or body */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description missing or invalid credential */
+            401: {
+                headers: {
+                    /** @description the scheme to authenticate with: Bearer */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description the credential does not allow this namespace or operation */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description no such warehouse, namespace or table */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description too many requests from this caller */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description database, object store or owner replica unreachable or busy, or the request timed out */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+        };
+    };
+    iceberg_table_exists: {
+        parameters: {
+            query?: never;
+            header?: never;
+            path: {
+                /** @description the warehouse: statehouse */
+                prefix: string;
+                /** @description the namespace: statehouse */
+                namespace: string;
+                /** @description events or changes */
+                table: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            /** @description the table exists */
+            204: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description invalid namespace, id, key, query, header or body */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description missing or invalid credential */
+            401: {
+                headers: {
+                    /** @description the scheme to authenticate with: Bearer */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description the credential does not allow this namespace or operation */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description no such warehouse, namespace or table */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description too many requests from this caller */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
+                };
+            };
+            /** @description database, object store or owner replica unreachable or busy, or the request timed out */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["IcebergErrorResponse"];
                 };
             };
         };
