@@ -10,37 +10,18 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{spawn_app_with, unique_ns, Process, TestApp, TestDatabase};
+use common::{spawn_app_with, token, unique_ns, with_tokens, Process, TestApp, TestDatabase, Token, PEER_SECRET};
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 use statehouse::auth::{hash_token, new_token};
-use statehouse::config::Settings;
 
-const PEER_SECRET: &str = "peer-secret-for-tests-0123456789abcdef";
 const HS256_SECRET: &str = "hs256-secret-for-tests-0123456789abcdef";
 const AUDIENCE: &str = "statehouse-test";
 const ISSUER: &str = "https://issuer.test";
 
-/// A token and the configuration line that grants it.
-struct Token {
-    secret: String,
-    line: String,
-}
-
-fn token(name: &str, namespaces: &str, rights: &str) -> Token {
-    let secret = new_token();
-    let line = format!("{name} {} {namespaces} {rights}", hash_token(&secret));
-    Token { secret, line }
-}
-
 fn bearer(secret: &str) -> String {
     format!("Bearer {secret}")
-}
-
-fn with_tokens(settings: &mut Settings, tokens: &[&Token]) {
-    settings.access.auth_tokens = Some(tokens.iter().map(|t| t.line.as_str()).collect::<Vec<_>>().join(";"));
-    settings.access.peer_secret = Some(PEER_SECRET.into());
 }
 
 async fn send(app: &TestApp, method: Method, path: &str, auth: Option<&str>, body: &str) -> reqwest::Response {

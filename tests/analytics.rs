@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::iceberg::{read_tables, read_through_catalog, tables};
 use common::s3::S3Server;
-use common::{spawn_app_with, unique_ns, Process, TestApp, TestDatabase};
+use common::{spawn_app_with, token, unique_ns, with_tokens, Process, TestApp, TestDatabase};
 use serde_json::{json, Value};
 
 /// What the server acknowledged, as the readers must show it.
@@ -789,28 +789,15 @@ fn client_with_token(secret: &str) -> reqwest::Client {
     reqwest::Client::builder().default_headers(headers).build().unwrap()
 }
 
-struct Token {
-    secret: String,
-    line: String,
-}
-
-fn token(name: &str, namespaces: &str, rights: &str) -> Token {
-    let secret = statehouse::auth::new_token();
-    let line = format!("{name} {} {namespaces} {rights}", statehouse::auth::hash_token(&secret));
-    Token { secret, line }
-}
-
 #[tokio::test]
 async fn the_iceberg_rest_catalog_serves_duckdb_and_pyiceberg_exactly_the_acknowledged_rows() {
     let db = TestDatabase::new();
     let app_token = token("app", "*", "read,write,admin");
     let analyst = token("analyst", "*", "analytics");
     let writer = token("writer", "*", "read,write");
-    let lines = [&app_token, &analyst, &writer].map(|t| t.line.as_str()).join(";");
     let mut app = spawn_app_with(&db, |s| {
         s.export_interval_ms = 3_600_000;
-        s.access.auth_tokens = Some(lines);
-        s.access.peer_secret = Some("a-peer-secret-of-at-least-32-bytes!".into());
+        with_tokens(s, &[&app_token, &analyst, &writer]);
     })
     .await;
     app.client = client_with_token(&app_token.secret);

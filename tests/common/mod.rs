@@ -65,6 +65,27 @@ impl TestDatabase {
     }
 }
 
+/// The peer secret of servers configured with `with_tokens`.
+pub const PEER_SECRET: &str = "peer-secret-for-tests-0123456789abcdef";
+
+/// A token and the configuration line that grants it.
+pub struct Token {
+    pub secret: String,
+    pub line: String,
+}
+
+pub fn token(name: &str, namespaces: &str, rights: &str) -> Token {
+    let secret = statehouse::auth::new_token();
+    let line = format!("{name} {} {namespaces} {rights}", statehouse::auth::hash_token(&secret));
+    Token { secret, line }
+}
+
+/// Authentication on, with these tokens (and the peer secret it then needs).
+pub fn with_tokens(settings: &mut Settings, tokens: &[&Token]) {
+    settings.access.auth_tokens = Some(tokens.iter().map(|t| t.line.as_str()).collect::<Vec<_>>().join(";"));
+    settings.access.peer_secret = Some(PEER_SECRET.into());
+}
+
 /// A namespace no other test (or earlier run against a shared server) uses.
 pub fn unique_ns(label: &str) -> String {
     format!("{label}-{}", uuid::Uuid::now_v7().simple())

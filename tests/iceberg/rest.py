@@ -15,24 +15,17 @@ Input (stdin, JSON):
 """
 
 import json
-import os
 import sys
 
-import duckdb
 from pyiceberg.catalog.rest import RestCatalog
 
-from read import COLUMNS, rows_of
+from read import COLUMNS, duckdb_connection as local_duckdb, rows_of
 
 WAREHOUSE = "statehouse"
 
 
 def duckdb_connection():
-    site = next(p for p in sys.path if p.endswith("site-packages"))
-    extensions = os.path.join(site, "duckdb_ext", "extensions")
-    if not os.path.isdir(extensions):
-        raise SystemExit(f"DuckDB extensions missing at {extensions}: install tests/iceberg/requirements.txt")
-    con = duckdb.connect(config={"extension_directory": extensions, "autoinstall_known_extensions": False})
-    con.execute("LOAD iceberg")
+    con = local_duckdb(None)
     con.execute("LOAD httpfs")
     return con
 
