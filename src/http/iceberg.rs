@@ -5,6 +5,8 @@
 //! the protocol is answered with its read-only error. Errors here take the
 //! protocol's shape (`{"error": {message, type, code}}`), not problem+json.
 
+use std::collections::HashMap;
+
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
@@ -16,7 +18,6 @@ use iceberg::{ErrorKind, NamespaceIdent, TableIdent};
 use iceberg_catalog_rest::{ListNamespaceResponse, ListTablesResponse, NamespaceResponse};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-use std::collections::HashMap;
 use utoipa::{IntoParams, ToSchema};
 
 use super::extract::{ApiPath, ApiQuery};
