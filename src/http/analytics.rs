@@ -50,7 +50,7 @@ pub async fn export_now(State(state): State<SharedState>, replay: Replay) -> Res
             orphan_files_deleted: report.orphan_files_deleted,
         })
         .into_response()),
-        Err(ExportError::NotOwner(owner)) => Ok(forward::forward(&state, &owner, replay).await),
+        Err(ExportError::NotOwner(owner)) => Ok(forward::forward(&state, &owner, replay).await.into_response()),
         Err(err) => Err(export_failed(err)),
     }
 }

@@ -138,7 +138,7 @@ pub async fn put_blob(
     }
     match outcome? {
         Routed::Local(committed) => Ok(blob_written(&committed, &blob)),
-        Routed::Forwarded(response) => Ok(response),
+        Routed::Forwarded(forwarded) => Ok(forwarded.into_response()),
     }
 }
 
@@ -147,10 +147,7 @@ pub async fn put_blob(
 fn certainly_not_committed(outcome: &Result<Routed, ApiError>) -> bool {
     match outcome {
         Ok(Routed::Local(_)) => false,
-        Ok(Routed::Forwarded(response)) => {
-            response.extensions().get::<super::forward::NotDelivered>().is_some()
-                || (response.status().is_client_error() && response.status() != StatusCode::REQUEST_TIMEOUT)
-        }
+        Ok(Routed::Forwarded(forwarded)) => forwarded.certainly_not_applied(),
         Err(err) => !matches!(err, ApiError::Unavailable { .. } | ApiError::Internal(_)),
     }
 }
@@ -192,7 +189,7 @@ pub async fn commit_forwarded_blob(
         .map_err(header_condition)?
     {
         Routed::Local(committed) => Ok(blob_written(&committed, &blob)),
-        Routed::Forwarded(response) => Ok(response),
+        Routed::Forwarded(forwarded) => Ok(forwarded.into_response()),
     }
 }
 
@@ -320,7 +317,7 @@ pub async fn delete_blob(
     let pre = precondition(&replay.headers)?;
     let committed =
         match commit(&state, &object, Mutation::DeleteBlob { name, pre }, replay).await.map_err(header_condition)? {
-            Routed::Forwarded(response) => return Ok(response),
+            Routed::Forwarded(forwarded) => return Ok(forwarded.into_response()),
             Routed::Local(committed) => committed,
         };
     let removed = match committed.results.first() {
@@ -593,7 +590,7 @@ async fn commit_presigned_upload(
         .map_err(header_condition)?
     {
         Routed::Local(committed) => Ok(blob_written(&committed, &blob)),
-        Routed::Forwarded(response) => Ok(response),
+        Routed::Forwarded(forwarded) => Ok(forwarded.into_response()),
     }
 }
 

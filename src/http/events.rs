@@ -3,7 +3,7 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
@@ -99,7 +99,7 @@ pub async fn post_events(
     let events = accept(request.events)?;
     let event_ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
     let committed = match commit(&state, &object, Mutation::Ops { ops: Vec::new(), events }, replay).await? {
-        Routed::Forwarded(response) => return Ok(response),
+        Routed::Forwarded(forwarded) => return Ok(forwarded.into_response()),
         Routed::Local(committed) => committed,
     };
     let recorded = EventsRecorded { version: committed.version, event_ids };

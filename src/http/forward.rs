@@ -15,10 +15,48 @@ const VIA: HeaderName = HeaderName::from_static("statehouse-via");
 /// moved while it travelled), so the replica that forwarded it may route again.
 const NOT_APPLIED: HeaderName = HeaderName::from_static("statehouse-not-applied");
 
-/// A forwarded write came back unapplied because the lease had moved on: the
-/// forwarder may route it again, once, from a fresh look at the owner.
-#[derive(Debug, Clone, Copy)]
-pub struct RouteAgain;
+/// What became of a write handed to its owner. Only `Answered` and
+/// `Unknown` may have committed anything.
+pub enum Forwarded {
+    /// The owner's answer, relayed as it is (a refusal among them).
+    Answered(Response),
+    /// Certainly not applied: the owner never received it, or refused it
+    /// unapplied because the lease had moved on again; in that case
+    /// (`route_again`) the forwarder may route it once more, from a fresh
+    /// look at the owner.
+    NotApplied { response: Response, route_again: bool },
+    /// Sent, but the answer was cut off or never came: the owner may have
+    /// committed it.
+    Unknown(Response),
+}
+
+impl Forwarded {
+    /// Whether the write surely left nothing behind: never delivered, or
+    /// refused by the owner (a 4xx other than a timeout).
+    pub fn certainly_not_applied(&self) -> bool {
+        match self {
+            Forwarded::NotApplied { .. } => true,
+            Forwarded::Answered(response) => {
+                response.status().is_client_error() && response.status() != StatusCode::REQUEST_TIMEOUT
+            }
+            Forwarded::Unknown(_) => false,
+        }
+    }
+
+    pub fn route_again(&self) -> bool {
+        matches!(self, Forwarded::NotApplied { route_again: true, .. })
+    }
+}
+
+impl IntoResponse for Forwarded {
+    fn into_response(self) -> Response {
+        match self {
+            Forwarded::Answered(response) | Forwarded::NotApplied { response, .. } | Forwarded::Unknown(response) => {
+                response
+            }
+        }
+    }
+}
 
 /// Request headers that carry meaning to the owner; the rest are hop-specific.
 static FORWARDED_REQUEST_HEADERS: [HeaderName; 6] = [
@@ -34,18 +72,12 @@ static FORWARDED_REQUEST_HEADERS: [HeaderName; 6] = [
 static RELAYED_RESPONSE_HEADERS: [HeaderName; 5] =
     [header::CONTENT_TYPE, header::ETAG, header::RETRY_AFTER, super::FENCE, super::INSTANCE];
 
-/// Marks a forwarding answer given without the owner ever receiving the
-/// request: it certainly committed nothing. (A timeout is not marked: the
-/// owner may still commit what it received.)
-#[derive(Debug, Clone, Copy)]
-pub struct NotDelivered;
-
-fn not_delivered(mut response: Response) -> Response {
-    response.extensions_mut().insert(NotDelivered);
-    response
+/// An answer given without the owner ever receiving the request.
+fn not_delivered(response: Response) -> Forwarded {
+    Forwarded::NotApplied { response, route_again: false }
 }
 
-pub async fn forward(state: &AppState, owner: &Owner, replay: Replay) -> Response {
+pub async fn forward(state: &AppState, owner: &Owner, replay: Replay) -> Forwarded {
     let me = state.guard.me();
     // On fly.io the platform proxy replays the request on the owner machine itself.
     if let (Some(_), Some(machine)) = (&me.machine, &owner.machine) {
@@ -112,7 +144,8 @@ pub async fn forward(state: &AppState, owner: &Owner, replay: Replay) -> Respons
                 owner.retry_after_secs(),
             )
             .into_response();
-            return if err.is_connect() { not_delivered(response) } else { response };
+            // A timeout is not "not delivered": the owner may still commit what it received.
+            return if err.is_connect() { not_delivered(response) } else { Forwarded::Unknown(response) };
         }
     };
     let status = StatusCode::from_u16(answer.status().as_u16()).unwrap_or(StatusCode::BAD_GATEWAY);
@@ -128,19 +161,17 @@ pub async fn forward(state: &AppState, owner: &Owner, replay: Replay) -> Respons
         Err(err) => {
             // The owner may have committed: say so rather than guess.
             state.metrics.forwarded.with_label_values(&["answer_lost"]).inc();
-            return ApiError::unavailable(
-                format!("the owner's answer was cut off ({err}); the write may or may not have been applied"),
-                1,
-            )
-            .into_response();
+            return Forwarded::Unknown(
+                ApiError::unavailable(
+                    format!("the owner's answer was cut off ({err}); the write may or may not have been applied"),
+                    1,
+                )
+                .into_response(),
+            );
         }
     };
     state.metrics.forwarded.with_label_values(&["relayed"]).inc();
     let mut response = Response::new(Body::from(body));
-    if route_again {
-        response.extensions_mut().insert(RouteAgain);
-        response.extensions_mut().insert(NotDelivered);
-    }
     *response.status_mut() = status;
     for (name, value) in headers {
         response.headers_mut().append(name, value);
@@ -148,5 +179,36 @@ pub async fn forward(state: &AppState, owner: &Owner, replay: Replay) -> Respons
     if let Ok(value) = HeaderValue::from_str(&me.instance) {
         response.headers_mut().insert(VIA, value);
     }
-    response
+    if route_again {
+        Forwarded::NotApplied { response, route_again: true }
+    } else {
+        Forwarded::Answered(response)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn answer(status: StatusCode) -> Response {
+        let mut response = Response::new(Body::empty());
+        *response.status_mut() = status;
+        response
+    }
+
+    #[test]
+    fn only_undelivered_writes_and_owner_refusals_are_certainly_not_applied() {
+        let not_applied =
+            |route_again| Forwarded::NotApplied { response: answer(StatusCode::SERVICE_UNAVAILABLE), route_again };
+        assert!(not_applied(false).certainly_not_applied());
+        assert!(not_applied(true).certainly_not_applied() && not_applied(true).route_again());
+        assert!(!not_applied(false).route_again());
+        assert!(Forwarded::Answered(answer(StatusCode::PRECONDITION_FAILED)).certainly_not_applied());
+        // The owner may still be committing what timed out, or what it answered 5xx to.
+        assert!(!Forwarded::Answered(answer(StatusCode::REQUEST_TIMEOUT)).certainly_not_applied());
+        assert!(!Forwarded::Answered(answer(StatusCode::SERVICE_UNAVAILABLE)).certainly_not_applied());
+        assert!(!Forwarded::Answered(answer(StatusCode::OK)).certainly_not_applied());
+        assert!(!Forwarded::Unknown(answer(StatusCode::SERVICE_UNAVAILABLE)).certainly_not_applied());
+        assert!(!Forwarded::Answered(answer(StatusCode::OK)).route_again());
+    }
 }

@@ -49,7 +49,7 @@ pub async fn put_key(
     let pre = precondition(&replay.headers)?;
     let put = Op::Put { key, value: replay.body.clone(), content_type, pre };
     let committed = match commit(&state, &object, Mutation::ops(vec![put]), replay).await.map_err(header_condition)? {
-        Routed::Forwarded(response) => return Ok(response),
+        Routed::Forwarded(forwarded) => return Ok(forwarded.into_response()),
         Routed::Local(committed) => committed,
     };
     let mut response = written(&committed, StatusCode::OK, json!({ "version": committed.version }));
@@ -96,7 +96,7 @@ pub async fn delete_key(
     let delete = Op::Delete { key, pre };
     let committed =
         match commit(&state, &object, Mutation::ops(vec![delete]), replay).await.map_err(header_condition)? {
-            Routed::Forwarded(response) => return Ok(response),
+            Routed::Forwarded(forwarded) => return Ok(forwarded.into_response()),
             Routed::Local(committed) => committed,
         };
     let deleted = matches!(committed.results.first(), Some(OpResult::Delete { deleted: true, .. }));
@@ -298,7 +298,7 @@ pub async fn batch(
     let events = super::events::accept(request.events)?;
     let event_ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
     let committed = match commit(&state, &object, Mutation::Ops { ops, events }, replay).await? {
-        Routed::Forwarded(response) => return Ok(response),
+        Routed::Forwarded(forwarded) => return Ok(forwarded.into_response()),
         Routed::Local(committed) => committed,
     };
     let results = committed.results.iter().map(batch_result).collect();

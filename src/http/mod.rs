@@ -226,10 +226,10 @@ async fn record_metrics(State(state): State<SharedState>, req: Request, next: Ne
     response
 }
 
-/// A write that was committed here, or the owner's answer to it.
+/// A write that was committed here, or what became of it at its owner.
 pub enum Routed {
     Local(Committed),
-    Forwarded(Response),
+    Forwarded(forward::Forwarded),
 }
 
 /// Commits `mutation` if this replica owns the object (taking the lease if it
@@ -241,14 +241,14 @@ async fn commit(state: &AppState, object: &ObjectRef, mutation: Mutation, replay
         attempts_left -= 1;
         match state.guard.route(object).await? {
             Route::Remote(owner) => {
-                let response = forward::forward(state, &owner, replay.clone()).await;
+                let forwarded = forward::forward(state, &owner, replay.clone()).await;
                 // The replica we asked no longer owns the object and applied nothing:
                 // look up the owner again (once) instead of failing the client.
-                if attempts_left > 0 && response.extensions().get::<forward::RouteAgain>().is_some() {
+                if attempts_left > 0 && forwarded.route_again() {
                     state.metrics.transaction_retries.inc();
                     continue;
                 }
-                return Ok(Routed::Forwarded(response));
+                return Ok(Routed::Forwarded(forwarded));
             }
             Route::Local { fence } => {
                 let job = WriteJob::new(

@@ -75,7 +75,7 @@ pub async fn delete_object(
         return Err(ApiError::BadRequest("DELETE of an object takes no body".into()));
     }
     let committed = match commit(&state, &object, Mutation::DeleteAll, replay).await? {
-        Routed::Forwarded(response) => return Ok(response),
+        Routed::Forwarded(forwarded) => return Ok(forwarded.into_response()),
         Routed::Local(committed) => committed,
     };
     let (deleted_keys, deleted_blobs) = match committed.results.first() {
