@@ -560,12 +560,12 @@ async fn fenced_writes(file: &std::path::Path) -> (f64, f64) {
     let me = Replica { instance: "bench".into(), url: "http://127.0.0.1:1".into(), machine: None };
     let guard = Guard::new(me, Duration::from_secs(600), Duration::from_secs(1), writer.clone(), resident, metrics);
     let object = ObjectRef::new("bench", "fenced").unwrap();
-    let Route::Local { fence } = guard.route(&object).await.unwrap() else { panic!("the lease is free") };
+    let Route::Local(lease) = guard.route(&object).await.unwrap() else { panic!("the lease is free") };
     let writer_cpu_before = thread_cpu_seconds("statehouse-writ");
     let started = Instant::now();
     let tasks: Vec<_> = (0..FENCE_IN_FLIGHT)
         .map(|task| {
-            let (writer, object) = (writer.clone(), object.clone());
+            let (writer, lease) = (writer.clone(), lease.clone());
             tokio::spawn(async move {
                 for i in 0..FENCE_WRITES / FENCE_IN_FLIGHT {
                     let put = Op::Put {
@@ -575,9 +575,7 @@ async fn fenced_writes(file: &std::path::Path) -> (f64, f64) {
                         pre: Precondition::default(),
                     };
                     let job = WriteJob::new(
-                        object.clone(),
-                        fence,
-                        "bench".into(),
+                        lease.clone(),
                         Mutation::Ops { ops: vec![put], events: Vec::new() },
                         statehouse::clock::now_ms(),
                         65536,

@@ -48,10 +48,29 @@ impl Owner {
 }
 
 pub enum Route {
-    /// We hold the lease: write under this fence.
-    Local { fence: i64 },
+    /// We hold the lease: write under it.
+    Local(HeldLease),
     /// A live peer holds it.
     Remote(Owner),
+}
+
+/// A lease this replica holds: the object, this replica as its owner, and
+/// the fencing token. Whatever is written under it (key writes, the
+/// exporter's catalog changes) carries its `assertion`, so it commits only
+/// while the lease is still this one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HeldLease {
+    pub object: ObjectRef,
+    pub owner: String,
+    pub fence: i64,
+}
+
+impl HeldLease {
+    /// The fence check, in the transaction of the write it guards; with
+    /// `version`, the object must also still be at that version.
+    pub fn assertion(&self, version: Option<i64>) -> Stmt {
+        fence_assertion(&self.object, &self.owner, self.fence, version)
+    }
 }
 
 struct Lease {
@@ -125,7 +144,7 @@ impl Guard {
     /// Where a write to `object` must go, taking the lease if it is free or expired.
     pub async fn route(&self, object: &ObjectRef) -> Result<Route, StoreError> {
         if let Some(fence) = self.held(object) {
-            return Ok(Route::Local { fence });
+            return Ok(Route::Local(self.held_lease(object, fence)));
         }
         let sent_at = Instant::now();
         let now = now_ms();
@@ -140,10 +159,14 @@ impl Guard {
                 let mut leases = self.leases.lock().unwrap();
                 leases.insert(object.clone(), Lease { fence, valid_until: sent_at + self.lease, last_used: sent_at });
                 self.metrics.leases_held.set(leases.len() as i64);
-                Ok(Route::Local { fence })
+                Ok(Route::Local(self.held_lease(object, fence)))
             }
             Acquired::HeldBy(owner) => Ok(Route::Remote(owner)),
         }
+    }
+
+    fn held_lease(&self, object: &ObjectRef, fence: i64) -> HeldLease {
+        HeldLease { object: object.clone(), owner: self.me.instance.clone(), fence }
     }
 
     fn held(&self, object: &ObjectRef) -> Option<i64> {
@@ -159,7 +182,8 @@ impl Guard {
     }
 
     /// A write under `fence` was refused: the object moved. Forget the lease.
-    pub fn lost(&self, object: &ObjectRef, fence: i64) {
+    pub fn lost(&self, lease: &HeldLease) {
+        let (object, fence) = (&lease.object, lease.fence);
         self.metrics.fence_rejections.inc();
         let mut leases = self.leases.lock().unwrap();
         if leases.get(object).is_some_and(|l| l.fence == fence) {
@@ -277,7 +301,7 @@ enum Acquired {
 /// rather than a conditional UPDATE because a batch sent as one request can
 /// make later steps depend on a step's success, not on its row count. The
 /// insert targets `write_assertions`, whose CHECK refuses every row.
-pub fn fence_assertion(object: &ObjectRef, owner: &str, fence: i64, version: Option<i64>) -> Stmt {
+pub(crate) fn fence_assertion(object: &ObjectRef, owner: &str, fence: i64, version: Option<i64>) -> Stmt {
     let mut args: Vec<Value> = vec![object.ns.as_str().into(), object.id.as_str().into(), fence.into(), owner.into()];
     match version {
         Some(version) => {

@@ -583,7 +583,7 @@ async fn an_exporter_whose_lease_moved_cannot_commit() {
 
     // A's late commit, under its old fence: refused, nothing moves.
     let pointer_before = catalog.pointer(&ident).await.unwrap();
-    let late = catalog.fenced(statehouse::analytics::Fenced { object: singleton(), owner: a_instance, fence: a_fence });
+    let late = catalog.fenced(statehouse::guard::HeldLease { object: singleton(), owner: a_instance, fence: a_fence });
     let tx = Transaction::new(&stale_view);
     let append =
         tx.fast_append().with_check_duplicate(false).add_data_files(vec![]).set_snapshot_properties(

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use common::{spawn_app_with, unique_ns, TestDatabase};
 use serde_json::Value;
 use statehouse::config::Settings;
-use statehouse::guard::{Guard, Replica, Route};
+use statehouse::guard::{Guard, HeldLease, Replica, Route};
 use statehouse::objects::resident::ResidentState;
 use statehouse::objects::{Mutation, ObjectRef, Op, Precondition, Rejection, WriteJob};
 use statehouse::telemetry::Metrics;
@@ -144,7 +144,7 @@ async fn a_stale_fence_can_never_commit() {
     let (old, new) = (guard("old"), guard("new"));
     let object = ObjectRef::new(&unique_ns("fence"), "o").unwrap();
 
-    let Route::Local { fence: old_fence } = old.route(&object).await.unwrap() else {
+    let Route::Local(HeldLease { fence: old_fence, .. }) = old.route(&object).await.unwrap() else {
         panic!("old did not get the lease")
     };
     let put = |key: &str| {
@@ -155,15 +155,19 @@ async fn a_stale_fence_can_never_commit() {
             pre: Precondition::default(),
         }])
     };
+    // Any (owner, fence) claim, as a paused or confused replica might make it.
     let job = |owner: &str, fence: i64, key: &str| {
-        WriteJob::new(object.clone(), fence, owner.into(), put(key), statehouse::clock::now_ms(), 1024)
+        let claim = HeldLease { object: object.clone(), owner: owner.into(), fence };
+        WriteJob::new(claim, put(key), statehouse::clock::now_ms(), 1024)
     };
     assert!(writer.run(job("old", old_fence, "before")).await.unwrap().is_ok());
 
     // While the lease is live, the other replica is told to forward.
     assert!(matches!(new.route(&object).await.unwrap(), Route::Remote(owner) if owner.instance == "old"));
     tokio::time::sleep(lease + Duration::from_millis(20)).await;
-    let Route::Local { fence: new_fence } = new.route(&object).await.unwrap() else { panic!("new did not take over") };
+    let Route::Local(HeldLease { fence: new_fence, .. }) = new.route(&object).await.unwrap() else {
+        panic!("new did not take over")
+    };
     assert_eq!(new_fence, old_fence + 1);
 
     // The old owner's write is refused by the fence check and leaves no trace.

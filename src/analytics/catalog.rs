@@ -27,22 +27,13 @@ use super::storage::WarehouseStorage;
 use super::tables::ExportTable;
 use crate::db::batch::Stmt;
 use crate::db::{Database, StoreError};
-use crate::guard::fence_assertion;
+use crate::guard::HeldLease;
 use crate::objects::resident::ResidentState;
-use crate::objects::ObjectRef;
 use crate::writer::{BoxFuture, Planner, Settled, Work, Writer, Writes};
 
 pub const CATALOG_NAME: &str = "statehouse";
 /// Snapshot property: the last outbox `seq` the snapshot's rows go up to.
 pub const OUTBOX_THROUGH: &str = "statehouse.outbox-through-seq";
-
-/// The lease a catalog change is made under.
-#[derive(Debug, Clone)]
-pub struct Fenced {
-    pub object: ObjectRef,
-    pub owner: String,
-    pub fence: i64,
-}
 
 #[derive(Clone)]
 pub struct LibsqlCatalog {
@@ -52,7 +43,7 @@ pub struct LibsqlCatalog {
     /// Location of the warehouse root: `<store root>/warehouse`.
     warehouse: String,
     /// None: read-only (any replica's view); Some: the exporter's lease.
-    commit_as: Option<Fenced>,
+    commit_as: Option<HeldLease>,
 }
 
 fn refused(message: impl Into<String>) -> Error {
@@ -83,7 +74,7 @@ impl LibsqlCatalog {
     }
 
     /// A catalog whose changes commit only while `lease` is current.
-    pub fn fenced(&self, lease: Fenced) -> Self {
+    pub fn fenced(&self, lease: HeldLease) -> Self {
         LibsqlCatalog { commit_as: Some(lease), ..self.clone() }
     }
 
@@ -95,7 +86,7 @@ impl LibsqlCatalog {
         &self.file_io
     }
 
-    fn lease(&self) -> Result<&Fenced> {
+    fn lease(&self) -> Result<&HeldLease> {
         self.commit_as
             .as_ref()
             .ok_or_else(|| Error::new(ErrorKind::FeatureUnsupported, "this catalog view is read-only"))
@@ -276,7 +267,7 @@ enum PublishRefused {
 
 /// One fenced change of a metadata pointer (a new table when `previous` is None).
 struct Publish {
-    lease: Fenced,
+    lease: HeldLease,
     namespace: String,
     namespace_location: String,
     name: String,
@@ -291,8 +282,7 @@ impl Work for Publish {
         &'a mut self,
         _: &'a mut Planner,
     ) -> BoxFuture<'a, std::result::Result<std::result::Result<Writes, Self::Output>, StoreError>> {
-        let Fenced { object, owner, fence } = &self.lease;
-        let fence = fence_assertion(object, owner, *fence, None);
+        let fence = self.lease.assertion(None);
         let table =
             || -> Vec<Value> { vec![CATALOG_NAME.into(), self.namespace.as_str().into(), self.name.as_str().into()] };
         // The compare-and-set, as an assertion: the pointer is still where this change was computed from.

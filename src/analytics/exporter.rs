@@ -39,12 +39,12 @@ use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, Int
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use super::catalog::{Fenced, LibsqlCatalog, OUTBOX_THROUGH};
+use super::catalog::{LibsqlCatalog, OUTBOX_THROUGH};
 use super::storage::WarehouseStorage;
 use super::tables::{ExportTable, NAMESPACE};
 use crate::db::batch::Stmt;
 use crate::db::{Database, StoreError};
-use crate::guard::{Guard, Owner, Route};
+use crate::guard::{Guard, HeldLease, Owner, Route};
 use crate::objects::resident::ResidentState;
 use crate::objects::ObjectRef;
 use crate::telemetry::Metrics;
@@ -366,26 +366,26 @@ impl Exporter {
     /// Runs one cycle now if this replica is (or can become) the exporter.
     pub async fn run_cycle(&self) -> Result<CycleReport, ExportError> {
         let mut last_maintenance = self.cycle.lock().await;
-        let fence = match self.guard.route(&singleton()).await? {
-            Route::Local { fence } => fence,
+        let lease = match self.guard.route(&singleton()).await? {
+            Route::Local(lease) => lease,
             Route::Remote(owner) => return Err(ExportError::NotOwner(owner)),
         };
-        let result = self.cycle_under(fence, &mut last_maintenance).await;
+        let result = self.cycle_under(&lease, &mut last_maintenance).await;
         if result.as_ref().is_err_and(ExportError::is_refused) {
             // Whoever moved the lease (another replica, or this one after its
             // lease ran out) exports from now on; the next cycle asks again.
-            self.guard.lost(&singleton(), fence);
+            self.guard.lost(&lease);
         }
         result
     }
 
     async fn cycle_under(
         &self,
-        fence: i64,
+        lease: &HeldLease,
         last_maintenance: &mut Option<Instant>,
     ) -> Result<CycleReport, ExportError> {
-        let catalog =
-            self.catalog.fenced(Fenced { object: singleton(), owner: self.guard.me().instance.clone(), fence });
+        let fence = lease.fence;
+        let catalog = self.catalog.fenced(lease.clone());
         let started = Instant::now();
         let mut report = CycleReport::default();
         let mut latest = Vec::new();

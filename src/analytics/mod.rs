@@ -9,7 +9,7 @@ pub mod readers;
 mod storage;
 mod tables;
 
-pub use catalog::{Fenced, LibsqlCatalog, CATALOG_NAME, OUTBOX_THROUGH};
+pub use catalog::{LibsqlCatalog, CATALOG_NAME, OUTBOX_THROUGH};
 pub use exporter::{singleton, CommittedSnapshot, CycleReport, ExportError, ExportPolicy, Exporter, TableInfo};
 pub use storage::WarehouseStorage;
 pub use tables::{ExportTable, NAMESPACE};

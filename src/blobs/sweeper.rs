@@ -53,7 +53,7 @@ impl Sweeper {
                     _ = tick.tick() => {}
                 }
                 match self.guard.route(&singleton()).await {
-                    Ok(Route::Local { .. }) => match self.sweep_once().await {
+                    Ok(Route::Local(_)) => match self.sweep_once().await {
                         Ok(report) if report != SweepReport::default() => {
                             tracing::info!(
                                 garbage = report.garbage_deleted,

@@ -250,11 +250,9 @@ async fn commit(state: &AppState, object: &ObjectRef, mutation: Mutation, replay
                 }
                 return Ok(Routed::Forwarded(forwarded));
             }
-            Route::Local { fence } => {
+            Route::Local(lease) => {
                 let job = WriteJob::new(
-                    object.clone(),
-                    fence,
-                    state.guard.me().instance.clone(),
+                    lease.clone(),
                     mutation.clone(),
                     crate::clock::now_ms(),
                     state.settings.change_value_cap_bytes as usize,
@@ -262,7 +260,7 @@ async fn commit(state: &AppState, object: &ObjectRef, mutation: Mutation, replay
                 match state.writer.run(job).await? {
                     Ok(committed) => return Ok(Routed::Local(committed)),
                     Err(crate::objects::Rejection::Fenced) => {
-                        state.guard.lost(object, fence);
+                        state.guard.lost(&lease);
                         if attempts_left == 0 {
                             return Err(crate::objects::Rejection::Fenced.into());
                         }

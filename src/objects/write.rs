@@ -13,7 +13,7 @@ use super::{Committed, Entry, Event, Mutation, ObjectRef, Op, OpResult, Rejectio
 use crate::blobs::meta as blobs;
 use crate::db::batch::Stmt;
 use crate::db::{numbered, Shape, StoreError};
-use crate::guard::fence_assertion;
+use crate::guard::{fence_assertion, HeldLease};
 use crate::writer::{BoxFuture, Planner, Settled, Work, Writes};
 
 pub struct WriteJob {
@@ -98,14 +98,9 @@ impl Drafts {
 }
 
 impl WriteJob {
-    pub fn new(
-        object: ObjectRef,
-        fence: i64,
-        owner: String,
-        mutation: Mutation,
-        now_ms: i64,
-        value_cap: usize,
-    ) -> Self {
+    /// A write of `mutation` under `lease`.
+    pub fn new(lease: HeldLease, mutation: Mutation, now_ms: i64, value_cap: usize) -> Self {
+        let HeldLease { object, owner, fence } = lease;
         WriteJob { object, fence, owner, mutation, now_ms, value_cap, planned: None }
     }
 }
