@@ -141,6 +141,7 @@ pub async fn run(
         objects = %storage.location,
         sync,
         lease_ms = settings.lease_ms,
+        iceberg_reader_keys = state.readers.vends_credentials(),
         "listening"
     );
     let signal = stop.clone();

@@ -54,7 +54,7 @@ impl ReaderAccess {
         ReaderAccess { config, credentials }
     }
 
-    /// Whether loads hand out keys (for the config endpoint's description and logs).
+    /// Whether loads hand out keys (logged at start, so an operator sees it).
     pub fn vends_credentials(&self) -> bool {
         self.credentials.is_some()
     }
