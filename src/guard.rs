@@ -181,6 +181,16 @@ impl Guard {
         }
     }
 
+    /// Marks a lease as in use by long work under it (an export cycle of many
+    /// snapshots): renewals keep a lease only while it is used, and would
+    /// otherwise let it go as idle in the middle of that work.
+    pub fn touch(&self, lease: &HeldLease) {
+        let mut leases = self.leases.lock().unwrap();
+        if let Some(held) = leases.get_mut(&lease.object).filter(|held| held.fence == lease.fence) {
+            held.last_used = Instant::now();
+        }
+    }
+
     /// A write under `fence` was refused: the object moved. Forget the lease.
     pub fn lost(&self, lease: &HeldLease) {
         let (object, fence) = (&lease.object, lease.fence);

@@ -21,11 +21,12 @@ use iceberg::{
     Catalog, Error, ErrorKind, MetadataLocation, Namespace, NamespaceIdent, Result, Runtime, TableCommit,
     TableCreation, TableIdent,
 };
-use libsql::{params, Value};
+use libsql::Value;
 
 use super::storage::WarehouseStorage;
 use super::tables::ExportTable;
 use crate::db::batch::Stmt;
+use crate::db::cells::Cells;
 use crate::db::{Database, StoreError};
 use crate::guard::HeldLease;
 use crate::objects::resident::ResidentState;
@@ -92,27 +93,23 @@ impl LibsqlCatalog {
             .ok_or_else(|| Error::new(ErrorKind::FeatureUnsupported, "this catalog view is read-only"))
     }
 
-    /// The current metadata location of a table, if the table exists.
+    /// The current metadata location of a table, if the table exists: one
+    /// read, sent as a single request on a kept stream to a libSQL server
+    /// (the Iceberg REST catalog asks this on every load).
     pub async fn pointer(&self, table: &TableIdent) -> Result<Option<String>> {
-        let namespace = table.namespace().to_url_string();
-        let name = table.name().to_string();
-        self.db
-            .read(move |conn| {
-                let (namespace, name) = (namespace.clone(), name.clone());
-                async move {
-                    let location = conn
-                        .first_row(
-                            "SELECT metadata_location FROM iceberg_tables
-                             WHERE catalog_name = ?1 AND table_namespace = ?2 AND table_name = ?3",
-                            params![CATALOG_NAME, namespace, name],
-                            |row| row.get::<Option<String>>(0),
-                        )
-                        .await?;
-                    Ok(location.flatten())
-                }
-            })
+        let rows = self
+            .db
+            .query(Stmt::query(
+                "SELECT metadata_location FROM iceberg_tables
+                 WHERE catalog_name = ?1 AND table_namespace = ?2 AND table_name = ?3",
+                vec![CATALOG_NAME.into(), table.namespace().to_url_string().into(), table.name().into()],
+            ))
             .await
-            .map_err(database)
+            .map_err(database)?;
+        match rows.first() {
+            Some(row) => Cells(row).opt_text(0).map_err(database),
+            None => Ok(None),
+        }
     }
 
     /// The table, or None when it does not exist yet (one read of its pointer).

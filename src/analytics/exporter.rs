@@ -392,6 +392,9 @@ impl Exporter {
         for table in ExportTable::ALL {
             let mut current = self.ensure_table(&catalog, table).await?;
             for _ in 0..MAX_SNAPSHOTS_PER_TABLE_PER_CYCLE {
+                // A cycle of many snapshots can outlast two lease terms, after
+                // which an unused lease is released as idle: keep it marked used.
+                self.guard.touch(lease);
                 let Some((next, committed)) = self.export_batch(&catalog, current.clone(), table, fence).await? else {
                     break;
                 };
@@ -418,6 +421,7 @@ impl Exporter {
         if last_maintenance.is_none_or(|at| at.elapsed() >= self.policy.maintenance_interval) {
             *last_maintenance = Some(Instant::now());
             for current in latest {
+                self.guard.touch(lease);
                 let current = self.expire_snapshots(&catalog, current, &mut report).await?;
                 report.orphan_files_deleted += self.delete_orphans(&current).await?;
             }
