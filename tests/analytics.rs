@@ -834,6 +834,13 @@ async fn the_iceberg_rest_catalog_serves_duckdb_and_pyiceberg_exactly_the_acknow
     assert_eq!(loaded["metadata"]["format-version"], 2);
     let again = analyst_client.get(&table).header("if-none-match", &etag).send().await.unwrap();
     assert_eq!(again.status(), 304, "an unchanged table is not sent again");
+    // If-None-Match compares weakly, in a list; another tag gets the table, a malformed list a 400.
+    let weak = analyst_client.get(&table).header("if-none-match", format!("\"other\", W/{etag}")).send().await.unwrap();
+    assert_eq!(weak.status(), 304);
+    let other = analyst_client.get(&table).header("if-none-match", "\"other\"").send().await.unwrap();
+    assert_eq!(other.status(), 200);
+    let broken = analyst_client.get(&table).header("if-none-match", "\"unclosed").send().await.unwrap();
+    assert_eq!(error(&broken.json().await.unwrap()), (400, "BadRequestException".into()));
     for (path, status, kind) in [
         ("/statehouse/namespaces/statehouse/tables/nope", 404, "NoSuchTableException"),
         ("/statehouse/namespaces/nope/tables", 404, "NoSuchNamespaceException"),

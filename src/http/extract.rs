@@ -168,6 +168,35 @@ enum Comparison {
 }
 
 fn version_match(headers: &HeaderMap, name: &str, comparison: Comparison) -> Result<Option<VersionMatch>, ApiError> {
+    Ok(tag_list(headers, name, comparison)?.map(|list| match list {
+        TagList::Any => VersionMatch::Any,
+        // Ours are a version in decimal; anything else matches nothing.
+        TagList::Tags(tags) => VersionMatch::OneOf(
+            tags.into_iter()
+                .filter_map(|opaque| std::str::from_utf8(opaque).ok().filter(|t| is_our_version(t))?.parse().ok())
+                .collect(),
+        ),
+    }))
+}
+
+/// Whether `If-None-Match` is `*` or names the entity-tag `"opaque"` (weak
+/// comparison, so `W/"opaque"` too); false without the header.
+pub fn none_match(headers: &HeaderMap, opaque: &str) -> Result<bool, ApiError> {
+    Ok(match tag_list(headers, "if-none-match", Comparison::Weak)? {
+        None => false,
+        Some(TagList::Any) => true,
+        Some(TagList::Tags(tags)) => tags.contains(&opaque.as_bytes()),
+    })
+}
+
+/// A conditional header's list: `*`, or the opaque parts of the entity-tags
+/// that can match under the comparison (a weak tag never matches strongly).
+enum TagList<'a> {
+    Any,
+    Tags(Vec<&'a [u8]>),
+}
+
+fn tag_list<'a>(headers: &'a HeaderMap, name: &str, comparison: Comparison) -> Result<Option<TagList<'a>>, ApiError> {
     let mut values = headers.get_all(name).iter().peekable();
     if values.peek().is_none() {
         return Ok(None);
@@ -177,7 +206,7 @@ fn version_match(headers: &HeaderMap, name: &str, comparison: Comparison) -> Res
     };
     let mut any = false;
     let mut tags = 0;
-    let mut versions = Vec::new();
+    let mut matchable = Vec::new();
     for value in values {
         for element in list_elements(value.as_bytes()).map_err(|why| broken(&why))? {
             if element == b"*" {
@@ -186,22 +215,16 @@ fn version_match(headers: &HeaderMap, name: &str, comparison: Comparison) -> Res
             }
             let (weak, opaque) = entity_tag(element).map_err(|why| broken(&why))?;
             tags += 1;
-            if weak && comparison == Comparison::Strong {
-                continue;
-            }
-            // Ours are a version in decimal; anything else matches nothing.
-            if let Some(version) =
-                std::str::from_utf8(opaque).ok().filter(|t| is_our_version(t)).and_then(|t| t.parse().ok())
-            {
-                versions.push(version);
+            if !(weak && comparison == Comparison::Strong) {
+                matchable.push(opaque);
             }
         }
     }
     match (any, tags) {
-        (true, 0) => Ok(Some(VersionMatch::Any)),
+        (true, 0) => Ok(Some(TagList::Any)),
         (true, _) => Err(broken("* stands alone")),
         (false, 0) => Err(broken("it is empty")),
-        (false, _) => Ok(Some(VersionMatch::OneOf(versions))),
+        (false, _) => Ok(Some(TagList::Tags(matchable))),
     }
 }
 

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 use utoipa::{IntoParams, ToSchema};
 
-use super::extract::{ApiPath, ApiQuery};
+use super::extract::{none_match, ApiPath, ApiQuery};
 use super::SharedState;
 use crate::analytics::readers::{self, WAREHOUSE};
 use crate::analytics::NAMESPACE;
@@ -369,20 +369,18 @@ pub async fn load_table(
     let loaded = readers::load_table(state.exporter.catalog(), &state.readers, export_table)
         .await?
         .ok_or_else(|| IcebergError::no_such_table(&namespace, &table))?;
-    let etag = entity_tag(loaded.metadata_location.as_deref().unwrap_or_default());
-    let unchanged = headers
-        .get(header::IF_NONE_MATCH)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|tags| tags.split(',').any(|tag| tag.trim() == etag || tag.trim() == "*"));
+    let tag = metadata_tag(loaded.metadata_location.as_deref().unwrap_or_default());
+    let unchanged = none_match(&headers, &tag).map_err(|err| IcebergError::bad_request(err.to_string()))?;
     let mut response = if unchanged { StatusCode::NOT_MODIFIED.into_response() } else { Json(loaded).into_response() };
-    response.headers_mut().insert(header::ETAG, HeaderValue::from_str(&etag).expect("hex is a valid header"));
+    let etag = HeaderValue::from_str(&format!("\"{tag}\"")).expect("hex is a valid header");
+    response.headers_mut().insert(header::ETAG, etag);
     Ok(response)
 }
 
-/// A metadata file is never rewritten, so its location names its content.
-fn entity_tag(metadata_location: &str) -> String {
-    let digest = Sha256::digest(metadata_location.as_bytes());
-    format!("\"{}\"", hex::encode(&digest[..16]))
+/// The entity-tag's opaque part: a metadata file is never rewritten, so its
+/// location names its content.
+fn metadata_tag(metadata_location: &str) -> String {
+    hex::encode(&Sha256::digest(metadata_location.as_bytes())[..16])
 }
 
 /// Iceberg REST catalog: whether a table exists (204 or 404, no body).
