@@ -23,6 +23,8 @@ struct Args {
     database: String,
     /// The raw-libSQL limits and the fence cost (file only).
     baselines: bool,
+    /// sqld as if this far away: each direction of every connection to it is held this long.
+    database_latency_ms: u64,
 }
 
 /// The server binary of the same build: the bench runs as
@@ -43,12 +45,13 @@ fn args() -> Args {
         export_events: 200_000,
         database: "file".into(),
         baselines: true,
+        database_latency_ms: 0,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "--help" || flag == "-h" {
             println!(
-                "bench [--seconds N] [--connections 32,256] [--workloads {}] [--binary PATH] [--export-events N (0: skip the export benches)] [--database file|sqld (sqld: also on a libSQL server from SQLD_BIN, side by side)] [--baselines false]",
+                "bench [--seconds N] [--connections 32,256] [--workloads {}] [--binary PATH] [--export-events N (0: skip the export benches)] [--database file|sqld (sqld: also on a libSQL server from SQLD_BIN, side by side)] [--baselines false] [--database-latency-ms N (sqld behind a proxy holding each direction N ms)]",
                 WORKLOADS.join(",")
             );
             std::process::exit(0);
@@ -65,6 +68,9 @@ fn args() -> Args {
                 args.database = value
             }
             "--baselines" => args.baselines = value.parse().expect("--baselines takes true or false"),
+            "--database-latency-ms" => {
+                args.database_latency_ms = value.parse().expect("--database-latency-ms takes a number")
+            }
             other => panic!("unknown flag {other}"),
         }
     }
@@ -104,7 +110,16 @@ async fn main() {
     for &database in databases {
         let (mut sqld, url) = match database {
             "sqld" => {
-                let (sqld, url) = start_sqld(dir.path());
+                let (sqld, mut url) = start_sqld(dir.path());
+                if args.database_latency_ms > 0 {
+                    let upstream = url.trim_start_matches("http://").to_string();
+                    let port = latency_proxy(upstream, Duration::from_millis(args.database_latency_ms)).await;
+                    url = format!("http://127.0.0.1:{port}");
+                    println!(
+                        "database=sqld latency_ms={} (each direction, through a proxy: the server, the round trips and the raw baseline all see it)",
+                        args.database_latency_ms
+                    );
+                }
                 rtt_ms = pipeline_round_trip_ms(&client, &url, true).await;
                 let new_stream_ms = pipeline_round_trip_ms(&client, &url, false).await;
                 println!(
@@ -153,7 +168,11 @@ async fn main() {
                 let groups = after.groups - before.groups;
                 let group_line = if groups > 0.0 {
                     let trips = if database == "sqld" {
-                        format!(" round_trips_per_group={:.2}", (after.round_trips - before.round_trips) / groups)
+                        format!(
+                            " round_trips_per_group={:.2} sent_while_one_in_flight={:.2}",
+                            (after.round_trips - before.round_trips) / groups,
+                            (after.overlapped - before.overlapped) / groups
+                        )
                     } else {
                         String::new()
                     };
@@ -716,6 +735,53 @@ async fn baseline(dir: &std::path::Path) -> (f64, f64) {
     (single, batched)
 }
 
+/// A TCP proxy to `upstream` that holds every chunk `delay` in each
+/// direction, in order: a database that far away (another zone or region).
+async fn latency_proxy(upstream: String, delay: Duration) -> u16 {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                let Ok(outbound) = tokio::net::TcpStream::connect(&upstream).await else { return };
+                let _ = (inbound.set_nodelay(true), outbound.set_nodelay(true));
+                let (from_client, to_client) = inbound.into_split();
+                let (from_server, to_server) = outbound.into_split();
+                tokio::spawn(delayed_copy(from_client, to_server, delay));
+                tokio::spawn(delayed_copy(from_server, to_client, delay));
+            });
+        }
+    });
+    port
+}
+
+async fn delayed_copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Duration,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (chunks, mut due) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let writer = tokio::spawn(async move {
+        while let Some((read_at, bytes)) = due.recv().await {
+            tokio::time::sleep_until((read_at + delay).into()).await;
+            if to.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    });
+    let mut buffer = vec![0u8; 64 * 1024];
+    while let Ok(n @ 1..) = from.read(&mut buffer).await {
+        if chunks.send((Instant::now(), buffer[..n].to_vec())).is_err() {
+            break;
+        }
+    }
+    drop(chunks);
+    let _ = writer.await;
+}
+
 /// A libSQL server of the bench's own, from `SQLD_BIN`: the process and its URL.
 fn start_sqld(dir: &std::path::Path) -> (std::process::Child, String) {
     let binary = std::env::var("SQLD_BIN").expect("--database sqld needs SQLD_BIN, the path of a sqld binary");
@@ -845,11 +911,13 @@ async fn pipeline_round_trip_ms(client: &reqwest::Client, url: &str, kept_stream
     times[times.len() / 2]
 }
 
-/// The writer's counters from `/metrics`: groups committed, jobs in them, round trips to a server.
+/// The writer's counters from `/metrics`: groups committed, jobs in them,
+/// round trips to a server, groups sent while another was in flight.
 struct WriterCounters {
     groups: f64,
     jobs: f64,
     round_trips: f64,
+    overlapped: f64,
 }
 
 async fn writer_counters(client: &reqwest::Client, base: &str) -> WriterCounters {
@@ -861,5 +929,6 @@ async fn writer_counters(client: &reqwest::Client, base: &str) -> WriterCounters
         groups: value("statehouse_write_batch_size_count"),
         jobs: value("statehouse_write_batch_size_sum"),
         round_trips: value("statehouse_write_round_trips_total"),
+        overlapped: value("statehouse_write_groups_overlapped_total"),
     }
 }

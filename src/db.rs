@@ -343,7 +343,10 @@ impl Database {
             next_reader: AtomicUsize::new(0),
             wal: None,
             pipeline: match &settings.turso_url {
-                DatabaseUrl::Remote(url) => Some(remote::Pipeline::new(url, settings.turso_token.as_deref(), 1, 1)?),
+                DatabaseUrl::Remote(url) => {
+                    let streams = crate::writer::REMOTE_GROUPS_IN_FLIGHT;
+                    Some(remote::Pipeline::new(url, settings.turso_token.as_deref(), streams, streams)?)
+                }
                 DatabaseUrl::File(_) => None,
             },
             read_pipeline: match &settings.turso_url {

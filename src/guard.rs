@@ -19,7 +19,7 @@ use crate::db::{numbered, Shape, StoreError};
 use crate::objects::resident::ResidentState;
 use crate::objects::ObjectRef;
 use crate::telemetry::Metrics;
-use crate::writer::{BoxFuture, Planner, Settled, Work, Writer, Writes};
+use crate::writer::{BoxFuture, Planner, Settled, Touches, Work, Writer, Writes};
 
 /// This replica, as its peers see it.
 #[derive(Debug, Clone)]
@@ -343,6 +343,10 @@ struct Acquire {
 
 impl Work for Acquire {
     type Output = Acquired;
+
+    fn touches(&self) -> Touches<'_> {
+        Touches::Object(&self.object)
+    }
 
     fn plan<'a>(&'a mut self, _: &'a mut Planner) -> BoxFuture<'a, Result<Result<Writes, Acquired>, StoreError>> {
         let ObjectRef { ns, id } = &self.object;

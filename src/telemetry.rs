@@ -33,6 +33,8 @@ pub struct Metrics {
     pub write_batch_size: Histogram,
     pub commit_seconds: Histogram,
     pub write_round_trips: IntCounter,
+    pub write_groups_overlapped: IntCounter,
+    pub write_replans: IntCounter,
 }
 
 impl Metrics {
@@ -83,6 +85,16 @@ impl Metrics {
             "Requests the writer made to a libSQL server: one per group commit, plus reads on resident misses",
         )
         .unwrap();
+        let write_groups_overlapped = IntCounter::new(
+            "statehouse_write_groups_overlapped_total",
+            "Group commits sent to a libSQL server while another was still in flight",
+        )
+        .unwrap();
+        let write_replans = IntCounter::new(
+            "statehouse_write_replans_total",
+            "Writes planned again because the group in flight they were planned on did not commit as planned",
+        )
+        .unwrap();
         let info = IntGaugeVec::new(
             Opts::new("statehouse_info", "Build and durability settings of this replica"),
             &["version", "instance", "sync"],
@@ -99,6 +111,8 @@ impl Metrics {
             Box::new(write_batch_size.clone()),
             Box::new(commit_seconds.clone()),
             Box::new(write_round_trips.clone()),
+            Box::new(write_groups_overlapped.clone()),
+            Box::new(write_replans.clone()),
             Box::new(info),
         ] {
             registry.register(collector).expect("metric names are unique");
@@ -114,6 +128,8 @@ impl Metrics {
             write_batch_size,
             commit_seconds,
             write_round_trips,
+            write_groups_overlapped,
+            write_replans,
         }
     }
 

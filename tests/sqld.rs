@@ -326,6 +326,95 @@ async fn a_write_after_the_server_restarted_is_not_lost_to_a_stale_stream() {
     a.assert_no_panic();
 }
 
+/// A counter from a replica's `/metrics`.
+async fn counter(base: &str, name: &str) -> u64 {
+    let text = patient_client().get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    let line = text.lines().find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '));
+    line.and_then(|l| l.rsplit(' ').next()).map_or(0, |v| v.parse::<f64>().unwrap() as u64)
+}
+
+/// On a libSQL server the writer sends the next group while one is in
+/// flight, planned on what the first leaves the object as. The test holds
+/// the server's write lock, so that a first write (A) waits on the server and
+/// a second (B) is sent behind it; then it moves the object's version under
+/// both, as a group that did not commit as planned would. A is refused by its
+/// fence assertion (and routed again, as any refused write); B was refused
+/// only because of A, so it is planned again and commits without counting as
+/// a lost lease. Then the same without the forged move: both commit, in
+/// either order on the server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_planned_on_a_group_in_flight_is_planned_again_when_that_group_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let sqld = Sqld::start(&dir.path().join("sqld"), &[]);
+    // No export and a long lease: no other work of the writer's overlaps the rounds.
+    let quiet = [("STATEHOUSE_LEASE_MS", "30000".to_string()), ("STATEHOUSE_EXPORT_ENABLED", "false".to_string())];
+    let a = replica(&sqld.url(), &quiet);
+    let ns = unique_ns("chained");
+    let client = patient_client();
+    let put = |key: String| {
+        let url = format!("{}/v1/objects/{ns}/o/kv/{key}", a.base);
+        let client = client.clone();
+        tokio::spawn(async move {
+            let answer = client.put(url).json(&serde_json::json!({"k": key})).send().await.unwrap();
+            (answer.status().as_u16(), answer.text().await.unwrap())
+        })
+    };
+    let version = |body: &str| serde_json::from_str::<serde_json::Value>(body).unwrap()["version"].as_i64().unwrap();
+    assert_eq!(put("k0".into()).await.unwrap().0, 200);
+    let db = libsql::Builder::new_remote(sqld.url(), String::new()).build().await.unwrap();
+    let conn = db.connect().unwrap();
+
+    for (round, forge) in [(1, true), (2, false), (3, true), (4, false)] {
+        let rejections = counter(&a.base, "statehouse_fence_rejections_total").await;
+        let replans = counter(&a.base, "statehouse_write_replans_total").await;
+        let overlapped = counter(&a.base, "statehouse_write_groups_overlapped_total").await;
+        let holder = conn.transaction_with_behavior(libsql::TransactionBehavior::Immediate).await.unwrap();
+        let first = put(format!("a{round}"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let second = put(format!("b{round}"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        if forge {
+            holder
+                .execute("UPDATE objects SET version = version + 5 WHERE ns = ?1 AND id = 'o'", [ns.as_str()])
+                .await
+                .unwrap();
+        }
+        holder.commit().await.unwrap();
+        let (first, second) = (first.await.unwrap(), second.await.unwrap());
+        assert_eq!(first.0, 200, "round {round}: A {}", first.1);
+        assert_eq!(second.0, 200, "round {round}: B {}", second.1);
+        assert_ne!(version(&first.1), version(&second.1));
+        assert_eq!(
+            counter(&a.base, "statehouse_write_groups_overlapped_total").await,
+            overlapped + 1,
+            "round {round}: B was not sent while A was in flight"
+        );
+        let rejected = counter(&a.base, "statehouse_fence_rejections_total").await - rejections;
+        let replanned = counter(&a.base, "statehouse_write_replans_total").await - replans;
+        if forge {
+            assert_eq!(rejected, 1, "round {round}: only A counts as a refused write (B was refused because of A)");
+            assert_eq!(replanned, 1, "round {round}: B is planned again");
+        } else {
+            assert_eq!(rejected, 0, "round {round}: nothing moved the object");
+            // Planned again only if the server ran B before A.
+            assert!(replanned <= 1, "round {round}: {replanned} writes planned again");
+        }
+        println!(
+            "chained round {round} (forged move: {forge}): A v{} B v{}, planned again {replanned}",
+            version(&first.1),
+            version(&second.1)
+        );
+    }
+    for key in ["k0", "a1", "b1", "a2", "b2", "a3", "b3", "a4", "b4"] {
+        let got = client.get(format!("{}/v1/objects/{ns}/o/kv/{key}", a.base)).send().await.unwrap();
+        assert_eq!(got.status(), 200, "{key} is stored");
+    }
+    let info: serde_json::Value =
+        client.get(format!("{}/v1/objects/{ns}/o", a.base)).send().await.unwrap().json().await.unwrap();
+    assert_eq!(info["keys"], 9, "{info}");
+    a.assert_no_panic();
+}
+
 #[tokio::test]
 async fn turso_token_is_checked_by_a_server_with_jwt_auth() {
     let dir = tempfile::tempdir().unwrap();

@@ -49,7 +49,7 @@ use crate::objects::resident::ResidentState;
 use crate::objects::ObjectRef;
 use crate::telemetry::Metrics;
 use crate::threads::{self, Priority};
-use crate::writer::{BoxFuture, Planner, Settled, Work, Writer, Writes};
+use crate::writer::{BoxFuture, Planner, Settled, Touches, Work, Writer, Writes};
 
 /// Snapshots a cycle may append per table before it lets the next cycle go on.
 const MAX_SNAPSHOTS_PER_TABLE_PER_CYCLE: usize = 8;
@@ -694,6 +694,11 @@ struct ForgetExported {
 
 impl Work for ForgetExported {
     type Output = usize;
+
+    /// Exported rows: nothing else writes them.
+    fn touches(&self) -> Touches<'_> {
+        Touches::Nothing
+    }
 
     fn plan<'a>(&'a mut self, _: &'a mut Planner) -> BoxFuture<'a, Result<Result<Writes, usize>, StoreError>> {
         // One upper bound, so that the index range is the slice: with two

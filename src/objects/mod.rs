@@ -13,7 +13,7 @@ pub use read::{
     get_entry, get_entry_at_owner, list_keys, list_objects, load_statements, loaded, object_info, Entry, KeyRange,
     ObjectInfo, ObjectSummary,
 };
-pub use write::{Drafts, WriteJob};
+pub use write::{Draft, Drafts, WriteJob};
 
 use bytes::Bytes;
 

@@ -14,7 +14,7 @@ use crate::blobs::meta as blobs;
 use crate::db::batch::Stmt;
 use crate::db::{numbered, Shape, StoreError};
 use crate::guard::{fence_assertion, HeldLease};
-use crate::writer::{BoxFuture, Planner, Settled, Work, Writes};
+use crate::writer::{BoxFuture, Planner, Settled, Touches, Work, Writes};
 
 pub struct WriteJob {
     pub object: ObjectRef,
@@ -81,19 +81,60 @@ pub struct Draft {
     /// A delete-all earlier in the group: every key not in `keys` is absent.
     /// (Otherwise a key not in `keys` is as committed: in memory or the database.)
     cleared: bool,
+    /// Keys written by this group or by the groups in flight it was planned
+    /// on, each with the group that wrote it last.
+    written: HashMap<String, u64>,
     /// Key writes planned since the last statements were placed for this object.
     segment: Option<Segment>,
+}
+
+impl Draft {
+    fn new(head: Head, keys: HashMap<String, Slot>) -> Draft {
+        Draft { head, keys, cleared: false, written: HashMap::new(), segment: None }
+    }
 }
 
 /// The drafts of one group.
 #[derive(Default)]
 pub struct Drafts {
+    group: u64,
     objects: HashMap<ObjectRef, Draft>,
 }
 
 impl Drafts {
+    pub fn for_group(group: u64) -> Drafts {
+        Drafts { group, objects: HashMap::new() }
+    }
+
     pub fn objects(&self) -> impl Iterator<Item = &ObjectRef> {
         self.objects.keys()
+    }
+
+    /// `object` as this group leaves it, for groups planned while this one
+    /// is in flight. `None` after a delete-all, which they cannot plan on.
+    pub fn carry(&self, object: &ObjectRef) -> Option<Draft> {
+        let draft = self.objects.get(object)?;
+        if draft.cleared || draft.segment.is_some() {
+            return None;
+        }
+        Some(draft.written_since(0))
+    }
+
+    /// Plans `object` on `carried`, a draft of a group in flight. Keys that
+    /// groups up to `settled_through` wrote are left out: memory or the
+    /// database has them now.
+    pub fn seed(&mut self, object: &ObjectRef, carried: &Draft, settled_through: u64) {
+        self.objects.insert(object.clone(), carried.written_since(settled_through));
+    }
+}
+
+impl Draft {
+    /// The head, and the keys written by groups after `group`.
+    fn written_since(&self, group: u64) -> Draft {
+        let written: HashMap<String, u64> =
+            self.written.iter().filter(|(_, by)| **by > group).map(|(key, by)| (key.clone(), *by)).collect();
+        let keys = written.keys().filter_map(|key| Some((key.clone(), self.keys.get(key)?.clone()))).collect();
+        Draft { written, ..Draft::new(self.head, keys) }
     }
 }
 
@@ -116,6 +157,14 @@ impl Work for WriteJob {
         matches!(self.mutation, Mutation::Ops { .. }).then_some(&self.object)
     }
 
+    fn touches(&self) -> Touches<'_> {
+        Touches::Object(&self.object)
+    }
+
+    fn chains(&self) -> bool {
+        matches!(self.mutation, Mutation::Ops { .. })
+    }
+
     fn reads_rows_of(&self) -> Option<&ObjectRef> {
         // Blob rows are not resident: planning reads them.
         (!matches!(self.mutation, Mutation::Ops { .. })).then_some(&self.object)
@@ -133,8 +182,9 @@ impl Work for WriteJob {
             let (writes, planned) = match &self.mutation {
                 Mutation::Ops { ops, events } => {
                     let big = big_values_read(planner, &self.object, ops).await?;
+                    let group = planner.drafts.group;
                     let draft = planner.drafts.objects.get_mut(&self.object).expect("ensured");
-                    self.plan_ops(draft, ops, events, big)
+                    self.plan_ops(draft, group, ops, events, big)
                 }
                 _ => {
                     planner.reads += 1;
@@ -190,10 +240,7 @@ async fn ensure_draft(
     if !planner.drafts.objects.contains_key(object) {
         if let Some((head, slots)) = planner.resident.view(object, fence, keys) {
             planner.resident.count_hit();
-            planner.drafts.objects.insert(
-                object.clone(),
-                Draft { head, keys: slots.into_iter().collect(), cleared: false, segment: None },
-            );
+            planner.drafts.objects.insert(object.clone(), Draft::new(head, slots.into_iter().collect()));
         }
     }
     let missing: Vec<&str> = match planner.drafts.objects.get_mut(object) {
@@ -232,12 +279,7 @@ async fn ensure_draft(
         return Ok(false);
     }
     planner.resident.learn(object, loaded.head, loaded.keys.clone());
-    let draft = planner.drafts.objects.entry(object.clone()).or_insert_with(|| Draft {
-        head: loaded.head,
-        keys: HashMap::new(),
-        cleared: false,
-        segment: None,
-    });
+    let draft = planner.drafts.objects.entry(object.clone()).or_insert_with(|| Draft::new(loaded.head, HashMap::new()));
     for (key, slot) in loaded.keys {
         draft.keys.entry(key).or_insert(slot);
     }
@@ -289,6 +331,7 @@ impl WriteJob {
     fn plan_ops(
         &self,
         draft: &mut Draft,
+        group: u64,
         ops: &[Op],
         events: &[Event],
         big: HashMap<String, Option<Entry>>,
@@ -395,6 +438,7 @@ impl WriteJob {
         };
         draft.head = head;
         for (key, slot) in now {
+            draft.written.insert(key.to_string(), group);
             draft.keys.insert(key.to_string(), slot);
         }
         let change =
