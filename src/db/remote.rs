@@ -101,8 +101,7 @@ impl Pipeline {
         };
         for stream in stale {
             // Closed rather than left to expire: until then the server counts its connection.
-            let pipeline = self.clone();
-            tokio::spawn(async move { pipeline.close(stream).await });
+            self.close_later(stream.baton, stream.endpoint);
         }
         let (stream, slot) = match kept {
             Some(KeptStream { baton, endpoint, slot, .. }) => (Some((baton, endpoint)), Some(slot)),
@@ -121,15 +120,18 @@ impl Pipeline {
         })
     }
 
-    async fn close(&self, stream: KeptStream) {
-        let body =
-            PipelineReqBody { baton: Some(stream.baton), requests: vec![StreamRequest::Close(CloseStreamReq {})] };
-        let mut request = self.http.post(&*stream.endpoint).json(&body);
+    /// Closes a stream in the background. Closing also rolls back a
+    /// transaction left open on it. Best effort: a stream not closed expires
+    /// on the server anyway.
+    fn close_later(&self, baton: String, endpoint: Arc<str>) {
+        let body = PipelineReqBody { baton: Some(baton), requests: vec![StreamRequest::Close(CloseStreamReq {})] };
+        let mut request = self.http.post(&*endpoint).json(&body);
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
-        // Best effort: a stream not closed expires on the server anyway.
-        let _ = request.send().await;
+        tokio::spawn(async move {
+            let _ = request.send().await;
+        });
     }
 
     /// Sends on `stream` (a baton and where it goes), or a new one. With a
@@ -215,15 +217,18 @@ impl Pipeline {
             _ => return Err(other(StoreError::Internal("the database answered no batch result".into()))),
         };
         let guard_failed = result.step_errors.get(steps.len()).is_some_and(Option::is_some);
+        let endpoint = match answer.base_url {
+            Some(base) => format!("{}/v3/pipeline", base.trim_end_matches('/')).into(),
+            None => endpoint,
+        };
         let kept = match (answer.baton, guard_failed) {
-            (Some(baton), false) => {
-                let endpoint = match answer.base_url {
-                    Some(base) => format!("{}/v3/pipeline", base.trim_end_matches('/')).into(),
-                    None => endpoint,
-                };
-                Some((baton, endpoint))
+            (Some(baton), false) => Some((baton, endpoint)),
+            (Some(baton), true) => {
+                // A transaction may still be open on it (and hold the write lock): closed, never kept.
+                self.close_later(baton, endpoint);
+                None
             }
-            _ => None,
+            (None, _) => None,
         };
         let mut outcomes = Vec::with_capacity(steps.len());
         for index in 0..steps.len() {
