@@ -372,9 +372,12 @@ async fn the_exporter_is_a_singleton_and_empty_tables_exist_from_the_start() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    // A exports; B's request is forwarded to A (the exporter), which finds nothing left.
+    // A exports: this request, or its loop's first cycle if that starts only
+    // after the event (it waits half a second after start). B's request is
+    // forwarded to A (the exporter), which finds nothing left; the event is in
+    // the table once, exported by A (checked below).
     let first = export_now(&a).await;
-    assert_eq!(first["snapshots"].as_array().unwrap().len(), 1, "{first}");
+    assert!(first["snapshots"].as_array().unwrap().len() <= 1, "{first}");
     let second = b.client.post(b.url("/v1/admin/export")).send().await.unwrap();
     assert_eq!(second.status(), 200);
     assert_eq!(
