@@ -8,4 +8,4 @@ mod sweeper;
 
 pub use meta::{new_storage_key, object_prefix, stored_path, upload_prefix, validate_name, BlobMeta};
 pub use store::{Backend, S3Settings, Storage, StorageError, UploadError, Uploaded, MULTIPART_PART_BYTES};
-pub use sweeper::{SweepReport, Sweeper};
+pub use sweeper::{SweepError, SweepReport, Sweeper};

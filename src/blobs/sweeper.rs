@@ -11,7 +11,7 @@ use libsql::params;
 use object_store::path::Path;
 use tokio_util::sync::CancellationToken;
 
-use super::Storage;
+use super::{Storage, StorageError};
 use crate::db::batch::Stmt;
 use crate::db::{Database, StoreError};
 use crate::guard::{Guard, Route};
@@ -20,6 +20,16 @@ use crate::objects::ObjectRef;
 use crate::writer::{BoxFuture, Planner, Settled, Work, Writer, Writes};
 
 const GARBAGE_BATCH: i64 = 1000;
+
+/// Why a sweep stopped; the next one starts over (nothing is half-done: bytes
+/// go first, then the rows that list them).
+#[derive(Debug, thiserror::Error)]
+pub enum SweepError {
+    #[error("database: {0}")]
+    Database(#[from] StoreError),
+    #[error("blob storage: {0}")]
+    Storage(#[from] StorageError),
+}
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct SweepReport {
@@ -71,7 +81,7 @@ impl Sweeper {
         })
     }
 
-    pub async fn sweep_once(&self) -> Result<SweepReport, String> {
+    pub async fn sweep_once(&self) -> Result<SweepReport, SweepError> {
         let mut report = SweepReport::default();
         // Garbage: delete the bytes, then forget the rows.
         loop {
@@ -90,25 +100,24 @@ impl Sweeper {
                     .await?;
                     Ok(keys)
                 })
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
             if keys.is_empty() {
                 break;
             }
             for key in &keys {
-                let path = super::stored_path(key).map_err(|e| e.to_string())?;
-                self.storage.delete(&path).await.map_err(|e| e.to_string())?;
+                let path = super::stored_path(key)?;
+                self.storage.delete(&path).await?;
             }
             report.garbage_deleted += keys.len();
             let done = keys.len() < GARBAGE_BATCH as usize;
-            self.writer.run(ForgetGarbage { keys }).await.map_err(|e| e.to_string())?;
+            self.writer.run(ForgetGarbage { keys }).await?;
             if done {
                 break;
             }
         }
         // Orphans: bytes under blobs/ that no row names, older than the grace period.
         let cutoff = crate::clock::now_ms() - self.orphan_grace.as_millis() as i64;
-        for meta in self.storage.list(&Path::from("blobs")).await.map_err(|e| e.to_string())? {
+        for meta in self.storage.list(&Path::from("blobs")).await? {
             if meta.last_modified.timestamp_millis() > cutoff {
                 continue;
             }
@@ -124,10 +133,9 @@ impl Sweeper {
                         Ok(found.is_some())
                     }
                 })
-                .await
-                .map_err(|e| e.to_string())?;
+                .await?;
             if !referenced {
-                self.storage.delete(&meta.location).await.map_err(|e| e.to_string())?;
+                self.storage.delete(&meta.location).await?;
                 report.orphans_deleted += 1;
             }
         }
