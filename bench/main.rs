@@ -574,7 +574,7 @@ async fn fenced_writes(file: &std::path::Path) -> (f64, f64) {
     let settings = statehouse::config::Settings::for_database(&format!("file:{}", file.display())).unwrap();
     let db = Arc::new(statehouse::server::open_database(&settings.database).await.unwrap());
     let metrics = Arc::new(statehouse::telemetry::Metrics::new("bench", "full"));
-    let resident = Arc::new(statehouse::objects::resident::ResidentState::new(256 << 20, &metrics));
+    let resident = Arc::new(statehouse::resident::ResidentState::new(256 << 20, &metrics));
     let writer = statehouse::writer::Writer::spawn(db.clone(), resident.clone(), metrics.clone());
     let me = Replica { instance: "bench".into(), url: "http://127.0.0.1:1".into(), machine: None };
     let guard = Guard::new(me, Duration::from_secs(600), Duration::from_secs(1), writer.clone(), resident, metrics);

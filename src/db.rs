@@ -31,6 +31,9 @@ const READ_CONNECTIONS: usize = 4;
 /// readiness). Each may keep a stream, and so one of the server's
 /// connections, between queries: few of them.
 const REMOTE_READ_CONNECTIONS: usize = 8;
+/// Write transactions (group commits) sent at once to a remote server, each
+/// on a stream of its own; see the writer's `Line` for how two are kept apart.
+pub const REMOTE_WRITES_IN_FLIGHT: usize = 2;
 /// Reads sent at once to a remote server through `Database::query`, each on a
 /// stream kept between requests: a read takes about one round trip, and the
 /// server counts every open stream against its connection limit.
@@ -344,7 +347,7 @@ impl Database {
             wal: None,
             pipeline: match &settings.turso_url {
                 DatabaseUrl::Remote(url) => {
-                    let streams = crate::writer::REMOTE_GROUPS_IN_FLIGHT;
+                    let streams = REMOTE_WRITES_IN_FLIGHT;
                     Some(remote::Pipeline::new(url, settings.turso_token.as_deref(), streams, streams)?)
                 }
                 DatabaseUrl::File(_) => None,

@@ -16,8 +16,8 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::now_ms;
 use crate::db::batch::Stmt;
 use crate::db::{numbered, Shape, StoreError};
-use crate::objects::resident::ResidentState;
-use crate::objects::ObjectRef;
+use crate::model::ObjectRef;
+use crate::resident::ResidentState;
 use crate::telemetry::Metrics;
 use crate::writer::{BoxFuture, Planner, Settled, Touches, Work, Writer, Writes};
 

@@ -19,7 +19,7 @@ use crate::db::{self, Database};
 use crate::guard::{Guard, Replica};
 use crate::http::{self, Access, AppState};
 use crate::limits::LimitedListener;
-use crate::objects::resident::ResidentState;
+use crate::resident::ResidentState;
 use crate::telemetry::Metrics;
 use crate::writer::Writer;
 

@@ -27,8 +27,8 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::db::batch::{all, any, failed, not, ok, Cond, Outcome, Steps, Stmt};
 use crate::db::{Database, Session, StoreError};
-use crate::objects::resident::ResidentState;
 use crate::objects::{Draft, Drafts, ObjectRef};
+use crate::resident::ResidentState;
 use crate::telemetry::Metrics;
 use crate::threads::{self, Priority};
 
@@ -322,12 +322,6 @@ impl Flight {
     }
 }
 
-/// Groups a libSQL server may have in flight at once. Two overlap one
-/// group's commit on the server with the next one's trip over the network
-/// and its planning here; the server runs them one after the other (each
-/// holds its write lock), in either order.
-pub const REMOTE_GROUPS_IN_FLIGHT: usize = 2;
-
 /// The write loop's state between groups.
 ///
 /// Groups in flight together must not depend on their order on the server,
@@ -364,7 +358,10 @@ struct Line {
 async fn write_loop(context: Context, receiver: Receiver) {
     let Context { db, resident, metrics } = context;
     let mut receiver = receiver.lock().await;
-    let depth = if db.is_remote() { REMOTE_GROUPS_IN_FLIGHT } else { 1 };
+    // Two overlap one group's commit on the server with the next one's trip
+    // over the network and its planning here; the server runs them one after
+    // the other (each holds its write lock), in either order.
+    let depth = if db.is_remote() { crate::db::REMOTE_WRITES_IN_FLIGHT } else { 1 };
     let mut line = Line {
         db,
         resident,

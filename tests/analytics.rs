@@ -567,7 +567,7 @@ async fn an_exporter_whose_lease_moved_cannot_commit() {
         .unwrap();
     let a_fence: i64 = rows.next().await.unwrap().unwrap().get(0).unwrap();
     let metrics = Arc::new(statehouse::telemetry::Metrics::new("test", "full"));
-    let resident = Arc::new(statehouse::objects::resident::ResidentState::new(0, &metrics));
+    let resident = Arc::new(statehouse::resident::ResidentState::new(0, &metrics));
     let writer = statehouse::writer::Writer::spawn(database.clone(), resident, metrics);
     let objects = db.dir.path().join("objects");
     let store = Arc::new(object_store::local::LocalFileSystem::new_with_prefix(&objects).unwrap());

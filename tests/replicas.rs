@@ -10,8 +10,8 @@ use common::{spawn_app_with, unique_ns, TestDatabase};
 use serde_json::Value;
 use statehouse::config::Settings;
 use statehouse::guard::{Guard, HeldLease, Replica, Route};
-use statehouse::objects::resident::ResidentState;
 use statehouse::objects::{Mutation, ObjectRef, Op, Precondition, Rejection, WriteJob};
+use statehouse::resident::ResidentState;
 use statehouse::telemetry::Metrics;
 use statehouse::writer::Writer;
 

@@ -29,7 +29,7 @@ use crate::db::batch::Stmt;
 use crate::db::cells::Cells;
 use crate::db::{Database, StoreError};
 use crate::guard::HeldLease;
-use crate::objects::resident::ResidentState;
+use crate::resident::ResidentState;
 use crate::writer::{BoxFuture, Planner, Settled, Work, Writer, Writes};
 
 pub const CATALOG_NAME: &str = "statehouse";

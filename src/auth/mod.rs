@@ -21,7 +21,7 @@ pub use tokens::{hash_token, new_token, TokenTable};
 
 use crate::config::AccessSettings;
 use crate::limits::Rate;
-use crate::objects::validate_ns;
+use crate::model::validate_ns;
 
 /// Secrets shorter than this are refused at start: they could be guessed offline.
 const MIN_SECRET_BYTES: usize = 32;

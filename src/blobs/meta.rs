@@ -1,7 +1,5 @@
 //! Blob metadata rows in libSQL: the SQL run inside fenced writes, and reads.
 
-use std::collections::BTreeMap;
-
 use libsql::{params, Value};
 use object_store::path::Path;
 use sha2::{Digest, Sha256};
@@ -9,25 +7,11 @@ use sha2::{Digest, Sha256};
 use super::StorageError;
 use crate::db::batch::Stmt;
 use crate::db::{Database, Session, StoreError};
-use crate::objects::{InvalidName, ObjectRef};
+use crate::model::{BlobMeta, InvalidName, ObjectRef};
 
 pub const MAX_NAME_BYTES: usize = 1024;
 /// Total bytes of user metadata (names and values), like S3's 2 KiB, a bit roomier.
 pub const MAX_USER_META_BYTES: usize = 8 * 1024;
-
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct BlobMeta {
-    pub name: String,
-    pub storage_key: String,
-    pub size: u64,
-    pub sha256: String,
-    pub content_type: String,
-    pub cache_control: Option<String>,
-    pub content_disposition: Option<String>,
-    pub user_meta: BTreeMap<String, String>,
-    /// The object version at which it was written (0 until committed).
-    pub version: i64,
-}
 
 /// A relative path of 1-1024 bytes: no empty, `.` or `..` segments, no
 /// leading slash, no control characters.
@@ -134,7 +118,7 @@ pub async fn list(
     if let Some(prefix) = prefix {
         args.push(Value::Blob(prefix.as_bytes().to_vec()));
         sql.push_str(&format!(" AND name >= ?{}", args.len()));
-        if let Some(upper) = crate::objects::prefix_successor(prefix.as_bytes()) {
+        if let Some(upper) = crate::model::prefix_successor(prefix.as_bytes()) {
             args.push(Value::Blob(upper));
             sql.push_str(&format!(" AND name < ?{}", args.len()));
         }

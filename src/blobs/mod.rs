@@ -6,6 +6,7 @@ pub mod meta;
 mod store;
 mod sweeper;
 
-pub use meta::{new_storage_key, object_prefix, stored_path, upload_prefix, validate_name, BlobMeta};
+pub use crate::model::BlobMeta;
+pub use meta::{new_storage_key, object_prefix, stored_path, upload_prefix, validate_name};
 pub use store::{Backend, S3Settings, Storage, StorageError, UploadError, Uploaded, MULTIPART_PART_BYTES};
 pub use sweeper::{SweepError, SweepReport, Sweeper};

@@ -15,8 +15,8 @@ use super::{Storage, StorageError};
 use crate::db::batch::Stmt;
 use crate::db::{Database, StoreError};
 use crate::guard::{Guard, Route};
-use crate::objects::resident::ResidentState;
-use crate::objects::ObjectRef;
+use crate::model::ObjectRef;
+use crate::resident::ResidentState;
 use crate::writer::{BoxFuture, Planner, Settled, Work, Writer, Writes};
 
 const GARBAGE_BATCH: i64 = 1000;

@@ -8,7 +8,7 @@ use utoipa::ToSchema;
 
 use crate::blobs::StorageError;
 use crate::db::StoreError;
-use crate::objects::{InvalidName, Rejection};
+use crate::model::{InvalidName, Rejection};
 
 pub const PROBLEM_BASE: &str = "https://statehouse.dev/problems/";
 

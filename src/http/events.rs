@@ -10,7 +10,7 @@ use utoipa::ToSchema;
 use super::error::{ApiError, Problem};
 use super::extract::{ObjectPath, Replay};
 use super::{commit, written, Routed, SharedState};
-use crate::objects::{Event, Mutation};
+use crate::model::{Event, Mutation};
 
 pub const MAX_EVENTS_PER_CALL: usize = 1000;
 const MAX_TYPE_BYTES: usize = 256;

@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 use super::FORWARDED_BY;
-use crate::objects::{validate_key, validate_ns, ObjectRef, Precondition, VersionMatch};
+use crate::model::{validate_key, validate_ns, ObjectRef, Precondition, VersionMatch};
 
 fn path_error(err: axum::extract::rejection::PathRejection) -> ApiError {
     ApiError::BadRequest(format!("invalid path: {}", err.body_text()))

@@ -52,19 +52,6 @@ pub fn decode_cursor(cursor: &str, reverse: bool) -> Result<Vec<u8>, String> {
     }
 }
 
-/// The smallest byte string greater than every string starting with `prefix`,
-/// or None when there is none (the prefix is empty or all 0xFF).
-pub fn prefix_successor(prefix: &[u8]) -> Option<Vec<u8>> {
-    let mut upper = prefix.to_vec();
-    while let Some(last) = upper.pop() {
-        if last < 0xFF {
-            upper.push(last + 1);
-            return Some(upper);
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,13 +75,5 @@ mod tests {
         assert!(decode_cursor(&c, true).is_err());
         assert!(decode_cursor("!!", false).is_err());
         assert!(decode_cursor("", false).is_err());
-    }
-
-    #[test]
-    fn successors() {
-        assert_eq!(prefix_successor(b"ab"), Some(b"ac".to_vec()));
-        assert_eq!(prefix_successor(&[b'a', 0xff]), Some(b"b".to_vec()));
-        assert_eq!(prefix_successor(&[0xff]), None);
-        assert_eq!(prefix_successor(b""), None);
     }
 }

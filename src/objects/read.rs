@@ -4,22 +4,12 @@
 use bytes::Bytes;
 use libsql::Value;
 
-use super::encoding::prefix_successor;
-use super::resident::{Head, Loaded, Lookup, ResidentState, Slot, LOAD_KEYS, MAX_RESIDENT_VALUE};
 use super::ObjectRef;
 use crate::db::batch::Stmt;
 use crate::db::cells::Cells;
 use crate::db::{numbered, Database, Shape, StoreError};
-
-#[derive(Debug, Clone)]
-pub struct Entry {
-    pub key: String,
-    /// Empty when the listing asked for keys only.
-    pub value: Bytes,
-    pub content_type: String,
-    /// The object version at which this key was last written.
-    pub version: i64,
-}
+use crate::model::{prefix_successor, Entry};
+use crate::resident::{Head, Loaded, Lookup, ResidentState, Slot, LOAD_KEYS, MAX_RESIDENT_VALUE};
 
 pub async fn get_entry(db: &Database, object: &ObjectRef, key: &str) -> Result<Option<Entry>, StoreError> {
     let rows = db

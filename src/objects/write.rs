@@ -8,12 +8,12 @@ use std::collections::HashMap;
 
 use libsql::Value;
 
-use super::resident::{Change as ResidentChange, Head, ResidentState, Slot};
 use super::{Committed, Entry, Event, Mutation, ObjectRef, Op, OpResult, Rejection};
 use crate::blobs::meta as blobs;
 use crate::db::batch::Stmt;
 use crate::db::{numbered, Shape, StoreError};
 use crate::guard::{fence_assertion, HeldLease};
+use crate::resident::{Change as ResidentChange, Head, ResidentState, Slot};
 use crate::writer::{BoxFuture, Planner, Settled, Touches, Work, Writes};
 
 pub struct WriteJob {
@@ -448,7 +448,7 @@ impl WriteJob {
     }
 
     /// Blobs and deleting a whole object. `current`: the blob as stored.
-    fn plan_general(&self, draft: &mut Draft, current: Option<blobs::BlobMeta>) -> (Writes, Planned) {
+    fn plan_general(&self, draft: &mut Draft, current: Option<crate::model::BlobMeta>) -> (Writes, Planned) {
         let from = draft.head;
         let version = from.version + 1;
         let assertion = fence_assertion(&self.object, &self.owner, self.fence, Some(from.version));

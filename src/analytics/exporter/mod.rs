@@ -37,7 +37,7 @@ use super::storage::WarehouseStorage;
 use super::tables::ExportTable;
 use crate::db::{Database, StoreError};
 use crate::guard::{Guard, Owner};
-use crate::objects::ObjectRef;
+use crate::model::ObjectRef;
 use crate::telemetry::Metrics;
 use crate::threads::{self, Priority};
 use crate::writer::Writer;

@@ -12,7 +12,7 @@ use object_store::{ObjectStore, ObjectStoreExt};
 use crate::analytics::catalog::LibsqlCatalog;
 use crate::db::batch::Stmt;
 use crate::db::StoreError;
-use crate::objects::resident::ResidentState;
+use crate::resident::ResidentState;
 use crate::writer::{BoxFuture, Planner, Settled, Touches, Work, Writes};
 
 use super::{CycleReport, ExportError, Exporter};

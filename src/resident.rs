@@ -17,7 +17,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use prometheus::{IntCounter, IntGauge};
 
-use super::{Entry, ObjectRef};
+use crate::model::{Entry, ObjectRef};
 use crate::telemetry::Metrics;
 
 /// Values above this size are not kept (their version and size are): a read
