@@ -377,7 +377,7 @@ impl Work for Acquire {
             "SELECT owner, owner_url, owner_machine, lease_expires_at FROM objects WHERE ns = ?1 AND id = ?2",
             vec![ns.as_str().into(), id.as_str().into()],
         );
-        let [row, keys] = crate::objects::load_statements(&self.object, &self.me.instance);
+        let [row, keys] = crate::resident::load_statements(&self.object, &self.me.instance);
         Box::pin(async move { Ok(Ok(Writes { assertions: vec![], statements: vec![take, holder, row, keys] })) })
     }
 
@@ -388,7 +388,7 @@ impl Work for Acquire {
             _ => None,
         };
         if let Some([Value::Integer(fence)]) = outcomes[0].rows().first().map(Vec::as_slice) {
-            let loaded = match crate::objects::loaded(outcomes[2].rows(), outcomes[3].rows()) {
+            let loaded = match crate::resident::loaded(outcomes[2].rows(), outcomes[3].rows()) {
                 Ok(loaded) => loaded.filter(|l| l.head.fence == *fence),
                 Err(err) => {
                     tracing::warn!(error = %err, object = %self.object, "could not read the object's state with its lease");

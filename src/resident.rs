@@ -15,8 +15,11 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use libsql::Value;
 use prometheus::{IntCounter, IntGauge};
 
+use crate::db::batch::Stmt;
+use crate::db::StoreError;
 use crate::model::{Entry, ObjectRef};
 use crate::telemetry::Metrics;
 
@@ -135,6 +138,60 @@ pub struct ResidentState {
     evictions: IntCounter,
     bytes: IntGauge,
     objects: IntGauge,
+}
+
+/// What a replica taking an object's lease (as `owner`) reads of it, in the same
+/// transaction (`Acquire`): the row, and its first `LOAD_KEYS` keys with
+/// values up to `LOAD_VALUE_BYTES`.
+pub fn load_statements(object: &ObjectRef, owner: &str) -> [Stmt; 2] {
+    let ns_id = || -> Vec<Value> { vec![object.ns.as_str().into(), object.id.as_str().into()] };
+    let mut keys = ns_id();
+    keys.extend([(LOAD_VALUE_BYTES as i64).into(), (LOAD_KEYS as i64 + 1).into(), owner.into()]);
+    [
+        Stmt::query("SELECT fence, version, key_count, bytes FROM objects WHERE ns = ?1 AND id = ?2", ns_id()),
+        // Only when the lease was taken: a replica that finds the object held
+        // (every write it forwards asks again) reads no keys.
+        Stmt::query(
+            "SELECT key, version, length(key) + length(value), CASE WHEN length(value) <= ?3 THEN value END, content_type
+             FROM kv WHERE ns = ?1 AND id = ?2
+               AND EXISTS (SELECT 1 FROM objects WHERE ns = ?1 AND id = ?2 AND owner = ?5)
+             ORDER BY key LIMIT ?4",
+            keys,
+        ),
+    ]
+}
+
+/// Values read with the keys when a lease is taken (larger ones on first read).
+const LOAD_VALUE_BYTES: usize = 4096;
+
+/// The state `load_statements` read.
+pub fn loaded(object_row: &[Vec<Value>], key_rows: &[Vec<Value>]) -> Result<Option<Loaded>, StoreError> {
+    let int = |value: &Value| match value {
+        Value::Integer(n) => Ok(*n),
+        other => Err(StoreError::Internal(format!("expected an integer, the database answered {other:?}"))),
+    };
+    let Some(row) = object_row.first() else { return Ok(None) };
+    let [fence, version, key_count, bytes] = row.as_slice() else {
+        return Err(StoreError::Internal("unexpected object row shape".into()));
+    };
+    let head = Head { fence: int(fence)?, version: int(version)?, key_count: int(key_count)?, bytes: int(bytes)? };
+    let complete = key_rows.len() <= LOAD_KEYS;
+    let mut keys = Vec::with_capacity(key_rows.len().min(LOAD_KEYS));
+    for row in key_rows.iter().take(LOAD_KEYS) {
+        let [Value::Blob(key), version, size, value, content_type] = row.as_slice() else {
+            return Err(StoreError::Internal("unexpected kv row shape".into()));
+        };
+        let key =
+            String::from_utf8(key.clone()).map_err(|_| StoreError::Internal("a stored key is not UTF-8".into()))?;
+        let value = match (value, content_type) {
+            (Value::Blob(value), Value::Text(content_type)) => {
+                Some((Bytes::from(value.clone()), std::sync::Arc::from(content_type.as_str())))
+            }
+            _ => None,
+        };
+        keys.push((key, Slot::Present { version: int(version)?, size: int(size)?, value }));
+    }
+    Ok(Some(Loaded { head, keys, complete }))
 }
 
 impl ResidentState {

@@ -17,6 +17,7 @@
 //! On a libSQL server the next group is planned and sent while one is still
 //! in flight (see `Line`); groups settle in the order they were sent.
 
+use std::any::Any;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
@@ -27,7 +28,7 @@ use tokio::sync::{mpsc, oneshot, Mutex};
 
 use crate::db::batch::{all, any, failed, not, ok, Cond, Outcome, Steps, Stmt};
 use crate::db::{Database, Session, StoreError};
-use crate::objects::{Draft, Drafts, ObjectRef};
+use crate::model::ObjectRef;
 use crate::resident::ResidentState;
 use crate::telemetry::Metrics;
 use crate::threads::{self, Priority};
@@ -94,7 +95,7 @@ pub trait Work: Send + 'static {
 
     /// After planning: the object whose group segment this work joined (its
     /// writes are merged with the group's other writes to that object, see
-    /// `objects::Drafts`), instead of steps of its own.
+    /// `GroupDrafts`), instead of steps of its own.
     fn joins(&self) -> Option<&ObjectRef> {
         None
     }
@@ -119,12 +120,36 @@ pub enum Touches<'a> {
     Everything,
 }
 
+/// A group's drafts: what its key writes leave each object as. Kept by the
+/// work that plans key writes (`objects`); the writer places their merged
+/// segments, and carries a draft to the groups planned while this one is in
+/// flight.
+pub trait GroupDrafts: Send {
+    fn objects(&self) -> Vec<ObjectRef>;
+    /// Closes `object`'s open segment: its assertion and statements. Later
+    /// writes to the object in the same group open a new one.
+    fn close_segment(&mut self, object: &ObjectRef) -> Option<Writes>;
+    /// `object` as this group leaves it; `None` when later groups cannot plan on it.
+    fn carry(&self, object: &ObjectRef) -> Option<CarriedDraft>;
+    fn as_any_mut(&mut self) -> &mut dyn Any;
+}
+
+/// An object's draft as a group in flight leaves it (see `GroupDrafts::carry`).
+pub type CarriedDraft = Arc<dyn Any + Send + Sync>;
+
 /// What planning may use: the database for misses, the resident state, and
-/// what earlier work of the same group will have written.
+/// what earlier work of the same group (or of a group in flight) will have written.
 pub struct Planner {
     pub db: Arc<Database>,
     pub resident: Arc<ResidentState>,
-    pub drafts: Drafts,
+    /// This group's number.
+    pub group: u64,
+    /// Every group up to this one has settled.
+    pub settled_through: u64,
+    /// Objects that groups in flight write to, as the latest of them leaves
+    /// them: this group's key writes to them are planned on these.
+    pub carried: HashMap<ObjectRef, CarriedDraft>,
+    pub drafts: Option<Box<dyn GroupDrafts>>,
     /// Database reads planning made (misses), counted as round trips on a server.
     pub reads: u64,
     /// Whether the group's batch was sent.
@@ -347,7 +372,7 @@ struct Line {
     /// Groups in flight per object.
     touching: HashMap<ObjectRef, usize>,
     /// Each object in flight as its latest group leaves it, with that group.
-    carried: HashMap<ObjectRef, (u64, Draft)>,
+    carried: HashMap<ObjectRef, (u64, CarriedDraft)>,
     arrivals: u64,
     next_group: u64,
     /// Every group up to this one has settled.
@@ -548,16 +573,21 @@ impl Line {
                 Touched::Nothing => {}
             }
         }
-        let mut drafts = Drafts::for_group(seq);
-        for object in &chained {
-            drafts.seed(object, &self.carried[object].1, self.settled_through);
-        }
-        let mut planner =
-            Planner { db: self.db.clone(), resident: self.resident.clone(), drafts, reads: 0, sent: false };
+        let carried = chained.iter().map(|object| (object.clone(), self.carried[object].1.clone())).collect();
+        let mut planner = Planner {
+            db: self.db.clone(),
+            resident: self.resident.clone(),
+            group: seq,
+            settled_through: self.settled_through,
+            carried,
+            drafts: None,
+            reads: 0,
+            sent: false,
+        };
         let (steps, placed, commit) = plan_group(&mut planner, &mut group).await;
-        let drafted: Vec<ObjectRef> = planner.drafts.objects().cloned().collect();
+        let drafted = planner.drafts.as_ref().map(|drafts| drafts.objects()).unwrap_or_default();
         for object in &drafted {
-            match planner.drafts.carry(object) {
+            match planner.drafts.as_ref().and_then(|drafts| drafts.carry(object)) {
                 Some(draft) if !unchainable.contains(object) => {
                     self.carried.insert(object.clone(), (seq, draft));
                 }
@@ -753,7 +783,7 @@ impl Batch {
     /// Places the open segments of `joined` objects.
     fn close_segments(&mut self, planner: &mut Planner, joined: &mut Vec<(ObjectRef, Vec<usize>)>) {
         for (object, jobs) in joined.drain(..) {
-            if let Some(writes) = planner.drafts.close_segment(&object) {
+            if let Some(writes) = planner.drafts.as_mut().and_then(|drafts| drafts.close_segment(&object)) {
                 self.place(writes, jobs, Some(object));
             }
         }

@@ -7,10 +7,9 @@ mod write;
 
 pub use encoding::{decode_cursor, embed_value, encode_cursor, is_json_content_type, EmbeddedValue};
 pub use read::{
-    get_entry, get_entry_at_owner, list_keys, list_objects, load_statements, loaded, object_info, KeyRange, ObjectInfo,
-    ObjectSummary,
+    get_entry, get_entry_at_owner, list_keys, list_objects, object_info, KeyRange, ObjectInfo, ObjectSummary,
 };
-pub use write::{Draft, Drafts, WriteJob};
+pub use write::WriteJob;
 
 pub use crate::model::prefix_successor;
 pub use crate::model::{

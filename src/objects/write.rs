@@ -14,7 +14,7 @@ use crate::db::batch::Stmt;
 use crate::db::{numbered, Shape, StoreError};
 use crate::guard::{fence_assertion, HeldLease};
 use crate::resident::{Change as ResidentChange, Head, ResidentState, Slot};
-use crate::writer::{BoxFuture, Planner, Settled, Touches, Work, Writes};
+use crate::writer::{BoxFuture, CarriedDraft, GroupDrafts, Planner, Settled, Touches, Work, Writes};
 
 pub struct WriteJob {
     pub object: ObjectRef,
@@ -102,29 +102,39 @@ pub struct Drafts {
 }
 
 impl Drafts {
-    pub fn for_group(group: u64) -> Drafts {
+    fn for_group(group: u64) -> Drafts {
         Drafts { group, objects: HashMap::new() }
     }
 
-    pub fn objects(&self) -> impl Iterator<Item = &ObjectRef> {
-        self.objects.keys()
+    /// The drafts of the group `planner` plans, created with its first draft.
+    fn of(planner: &mut Planner) -> &mut Drafts {
+        let group = planner.group;
+        let drafts = planner.drafts.get_or_insert_with(|| Box::new(Drafts::for_group(group)));
+        drafts.as_any_mut().downcast_mut().expect("a group's drafts are objects' drafts")
+    }
+}
+
+impl GroupDrafts for Drafts {
+    fn objects(&self) -> Vec<ObjectRef> {
+        self.objects.keys().cloned().collect()
     }
 
-    /// `object` as this group leaves it, for groups planned while this one
-    /// is in flight. `None` after a delete-all, which they cannot plan on.
-    pub fn carry(&self, object: &ObjectRef) -> Option<Draft> {
+    fn close_segment(&mut self, object: &ObjectRef) -> Option<Writes> {
+        self.segment_writes(object)
+    }
+
+    /// Keys this group (or a group in flight before it) wrote. `None` after a
+    /// delete-all, which later groups cannot plan on.
+    fn carry(&self, object: &ObjectRef) -> Option<CarriedDraft> {
         let draft = self.objects.get(object)?;
         if draft.cleared || draft.segment.is_some() {
             return None;
         }
-        Some(draft.written_since(0))
+        Some(std::sync::Arc::new(draft.written_since(0)))
     }
 
-    /// Plans `object` on `carried`, a draft of a group in flight. Keys that
-    /// groups up to `settled_through` wrote are left out: memory or the
-    /// database has them now.
-    pub fn seed(&mut self, object: &ObjectRef, carried: &Draft, settled_through: u64) {
-        self.objects.insert(object.clone(), carried.written_since(settled_through));
+    fn as_any_mut(&mut self) -> &mut dyn std::any::Any {
+        self
     }
 }
 
@@ -182,9 +192,9 @@ impl Work for WriteJob {
             let (writes, planned) = match &self.mutation {
                 Mutation::Ops { ops, events } => {
                     let big = big_values_read(planner, &self.object, ops).await?;
-                    let group = planner.drafts.group;
-                    let draft = planner.drafts.objects.get_mut(&self.object).expect("ensured");
-                    self.plan_ops(draft, group, ops, events, big)
+                    let drafts = Drafts::of(planner);
+                    let draft = drafts.objects.get_mut(&self.object).expect("ensured");
+                    self.plan_ops(draft, drafts.group, ops, events, big)
                 }
                 _ => {
                     planner.reads += 1;
@@ -193,7 +203,7 @@ impl Work for WriteJob {
                         Mutation::DeleteBlob { name, .. } => blobs::get(&planner.db, &self.object, name).await?,
                         _ => None,
                     };
-                    let draft = planner.drafts.objects.get_mut(&self.object).expect("ensured");
+                    let draft = Drafts::of(planner).objects.get_mut(&self.object).expect("ensured");
                     self.plan_general(draft, current)
                 }
             };
@@ -237,13 +247,20 @@ async fn ensure_draft(
     owner: &str,
     keys: &[&str],
 ) -> Result<bool, StoreError> {
-    if !planner.drafts.objects.contains_key(object) {
-        if let Some((head, slots)) = planner.resident.view(object, fence, keys) {
-            planner.resident.count_hit();
-            planner.drafts.objects.insert(object.clone(), Draft::new(head, slots.into_iter().collect()));
+    let resident = planner.resident.clone();
+    let settled_through = planner.settled_through;
+    let carried = planner.carried.get(object).cloned();
+    let drafts = Drafts::of(planner);
+    if !drafts.objects.contains_key(object) {
+        // An object a group in flight writes to: as that group leaves it.
+        if let Some(draft) = carried.as_deref().and_then(|carried| carried.downcast_ref::<Draft>()) {
+            drafts.objects.insert(object.clone(), draft.written_since(settled_through));
+        } else if let Some((head, slots)) = resident.view(object, fence, keys) {
+            resident.count_hit();
+            drafts.objects.insert(object.clone(), Draft::new(head, slots.into_iter().collect()));
         }
     }
-    let missing: Vec<&str> = match planner.drafts.objects.get_mut(object) {
+    let missing: Vec<&str> = match drafts.objects.get_mut(object) {
         Some(draft) if draft.head.fence != fence => return Ok(false),
         Some(draft) => {
             let mut missing = Vec::new();
@@ -255,7 +272,7 @@ async fn ensure_draft(
                     draft.keys.insert(key.to_string(), Slot::Absent);
                     continue;
                 }
-                match planner.resident.view(object, fence, &[key]).and_then(|(_, mut slots)| slots.pop()) {
+                match resident.view(object, fence, &[key]).and_then(|(_, mut slots)| slots.pop()) {
                     Some((key, slot)) => {
                         draft.keys.insert(key, slot);
                     }
@@ -279,7 +296,8 @@ async fn ensure_draft(
         return Ok(false);
     }
     planner.resident.learn(object, loaded.head, loaded.keys.clone());
-    let draft = planner.drafts.objects.entry(object.clone()).or_insert_with(|| Draft::new(loaded.head, HashMap::new()));
+    let draft =
+        Drafts::of(planner).objects.entry(object.clone()).or_insert_with(|| Draft::new(loaded.head, HashMap::new()));
     for (key, slot) in loaded.keys {
         draft.keys.entry(key).or_insert(slot);
     }
@@ -293,7 +311,7 @@ async fn big_values_read(
     object: &ObjectRef,
     ops: &[Op],
 ) -> Result<HashMap<String, Option<Entry>>, StoreError> {
-    let draft = &planner.drafts.objects[object];
+    let draft = &Drafts::of(planner).objects[object];
     let mut wanted: Vec<&String> = Vec::new();
     for op in ops {
         if let Op::Get { key } = op {
@@ -600,14 +618,9 @@ impl Draft {
 }
 
 impl Drafts {
-    /// Objects with an open segment, in no particular order.
-    pub fn open_segments(&self) -> Vec<ObjectRef> {
-        self.objects.iter().filter(|(_, d)| d.segment.is_some()).map(|(o, _)| o.clone()).collect()
-    }
-
     /// Closes `object`'s segment: its assertion and statements. Later writes
     /// to the object in the same group open a new one.
-    pub fn close_segment(&mut self, object: &ObjectRef) -> Option<Writes> {
+    fn segment_writes(&mut self, object: &ObjectRef) -> Option<Writes> {
         let draft = self.objects.get_mut(object)?;
         let segment = draft.segment.take()?;
         let end = draft.head;

@@ -7,6 +7,8 @@
   the word "issue" or "issues" is not used at all, so "see the notes of the X
   issue" cannot come back. Verbatim copies of third-party files are exempt.
 - Relative links in Markdown files lead to files inside the repository.
+- The modules under `src/` depend on each other in one direction (no cycle,
+  however long), and the shared vocabulary (`src/model`) imports nothing.
 
 Run: python -m pytest tests/repo   (needs git: the tracked files are `git ls-files`)
 """
@@ -99,3 +101,72 @@ def test_relative_markdown_links_stay_inside_and_resolve():
             if not resolved.is_relative_to(REPO) or not resolved.exists():
                 broken.append(f"{name}: ({target})")
     assert not broken, "relative links that leave the repository or lead nowhere:\n" + "\n".join(broken)
+
+
+CRATE_PATH = re.compile(r"\bcrate::([a-z_][a-z0-9_]*)")
+LINE_COMMENT = re.compile(r"//[^\n]*")
+
+
+def module_of(path: Path) -> str:
+    """`src/objects/write.rs` -> `objects`, `src/writer.rs` -> `writer`."""
+    first = path.relative_to(REPO / "src").parts[0]
+    return first.removesuffix(".rs")
+
+
+def module_dependencies(files: list[Path]) -> dict[str, set[str]]:
+    edges: dict[str, set[str]] = {}
+    for path in files:
+        module = module_of(path)
+        code = LINE_COMMENT.sub("", path.read_text())
+        edges.setdefault(module, set()).update(m for m in CRATE_PATH.findall(code) if m != module)
+    return edges
+
+
+def module_cycles(edges: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected groups of more than one module (Tarjan)."""
+    index: dict[str, int] = {}
+    low: dict[str, int] = {}
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(module: str) -> None:
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        for other in sorted(edges.get(module, ())):
+            if other not in index:
+                visit(other)
+                low[module] = min(low[module], low[other])
+            elif other in stack:
+                low[module] = min(low[module], index[other])
+        if low[module] == index[module]:
+            group = []
+            while True:
+                member = stack.pop()
+                group.append(member)
+                if member == module:
+                    break
+            if len(group) > 1:
+                found.append(sorted(group))
+
+    for module in sorted(edges):
+        if module not in index:
+            visit(module)
+    return found
+
+
+def test_module_cycles_are_found():
+    assert module_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert module_cycles({"a": {"b"}, "b": set(), "c": {"a", "b"}}) == []
+
+
+def test_source_modules_depend_on_each_other_in_one_direction():
+    """`src/<module>` (a folder or a file) names other modules as `crate::<module>`:
+    no two of them may reach each other, so a change to one never needs the other."""
+    files = [REPO / name for name in tracked_files() if name.startswith("src/") and name.endswith(".rs")]
+    edges = module_dependencies(files)
+    assert "model" in edges and "writer" in edges, sorted(edges)
+    assert not edges["model"], f"src/model imports {sorted(edges['model'])}: the shared vocabulary must import nothing"
+    cycles = module_cycles(edges)
+    assert not cycles, "modules that import each other (directly or around a loop): " + "; ".join(
+        " <-> ".join(group) for group in cycles
+    )
