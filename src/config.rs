@@ -51,8 +51,7 @@ pub struct TokenRequest {
 pub struct AccessSettings {
     /// Bearer tokens, one per line or `;`: `<name> sha256:<hex> <namespaces> <rights> [rate=<per-sec>[/<burst>]]`.
     #[arg(long = "auth-tokens", env = "STATEHOUSE_AUTH_TOKENS", hide_env_values = true)]
-    #[serde(serialize_with = "redact")]
-    pub auth_tokens: Option<String>,
+    pub auth_tokens: Option<Secret>,
 
     /// A file with more token lines in the same format (e.g. a mounted secret).
     #[arg(long = "auth-file", env = "STATEHOUSE_AUTH_FILE")]
@@ -60,8 +59,7 @@ pub struct AccessSettings {
 
     /// Shared secret (at least 32 bytes) that verifies HS256 JWTs.
     #[arg(long = "jwt-hs256-secret", env = "STATEHOUSE_JWT_HS256_SECRET", hide_env_values = true)]
-    #[serde(serialize_with = "redact")]
-    pub jwt_hs256_secret: Option<String>,
+    pub jwt_hs256_secret: Option<Secret>,
 
     /// A JWKS file whose RSA (RS256) and P-256 (ES256) keys verify JWTs.
     #[arg(long = "jwt-jwks-file", env = "STATEHOUSE_JWT_JWKS_FILE")]
@@ -77,8 +75,7 @@ pub struct AccessSettings {
 
     /// Secret (at least 32 bytes, the same on every replica) that signs writes forwarded between replicas.
     #[arg(long = "peer-secret", env = "STATEHOUSE_PEER_SECRET", hide_env_values = true)]
-    #[serde(serialize_with = "redact")]
-    pub peer_secret: Option<String>,
+    pub peer_secret: Option<Secret>,
 
     /// Serve without authentication on a non-loopback address (never in production).
     #[arg(long = "insecure", env = "STATEHOUSE_INSECURE", default_value_t = false, action = clap::ArgAction::Set)]
@@ -114,8 +111,7 @@ pub struct DatabaseSettings {
 
     /// Auth token for a remote libSQL server (Turso or sqld with JWT auth).
     #[arg(long = "turso-token", env = "TURSO_TOKEN", hide_env_values = true)]
-    #[serde(serialize_with = "redact")]
-    pub turso_token: Option<String>,
+    pub turso_token: Option<Secret>,
 
     /// Durability of each commit on a local file: `full` fsyncs every commit.
     #[arg(long = "sync", env = "STATEHOUSE_SYNC", value_enum, default_value_t = SyncMode::Full)]
@@ -139,12 +135,10 @@ pub struct ObjectStoreSettings {
     pub r2_bucket: Option<String>,
 
     #[arg(long = "r2-access-key-id", env = "R2_ACCESS_KEY_ID", hide_env_values = true)]
-    #[serde(serialize_with = "redact")]
-    pub r2_access_key_id: Option<String>,
+    pub r2_access_key_id: Option<Secret>,
 
     #[arg(long = "r2-secret-access-key", env = "R2_SECRET_ACCESS_KEY", hide_env_values = true)]
-    #[serde(serialize_with = "redact")]
-    pub r2_secret_access_key: Option<String>,
+    pub r2_secret_access_key: Option<Secret>,
 
     /// Region to sign requests for (`auto` suits R2; MinIO accepts any).
     #[arg(long = "r2-region", env = "R2_REGION", default_value = "auto")]
@@ -171,8 +165,8 @@ pub struct IcebergReaderSettings {
         env = "STATEHOUSE_ICEBERG_READER_ACCESS_KEY_ID",
         hide_env_values = true
     )]
-    #[serde(rename = "iceberg_reader_access_key_id", serialize_with = "redact")]
-    pub access_key_id: Option<String>,
+    #[serde(rename = "iceberg_reader_access_key_id")]
+    pub access_key_id: Option<Secret>,
 
     /// The secret of STATEHOUSE_ICEBERG_READER_ACCESS_KEY_ID.
     #[arg(
@@ -180,8 +174,8 @@ pub struct IcebergReaderSettings {
         env = "STATEHOUSE_ICEBERG_READER_SECRET_ACCESS_KEY",
         hide_env_values = true
     )]
-    #[serde(rename = "iceberg_reader_secret_access_key", serialize_with = "redact")]
-    pub secret_access_key: Option<String>,
+    #[serde(rename = "iceberg_reader_secret_access_key")]
+    pub secret_access_key: Option<Secret>,
 }
 
 /// Where else the object store's settings may come from: fly.io Tigris's
@@ -204,13 +198,11 @@ pub struct StoreFallbacks {
 
     /// Stands in for R2_ACCESS_KEY_ID with AWS_ENDPOINT_URL_S3 / BUCKET_NAME.
     #[arg(long = "aws-access-key-id", env = "AWS_ACCESS_KEY_ID", hide_env_values = true)]
-    #[serde(serialize_with = "redact")]
-    pub aws_access_key_id: Option<String>,
+    pub aws_access_key_id: Option<Secret>,
 
     /// Stands in for R2_SECRET_ACCESS_KEY with AWS_ENDPOINT_URL_S3 / BUCKET_NAME.
     #[arg(long = "aws-secret-access-key", env = "AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
-    #[serde(serialize_with = "redact")]
-    pub aws_secret_access_key: Option<String>,
+    pub aws_secret_access_key: Option<Secret>,
 
     /// Stands in for R2_REGION (when R2_REGION is not given) with AWS_ENDPOINT_URL_S3 / BUCKET_NAME.
     #[arg(long = "aws-region", env = "AWS_REGION")]
@@ -458,10 +450,49 @@ fn parse_instance_id(raw: &str) -> Result<String, String> {
     }
 }
 
-fn redact<S: serde::Serializer>(value: &Option<String>, s: S) -> Result<S::Ok, S::Error> {
-    match value {
-        Some(_) => s.serialize_str("<redacted>"),
-        None => s.serialize_none(),
+impl ObjectStoreSettings {
+    /// Whether any of the R2_* store settings is given.
+    fn any_s3_setting(&self) -> bool {
+        self.r2_endpoint.is_some()
+            || self.r2_bucket.is_some()
+            || self.r2_access_key_id.is_some()
+            || self.r2_secret_access_key.is_some()
+    }
+}
+
+/// A credential from the settings. It prints and serialises as
+/// `<redacted>` (logs, `--dump-config`, panics); `expose` is the one way to
+/// its text, for the code that hands it on.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl From<String> for Secret {
+    fn from(text: String) -> Secret {
+        Secret(text)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(text: &str) -> Secret {
+        Secret(text.to_string())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str("<redacted>")
     }
 }
 
@@ -498,17 +529,16 @@ impl Settings {
     /// R2_REGION, when given, beats AWS_REGION too.
     fn resolve_object_store(&mut self, r2_region_given: bool) -> Result<(), String> {
         let (store, aws) = (&mut self.objects, &self.store_fallbacks);
-        let r2 = [&store.r2_endpoint, &store.r2_bucket, &store.r2_access_key_id, &store.r2_secret_access_key];
-        if r2.iter().any(|v| v.is_some()) || (aws.aws_endpoint_url_s3.is_none() && aws.bucket_name.is_none()) {
+        if store.any_s3_setting() || (aws.aws_endpoint_url_s3.is_none() && aws.bucket_name.is_none()) {
             return Ok(());
         }
         let parts = [
-            ("AWS_ENDPOINT_URL_S3", &aws.aws_endpoint_url_s3),
-            ("BUCKET_NAME", &aws.bucket_name),
-            ("AWS_ACCESS_KEY_ID", &aws.aws_access_key_id),
-            ("AWS_SECRET_ACCESS_KEY", &aws.aws_secret_access_key),
+            ("AWS_ENDPOINT_URL_S3", aws.aws_endpoint_url_s3.is_some()),
+            ("BUCKET_NAME", aws.bucket_name.is_some()),
+            ("AWS_ACCESS_KEY_ID", aws.aws_access_key_id.is_some()),
+            ("AWS_SECRET_ACCESS_KEY", aws.aws_secret_access_key.is_some()),
         ];
-        let missing: Vec<&str> = parts.iter().filter(|(_, v)| v.is_none()).map(|(n, _)| *n).collect();
+        let missing: Vec<&str> = parts.iter().filter(|(_, given)| !given).map(|(n, _)| *n).collect();
         if !missing.is_empty() {
             return Err(format!(
                 "a store from fly.io Tigris's variables needs AWS_ENDPOINT_URL_S3, BUCKET_NAME, AWS_ACCESS_KEY_ID and \
@@ -562,10 +592,8 @@ impl Settings {
     /// database lists them for every replica: refused unless the folder is
     /// declared shared storage.
     fn check_store_is_shared(&self) -> Result<(), String> {
-        let store = &self.objects;
-        let s3 = [&store.r2_endpoint, &store.r2_bucket, &store.r2_access_key_id, &store.r2_secret_access_key];
         if !self.database.turso_url.is_remote()
-            || s3.iter().any(|v| v.is_some())
+            || self.objects.any_s3_setting()
             || self.store_fallbacks.objects_dir_shared
         {
             return Ok(());
@@ -575,7 +603,7 @@ impl Settings {
              machine's folder STATEHOUSE_OBJECTS_DIR={}: set R2_* (R2_ENDPOINT, R2_BUCKET, R2_ACCESS_KEY_ID, \
              R2_SECRET_ACCESS_KEY) to an S3-compatible store, or STATEHOUSE_OBJECTS_DIR_SHARED=true if that folder is \
              storage every replica shares",
-            store.objects_dir.display()
+            self.objects.objects_dir.display()
         ))
     }
 }
@@ -717,6 +745,18 @@ pub const ENV_VARS: &[&str] = &[
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn secrets_never_print() {
+        let mut settings = Settings::for_database("file:./x.db").unwrap();
+        settings.database.turso_token = Some("turso-s3cret".into());
+        settings.access.peer_secret = Some("peer-s3cret".into());
+        settings.objects.r2_secret_access_key = Some("r2-s3cret".into());
+        let shown = format!("{settings:?} {}", serde_json::to_string(&settings).unwrap());
+        assert!(!shown.contains("s3cret"), "{shown}");
+        assert!(shown.contains("<redacted>"));
+        assert_eq!(settings.access.peer_secret.as_ref().map(Secret::expose), Some("peer-s3cret"));
+    }
 
     #[test]
     fn database_urls() {

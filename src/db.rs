@@ -333,11 +333,15 @@ impl Database {
                 libsql::Builder::new_local(path).build().await?
             }
             DatabaseUrl::Remote(url) => {
-                libsql::Builder::new_remote(url.clone(), settings.turso_token.clone().unwrap_or_default())
-                    .build()
-                    .await?
+                libsql::Builder::new_remote(
+                    url.clone(),
+                    settings.turso_token.as_ref().map_or_else(String::new, |token| token.expose().to_string()),
+                )
+                .build()
+                .await?
             }
         };
+        let turso_token = settings.turso_token.as_ref().map(crate::config::Secret::expose);
         let mut db = Database {
             inner,
             url: settings.turso_url.clone(),
@@ -348,17 +352,14 @@ impl Database {
             pipeline: match &settings.turso_url {
                 DatabaseUrl::Remote(url) => {
                     let streams = REMOTE_WRITES_IN_FLIGHT;
-                    Some(remote::Pipeline::new(url, settings.turso_token.as_deref(), streams, streams)?)
+                    Some(remote::Pipeline::new(url, turso_token, streams, streams)?)
                 }
                 DatabaseUrl::File(_) => None,
             },
             read_pipeline: match &settings.turso_url {
-                DatabaseUrl::Remote(url) => Some(remote::Pipeline::new(
-                    url,
-                    settings.turso_token.as_deref(),
-                    REMOTE_READ_STREAMS,
-                    REMOTE_READ_STREAMS_KEPT,
-                )?),
+                DatabaseUrl::Remote(url) => {
+                    Some(remote::Pipeline::new(url, turso_token, REMOTE_READ_STREAMS, REMOTE_READ_STREAMS_KEPT)?)
+                }
                 DatabaseUrl::File(_) => None,
             },
         };

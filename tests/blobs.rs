@@ -478,8 +478,8 @@ async fn streaming_round_trips(s3: bool) {
         Backend::S3(_) => {
             env.push(("R2_ENDPOINT", settings.r2_endpoint.clone().unwrap()));
             env.push(("R2_BUCKET", settings.r2_bucket.clone().unwrap()));
-            env.push(("R2_ACCESS_KEY_ID", settings.r2_access_key_id.clone().unwrap()));
-            env.push(("R2_SECRET_ACCESS_KEY", settings.r2_secret_access_key.clone().unwrap()));
+            env.push(("R2_ACCESS_KEY_ID", settings.r2_access_key_id.as_ref().unwrap().expose().to_string()));
+            env.push(("R2_SECRET_ACCESS_KEY", settings.r2_secret_access_key.as_ref().unwrap().expose().to_string()));
             env.push(("R2_REGION", settings.r2_region.clone()));
         }
     }

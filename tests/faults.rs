@@ -826,8 +826,8 @@ async fn an_object_store_outage_during_blob_uploads_loses_nothing() {
     let env = [
         ("R2_ENDPOINT", settings.r2_endpoint.clone().unwrap()),
         ("R2_BUCKET", settings.r2_bucket.clone().unwrap()),
-        ("R2_ACCESS_KEY_ID", settings.r2_access_key_id.clone().unwrap()),
-        ("R2_SECRET_ACCESS_KEY", settings.r2_secret_access_key.clone().unwrap()),
+        ("R2_ACCESS_KEY_ID", settings.r2_access_key_id.as_ref().unwrap().expose().to_string()),
+        ("R2_SECRET_ACCESS_KEY", settings.r2_secret_access_key.as_ref().unwrap().expose().to_string()),
         ("R2_REGION", settings.r2_region.clone()),
         ("STATEHOUSE_EXPORT_ENABLED", "false".to_string()),
     ];

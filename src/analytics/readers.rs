@@ -47,8 +47,8 @@ impl ReaderAccess {
         ]);
         let mut credentials = None;
         if let (Some(id), Some(secret)) = (&readers.access_key_id, &readers.secret_access_key) {
-            config.insert("s3.access-key-id".to_string(), id.clone());
-            config.insert("s3.secret-access-key".to_string(), secret.clone());
+            config.insert("s3.access-key-id".to_string(), id.expose().to_string());
+            config.insert("s3.secret-access-key".to_string(), secret.expose().to_string());
             credentials = Some(StorageCredential { prefix: warehouse.to_string(), config: config.clone() });
         }
         ReaderAccess { config, credentials }

@@ -35,7 +35,9 @@ struct Scope {
 impl JwtVerifier {
     pub fn from_settings(settings: &AccessSettings) -> Result<Option<JwtVerifier>, String> {
         let hs256 = match &settings.jwt_hs256_secret {
-            Some(secret) => Some(DecodingKey::from_secret(&long_secret(secret, "STATEHOUSE_JWT_HS256_SECRET")?)),
+            Some(secret) => {
+                Some(DecodingKey::from_secret(&long_secret(secret.expose(), "STATEHOUSE_JWT_HS256_SECRET")?))
+            }
             None => None,
         };
         let jwks = match &settings.jwt_jwks_file {

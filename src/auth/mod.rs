@@ -208,7 +208,7 @@ impl Authenticator {
     pub fn from_settings(settings: &AccessSettings) -> Result<Option<Authenticator>, String> {
         let mut tokens = TokenTable::default();
         if let Some(text) = &settings.auth_tokens {
-            tokens.extend(TokenTable::parse(text, "STATEHOUSE_AUTH_TOKENS")?)?;
+            tokens.extend(TokenTable::parse(text.expose(), "STATEHOUSE_AUTH_TOKENS")?)?;
         }
         if let Some(path) = &settings.auth_file {
             let text = std::fs::read_to_string(path)

@@ -310,12 +310,12 @@ impl ObjectStoreSettings {
     /// None for the local folder; an error naming what is missing when only some are set.
     pub fn s3(&self) -> Result<Option<S3Settings>, StorageError> {
         let parts = [
-            ("R2_ENDPOINT", &self.r2_endpoint),
-            ("R2_BUCKET", &self.r2_bucket),
-            ("R2_ACCESS_KEY_ID", &self.r2_access_key_id),
-            ("R2_SECRET_ACCESS_KEY", &self.r2_secret_access_key),
+            ("R2_ENDPOINT", self.r2_endpoint.is_some()),
+            ("R2_BUCKET", self.r2_bucket.is_some()),
+            ("R2_ACCESS_KEY_ID", self.r2_access_key_id.is_some()),
+            ("R2_SECRET_ACCESS_KEY", self.r2_secret_access_key.is_some()),
         ];
-        let missing: Vec<&str> = parts.iter().filter(|(_, v)| v.is_none()).map(|(n, _)| *n).collect();
+        let missing: Vec<&str> = parts.iter().filter(|(_, given)| !given).map(|(n, _)| *n).collect();
         if missing.len() == parts.len() {
             return Ok(None);
         }
@@ -328,8 +328,12 @@ impl ObjectStoreSettings {
         Ok(Some(S3Settings {
             endpoint: self.r2_endpoint.clone().unwrap_or_default().trim_end_matches('/').to_string(),
             bucket: self.r2_bucket.clone().unwrap_or_default(),
-            access_key_id: self.r2_access_key_id.clone().unwrap_or_default(),
-            secret_access_key: self.r2_secret_access_key.clone().unwrap_or_default(),
+            access_key_id: self.r2_access_key_id.as_ref().map(|id| id.expose().to_string()).unwrap_or_default(),
+            secret_access_key: self
+                .r2_secret_access_key
+                .as_ref()
+                .map(|key| key.expose().to_string())
+                .unwrap_or_default(),
             region: self.r2_region.clone(),
         }))
     }

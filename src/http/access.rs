@@ -68,7 +68,7 @@ impl Access {
     pub fn from_settings(settings: &Settings, metrics: &Metrics) -> Result<Access, String> {
         let access = &settings.access;
         let authenticator = Authenticator::from_settings(access)?;
-        let peer = access.peer_secret.as_deref().map(PeerKey::from_secret).transpose()?;
+        let peer = access.peer_secret.as_ref().map(|secret| PeerKey::from_secret(secret.expose())).transpose()?;
         if authenticator.is_some() && peer.is_none() {
             return Err("authentication is on, so replicas must sign the writes they forward to each other: \
                         set STATEHOUSE_PEER_SECRET (at least 32 bytes, the same on every replica)"

@@ -82,7 +82,7 @@ pub fn token(name: &str, namespaces: &str, rights: &str) -> Token {
 
 /// Authentication on, with these tokens (and the peer secret it then needs).
 pub fn with_tokens(settings: &mut Settings, tokens: &[&Token]) {
-    settings.access.auth_tokens = Some(tokens.iter().map(|t| t.line.as_str()).collect::<Vec<_>>().join(";"));
+    settings.access.auth_tokens = Some(tokens.iter().map(|t| t.line.as_str()).collect::<Vec<_>>().join(";").into());
     settings.access.peer_secret = Some(PEER_SECRET.into());
 }
 

@@ -51,8 +51,8 @@ impl S3Server {
             objects_dir: self.root.join("unused-local-folder"),
             r2_endpoint: Some(self.endpoint.clone()),
             r2_bucket: Some(bucket.to_string()),
-            r2_access_key_id: Some(ACCESS_KEY.to_string()),
-            r2_secret_access_key: Some(SECRET_KEY.to_string()),
+            r2_access_key_id: Some(ACCESS_KEY.into()),
+            r2_secret_access_key: Some(SECRET_KEY.into()),
             r2_region: "us-east-1".to_string(),
             create_bucket: false,
         }
