@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use clap::builder::TypedValueParser as _;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use serde::Serialize;
 
@@ -242,14 +243,16 @@ pub struct Settings {
     pub change_value_cap_bytes: u64,
 
     /// How often unreferenced blob bytes are deleted and Iceberg snapshots expired and orphan files removed, in ms.
-    #[arg(long = "sweep-interval-ms", env = "STATEHOUSE_SWEEP_INTERVAL_MS", default_value_t = 300_000,
-          value_parser = clap::value_parser!(u64).range(100..))]
-    pub sweep_interval_ms: u64,
+    #[arg(long = "sweep-interval-ms", env = "STATEHOUSE_SWEEP_INTERVAL_MS", value_name = "MS", default_value = "300000",
+          value_parser = clap::value_parser!(u64).range(100..).map(Duration::from_millis))]
+    #[serde(rename = "sweep_interval_ms", serialize_with = "as_millis")]
+    pub sweep_interval: Duration,
 
     /// Uploads never committed, and warehouse files no snapshot refers to, are deleted once this old, in ms.
-    #[arg(long = "orphan-grace-ms", env = "STATEHOUSE_ORPHAN_GRACE_MS", default_value_t = 3_600_000,
-          value_parser = clap::value_parser!(u64).range(0..))]
-    pub orphan_grace_ms: u64,
+    #[arg(long = "orphan-grace-ms", env = "STATEHOUSE_ORPHAN_GRACE_MS", value_name = "MS", default_value = "3600000",
+          value_parser = clap::value_parser!(u64).range(0..).map(Duration::from_millis))]
+    #[serde(rename = "orphan_grace_ms", serialize_with = "as_millis")]
+    pub orphan_grace: Duration,
 
     /// Whether this replica takes part in exporting the outbox to Iceberg (one replica exports at a time).
     #[arg(long = "export-enabled", env = "STATEHOUSE_EXPORT_ENABLED", default_value_t = true,
@@ -257,9 +260,10 @@ pub struct Settings {
     pub export_enabled: bool,
 
     /// How often the outbox is exported to the Iceberg tables, in milliseconds.
-    #[arg(long = "export-interval-ms", env = "STATEHOUSE_EXPORT_INTERVAL_MS", default_value_t = 5_000,
-          value_parser = clap::value_parser!(u64).range(100..))]
-    pub export_interval_ms: u64,
+    #[arg(long = "export-interval-ms", env = "STATEHOUSE_EXPORT_INTERVAL_MS", value_name = "MS", default_value = "5000",
+          value_parser = clap::value_parser!(u64).range(100..).map(Duration::from_millis))]
+    #[serde(rename = "export_interval_ms", serialize_with = "as_millis")]
+    pub export_interval: Duration,
 
     /// Most outbox rows in one Iceberg snapshot; a backlog this large is exported without waiting for the interval.
     #[arg(long = "export-batch-rows", env = "STATEHOUSE_EXPORT_BATCH_ROWS", default_value_t = 100_000,
@@ -267,9 +271,10 @@ pub struct Settings {
     pub export_batch_rows: u64,
 
     /// Snapshots older than this are expired (their unreferenced files deleted after the orphan grace), in milliseconds.
-    #[arg(long = "export-snapshot-max-age-ms", env = "STATEHOUSE_EXPORT_SNAPSHOT_MAX_AGE_MS", default_value_t = 86_400_000,
-          value_parser = clap::value_parser!(u64).range(0..))]
-    pub export_snapshot_max_age_ms: u64,
+    #[arg(long = "export-snapshot-max-age-ms", env = "STATEHOUSE_EXPORT_SNAPSHOT_MAX_AGE_MS", value_name = "MS", default_value = "86400000",
+          value_parser = clap::value_parser!(u64).range(0..).map(Duration::from_millis))]
+    #[serde(rename = "export_snapshot_max_age_ms", serialize_with = "as_millis")]
+    pub export_snapshot_max_age: Duration,
 
     /// The most recent snapshots of each table are kept whatever their age.
     #[arg(long = "export-min-snapshots", env = "STATEHOUSE_EXPORT_MIN_SNAPSHOTS", default_value_t = 10,
@@ -285,16 +290,18 @@ pub struct Settings {
     pub advertise_url: Option<String>,
 
     /// How long an object lease lasts without renewal, in milliseconds.
-    #[arg(long = "lease-ms", env = "STATEHOUSE_LEASE_MS", default_value_t = 10_000,
-          value_parser = clap::value_parser!(u64).range(100..=600_000))]
-    pub lease_ms: u64,
+    #[arg(long = "lease-ms", env = "STATEHOUSE_LEASE_MS", value_name = "MS", default_value = "10000",
+          value_parser = clap::value_parser!(u64).range(100..=600_000).map(Duration::from_millis))]
+    #[serde(rename = "lease_ms", serialize_with = "as_millis")]
+    pub lease: Duration,
 
     /// How long before its lease ends an owner stops answering reads from
     /// memory, in milliseconds (default: a quarter of the lease). It must
     /// exceed how far replicas' clocks may disagree over one lease.
-    #[arg(long = "lease-read-margin-ms", env = "STATEHOUSE_LEASE_READ_MARGIN_MS",
-          value_parser = clap::value_parser!(u64).range(0..=600_000))]
-    pub lease_read_margin_ms: Option<u64>,
+    #[arg(long = "lease-read-margin-ms", env = "STATEHOUSE_LEASE_READ_MARGIN_MS", value_name = "MS",
+          value_parser = clap::value_parser!(u64).range(0..=600_000).map(Duration::from_millis))]
+    #[serde(rename = "lease_read_margin_ms", serialize_with = "as_optional_millis")]
+    pub lease_read_margin: Option<Duration>,
 
     /// Memory for owner-resident object state (keys' versions and sizes,
     /// small values), in bytes; 0 turns it off (every check and read goes to the database).
@@ -317,14 +324,16 @@ pub struct Settings {
     pub max_batch_bytes: u64,
 
     /// Upper bound on the handling time of one request, in milliseconds.
-    #[arg(long = "request-timeout-ms", env = "STATEHOUSE_REQUEST_TIMEOUT_MS", default_value_t = 30_000,
-          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
-    pub request_timeout_ms: u64,
+    #[arg(long = "request-timeout-ms", env = "STATEHOUSE_REQUEST_TIMEOUT_MS", value_name = "MS", default_value = "30000",
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000).map(Duration::from_millis))]
+    #[serde(rename = "request_timeout_ms", serialize_with = "as_millis")]
+    pub request_timeout: Duration,
 
     /// How long to wait for the owner replica when forwarding a write, in milliseconds.
-    #[arg(long = "forward-timeout-ms", env = "STATEHOUSE_FORWARD_TIMEOUT_MS", default_value_t = 5_000,
-          value_parser = clap::value_parser!(u64).range(50..=600_000))]
-    pub forward_timeout_ms: u64,
+    #[arg(long = "forward-timeout-ms", env = "STATEHOUSE_FORWARD_TIMEOUT_MS", value_name = "MS", default_value = "5000",
+          value_parser = clap::value_parser!(u64).range(50..=600_000).map(Duration::from_millis))]
+    #[serde(rename = "forward_timeout_ms", serialize_with = "as_millis")]
+    pub forward_timeout: Duration,
 
     /// Log format: `json` (one object per line) or `text`.
     #[arg(long = "log-format", env = "STATEHOUSE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
@@ -460,6 +469,18 @@ impl ObjectStoreSettings {
     }
 }
 
+/// Durations are set and shown in milliseconds, as their names say.
+fn as_millis<S: serde::Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_u64(value.as_millis() as u64)
+}
+
+fn as_optional_millis<S: serde::Serializer>(value: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(value) => as_millis(value, s),
+        None => s.serialize_none(),
+    }
+}
+
 /// A credential from the settings. It prints and serialises as
 /// `<redacted>` (logs, `--dump-config`, panics); `expose` is the one way to
 /// its text, for the code that hands it on.
@@ -497,20 +518,9 @@ impl Serialize for Secret {
 }
 
 impl Settings {
-    pub fn lease(&self) -> Duration {
-        Duration::from_millis(self.lease_ms)
-    }
-
-    pub fn lease_read_margin(&self) -> Duration {
-        self.lease_read_margin_ms.map_or(self.lease() / 4, Duration::from_millis)
-    }
-
-    pub fn request_timeout(&self) -> Duration {
-        Duration::from_millis(self.request_timeout_ms)
-    }
-
-    pub fn forward_timeout(&self) -> Duration {
-        Duration::from_millis(self.forward_timeout_ms)
+    /// How long before its lease ends an owner stops answering reads from memory.
+    pub fn read_margin(&self) -> Duration {
+        self.lease_read_margin.unwrap_or(self.lease / 4)
     }
 
     /// Settings for tests and embedding: the defaults, with the database at `url`.

@@ -5,7 +5,6 @@
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
@@ -75,14 +74,8 @@ pub async fn run(
     let writer = Writer::spawn(db.clone(), resident.clone(), metrics.clone());
     let me =
         Replica { instance: instance.clone(), url: advertise_url.clone(), machine: settings.fly_machine_id.clone() };
-    let guard = Arc::new(Guard::new(
-        me,
-        settings.lease(),
-        settings.lease_read_margin(),
-        writer.clone(),
-        resident,
-        metrics.clone(),
-    ));
+    let guard =
+        Arc::new(Guard::new(me, settings.lease, settings.read_margin(), writer.clone(), resident, metrics.clone()));
 
     let stop = CancellationToken::new();
     // Every background task ends with the server, also when the server's
@@ -94,8 +87,8 @@ pub async fn run(
         writer: writer.clone(),
         storage: storage.clone(),
         guard: guard.clone(),
-        interval: Duration::from_millis(settings.sweep_interval_ms),
-        orphan_grace: Duration::from_millis(settings.orphan_grace_ms),
+        interval: settings.sweep_interval,
+        orphan_grace: settings.orphan_grace,
     }
     .spawn(stop.child_token());
     let exporter = Arc::new(Exporter::new(
@@ -105,12 +98,12 @@ pub async fn run(
         &storage,
         ExportPolicy {
             enabled: settings.export_enabled,
-            interval: Duration::from_millis(settings.export_interval_ms),
+            interval: settings.export_interval,
             batch_rows: settings.export_batch_rows as usize,
             min_snapshots: settings.export_min_snapshots as usize,
-            max_snapshot_age: Duration::from_millis(settings.export_snapshot_max_age_ms),
-            maintenance_interval: Duration::from_millis(settings.sweep_interval_ms),
-            orphan_grace: Duration::from_millis(settings.orphan_grace_ms),
+            max_snapshot_age: settings.export_snapshot_max_age,
+            maintenance_interval: settings.sweep_interval,
+            orphan_grace: settings.orphan_grace,
         },
         &metrics,
     ));
@@ -140,7 +133,7 @@ pub async fn run(
         database = %String::from(settings.database.turso_url.clone()),
         objects = %storage.location,
         sync,
-        lease_ms = settings.lease_ms,
+        lease_ms = settings.lease.as_millis() as u64,
         iceberg_reader_keys = state.readers.vends_credentials(),
         "listening"
     );

@@ -301,7 +301,7 @@ async fn interop(app: &TestApp, setup: ReadSetup, namespaces: Vec<String>, objec
 #[tokio::test]
 async fn duckdb_and_pyiceberg_read_exactly_the_acknowledged_writes() {
     let db = TestDatabase::new();
-    let app = spawn_app_with(&db, |s| s.export_interval_ms = 3_600_000).await;
+    let app = spawn_app_with(&db, |s| s.export_interval = Duration::from_millis(3_600_000)).await;
     // PyIceberg opens the database file itself when there is one; on sqld it reads the metadata file.
     let db_file = db.file_path().map(|p| p.display().to_string());
     let namespaces = (0..3).map(|i| unique_ns(&format!("analytics{i}"))).collect();
@@ -316,7 +316,7 @@ async fn the_warehouse_on_s3_is_read_through_the_s3_api() {
     let settings = s3.settings("lake");
     let app = spawn_app_with(&db, |s| {
         s.objects = settings;
-        s.export_interval_ms = 3_600_000;
+        s.export_interval = Duration::from_millis(3_600_000);
     })
     .await;
     let listed: Value = app.client.get(app.url("/v1/analytics/tables")).send().await.unwrap().json().await.unwrap();
@@ -354,9 +354,9 @@ fn walk(dir: &std::path::Path) -> Vec<String> {
 #[tokio::test]
 async fn the_exporter_is_a_singleton_and_empty_tables_exist_from_the_start() {
     let db = TestDatabase::new();
-    let a = spawn_app_with(&db, |s| s.export_interval_ms = 3_600_000).await;
+    let a = spawn_app_with(&db, |s| s.export_interval = Duration::from_millis(3_600_000)).await;
     let b = spawn_app_with(&db, |s| {
-        s.export_interval_ms = 3_600_000;
+        s.export_interval = Duration::from_millis(3_600_000);
         s.objects.objects_dir = db.dir.path().join("objects");
     })
     .await;
@@ -537,8 +537,8 @@ async fn an_exporter_whose_lease_moved_cannot_commit() {
 
     let db = TestDatabase::new();
     let a = spawn_app_with(&db, |s| {
-        s.export_interval_ms = 3_600_000;
-        s.lease_ms = 300;
+        s.export_interval = Duration::from_millis(3_600_000);
+        s.lease = Duration::from_millis(300);
     })
     .await;
     let ns = unique_ns("fenced");
@@ -578,7 +578,7 @@ async fn an_exporter_whose_lease_moved_cannot_commit() {
 
     // A stops; B takes the exporter lease (fence + 1) and exports a new event.
     a.stop().await;
-    let b = spawn_app_with(&db, |s| s.export_interval_ms = 3_600_000).await;
+    let b = spawn_app_with(&db, |s| s.export_interval = Duration::from_millis(3_600_000)).await;
     post(&b, 2).await;
     post(&b, 3).await;
     let pending_before = tables(&b.client, &b.base).await["events"]["pending_rows"].as_u64().unwrap();
@@ -617,7 +617,7 @@ async fn an_object_store_outage_delays_the_export_and_loses_nothing() {
     let settings = s3.settings("lake");
     let app = spawn_app_with(&db, |s| {
         s.objects = settings;
-        s.export_interval_ms = 200;
+        s.export_interval = Duration::from_millis(200);
     })
     .await;
     wait_for_tables(&app).await;
@@ -799,7 +799,7 @@ async fn the_iceberg_rest_catalog_serves_duckdb_and_pyiceberg_exactly_the_acknow
     let analyst = token("analyst", "*", "analytics");
     let writer = token("writer", "*", "read,write");
     let mut app = spawn_app_with(&db, |s| {
-        s.export_interval_ms = 3_600_000;
+        s.export_interval = Duration::from_millis(3_600_000);
         with_tokens(s, &[&app_token, &analyst, &writer]);
     })
     .await;
@@ -908,7 +908,7 @@ async fn the_iceberg_rest_catalog_on_s3_names_the_bucket_and_vends_only_the_read
     let settings = s3.settings("lake");
     let app = spawn_app_with(&db, |s| {
         s.objects = settings.clone();
-        s.export_interval_ms = 3_600_000;
+        s.export_interval = Duration::from_millis(3_600_000);
     })
     .await;
     let namespaces = vec!["resta".to_string(), "restb".to_string()];
@@ -936,7 +936,7 @@ async fn the_iceberg_rest_catalog_on_s3_names_the_bucket_and_vends_only_the_read
     // The same tables, served by a replica that vends the analysts' keys.
     let app = spawn_app_with(&db, |s| {
         s.objects = settings;
-        s.export_interval_ms = 3_600_000;
+        s.export_interval = Duration::from_millis(3_600_000);
         s.iceberg_readers.access_key_id = Some(common::s3::READER_ACCESS_KEY.into());
         s.iceberg_readers.secret_access_key = Some(common::s3::READER_SECRET_KEY.into());
     })
@@ -959,7 +959,7 @@ async fn the_iceberg_rest_catalog_on_s3_names_the_bucket_and_vends_only_the_read
 #[tokio::test]
 async fn catalog_loads_during_export_cycles_serve_only_committed_snapshots() {
     let db = TestDatabase::new();
-    let app = spawn_app_with(&db, |s| s.export_interval_ms = 100).await;
+    let app = spawn_app_with(&db, |s| s.export_interval = Duration::from_millis(100)).await;
     wait_for_tables(&app).await;
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ns = unique_ns("loads");

@@ -40,8 +40,8 @@ impl Backend {
         spawn_app_with(db, move |s| {
             s.objects = objects;
             s.max_blob_bytes = max_blob;
-            s.sweep_interval_ms = 200;
-            s.orphan_grace_ms = 1500;
+            s.sweep_interval = Duration::from_millis(200);
+            s.orphan_grace = Duration::from_millis(1500);
         })
         .await
     }
@@ -323,7 +323,7 @@ async fn presigned_urls_on_s3_and_409_on_a_folder() {
     let objects = s3.settings();
     let app = spawn_app_with(&db, |s| {
         s.objects = objects;
-        s.orphan_grace_ms = 60_000;
+        s.orphan_grace = Duration::from_millis(60_000);
     })
     .await;
     let blob = app.url(&format!("/v1/objects/{ns}/o/blobs/f.txt"));
@@ -567,13 +567,13 @@ async fn an_upload_whose_commit_fails_leaves_no_blob_and_no_bytes() {
     let objects = backend.settings();
     let owner = spawn_app_with(&db, |s| {
         s.objects = objects.clone();
-        s.lease_ms = 10_000;
+        s.lease = Duration::from_millis(10_000);
     })
     .await;
     let objects = backend.settings();
     let other = spawn_app_with(&db, |s| {
         s.objects = objects;
-        s.forward_timeout_ms = 200;
+        s.forward_timeout = Duration::from_millis(200);
     })
     .await;
     let ns = unique_ns("failedcommit");

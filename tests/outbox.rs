@@ -3,6 +3,8 @@
 
 mod common;
 
+use std::time::Duration;
+
 use common::{spawn_app_with, unique_ns, TestDatabase};
 use serde_json::{json, Value};
 
@@ -190,7 +192,7 @@ async fn bad_events_are_400_and_record_nothing() {
 async fn exported_rows_leave_the_outbox() {
     let db = TestDatabase::new();
     // Exports only on demand.
-    let app = spawn_app_with(&db, |s| s.export_interval_ms = 3_600_000).await;
+    let app = spawn_app_with(&db, |s| s.export_interval = Duration::from_millis(3_600_000)).await;
     let ns = unique_ns("forget");
     let base = app.url(&format!("/v1/objects/{ns}/o"));
     // 2,500 events: three slices of deletion.

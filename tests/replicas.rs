@@ -22,8 +22,8 @@ fn header(r: &reqwest::Response, name: &str) -> String {
 #[tokio::test]
 async fn writes_to_a_non_owner_are_forwarded_and_handed_over_on_shutdown() {
     let db = TestDatabase::new();
-    let a = spawn_app_with(&db, |s| s.lease_ms = 10_000).await;
-    let b = spawn_app_with(&db, |s| s.lease_ms = 10_000).await;
+    let a = spawn_app_with(&db, |s| s.lease = Duration::from_millis(10_000)).await;
+    let b = spawn_app_with(&db, |s| s.lease = Duration::from_millis(10_000)).await;
     let ns = unique_ns("fwd");
     let path = format!("/v1/objects/{ns}/o/kv/k");
 
@@ -77,10 +77,10 @@ async fn writes_to_a_non_owner_are_forwarded_and_handed_over_on_shutdown() {
 async fn a_crashed_owner_gets_503_with_retry_after_until_its_lease_ends() {
     let db = TestDatabase::new();
     let lease = 600;
-    let a = spawn_app_with(&db, |s| s.lease_ms = lease).await;
+    let a = spawn_app_with(&db, |s| s.lease = Duration::from_millis(lease)).await;
     let b = spawn_app_with(&db, |s| {
-        s.lease_ms = lease;
-        s.forward_timeout_ms = 200;
+        s.lease = Duration::from_millis(lease);
+        s.forward_timeout = Duration::from_millis(200);
     })
     .await;
     let ns = unique_ns("crash");
@@ -193,9 +193,9 @@ async fn a_stale_fence_can_never_commit() {
 async fn a_moved_fence_refuses_the_write_and_drops_the_resident_state() {
     let db = TestDatabase::new();
     let app = spawn_app_with(&db, |s| {
-        s.lease_ms = 60_000;
+        s.lease = Duration::from_millis(60_000);
         // Outbox rows stay where the test counts them.
-        s.export_interval_ms = 3_600_000;
+        s.export_interval = Duration::from_millis(3_600_000);
     })
     .await;
     let ns = unique_ns("forged");
@@ -292,7 +292,7 @@ async fn renewals_keep_hundreds_of_leases_in_use() {
     let lease = 2_000;
     // Without the exporter, whose lease the gauge would count too.
     let app = spawn_app_with(&db, |s| {
-        s.lease_ms = lease;
+        s.lease = Duration::from_millis(lease);
         s.export_enabled = false;
     })
     .await;

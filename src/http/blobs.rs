@@ -553,7 +553,7 @@ async fn commit_presigned_upload(
     // The sweeper may delete uncommitted uploads past the grace period: refuse
     // to commit one that old rather than race it.
     let age_ms = crate::clock::now_ms() - got.meta.last_modified.timestamp_millis();
-    if age_ms > (state.settings.orphan_grace_ms / 2) as i64 {
+    if age_ms > (state.settings.orphan_grace / 2).as_millis() as i64 {
         return Err(ApiError::Conflict("the upload is too old to commit; upload it again".into()));
     }
     let mut hasher = <sha2::Sha256 as sha2::Digest>::new();

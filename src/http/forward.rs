@@ -116,7 +116,7 @@ pub async fn forward(state: &AppState, owner: &Owner, replay: Replay) -> Forward
     let mut request = state
         .peers
         .request(replay.method.clone(), &url)
-        .timeout(state.settings.forward_timeout())
+        .timeout(state.settings.forward_timeout)
         .header(FORWARDED_BY, me.instance.as_str())
         .body(replay.body.clone());
     for name in &FORWARDED_REQUEST_HEADERS {

@@ -72,7 +72,7 @@ pub fn app(state: SharedState) -> Router {
     let value_limit = state.settings.max_value_bytes as usize;
     let batch_limit = state.settings.max_batch_bytes as usize;
     let instance = HeaderValue::from_str(&state.guard.me().instance).expect("instance ids are header-safe");
-    let timeout = state.settings.request_timeout();
+    let timeout = state.settings.request_timeout;
     let cors = cors_layer(state.settings.access.cors_origins.as_deref());
 
     let api = Router::new()
