@@ -341,6 +341,18 @@ async fn presigned_urls_on_s3_and_409_on_a_folder() {
         "stored bytes",
         "not visible before commit"
     );
+    for bad_meta in [json!({"a b": "x"}), json!({"ok": "line\nbreak"}), json!({"": "x"})] {
+        let r = app
+            .client
+            .post(app.url(put["commit_url"].as_str().unwrap()))
+            .json(&json!({"upload_key": put["upload_key"], "metadata": bad_meta}))
+            .send()
+            .await
+            .unwrap();
+        problem(r, 400, "bad-request").await;
+    }
+    let unchanged = app.client.get(&blob).send().await.unwrap().text().await.unwrap();
+    assert_eq!(unchanged, "stored bytes", "a refused commit changes nothing");
     let r = app
         .client
         .post(app.url(put["commit_url"].as_str().unwrap()))

@@ -5,6 +5,7 @@
 pub mod meta;
 mod store;
 mod sweeper;
+pub mod upload;
 
 pub use crate::model::BlobMeta;
 pub use meta::{new_storage_key, object_prefix, stored_path, upload_prefix, validate_name};

@@ -21,12 +21,13 @@ use super::extract::{
     etag, header_condition, list_limit, precondition, read_condition, stored_content_type, ApiQuery, ObjectPath, Replay,
 };
 use super::{commit, written, Routed, SharedState, FORWARDED_BY};
-use crate::blobs::{new_storage_key, object_prefix, stored_path, upload_prefix, validate_name, BlobMeta, UploadError};
+use crate::blobs::{
+    new_storage_key, object_prefix, stored_path, upload, upload_prefix, validate_name, BlobMeta, UploadError,
+};
 use crate::objects::{decode_cursor, encode_cursor, Committed, Mutation, ObjectRef, OpResult};
 
 const USER_META_PREFIX: &str = "x-statehouse-meta-";
 const SHA256_HEADER: HeaderName = HeaderName::from_static("x-statehouse-sha256");
-const MAX_HEADER_VALUE_BYTES: usize = 1024;
 const MAX_PRESIGN_SECONDS: u64 = 7 * 24 * 3600;
 
 /// `/v1/objects/{ns}/{id}/blobs/{name}`: the name arrives percent-decoded.
@@ -132,9 +133,7 @@ pub async fn put_blob(
         // Never visible: remove the bytes now. When the outcome is unknown
         // (a timeout, a lost answer) they stay, and the sweeper removes them
         // after the grace period only if no row refers to them.
-        if let Err(e) = state.storage.delete(&key).await {
-            tracing::warn!(key = %key, error = %e, "could not delete an uncommitted upload; the sweeper will");
-        }
+        upload::discard(&state.storage, &key).await;
     }
     match outcome? {
         Routed::Local(committed) => Ok(blob_written(&committed, &blob)),
@@ -526,17 +525,9 @@ async fn commit_presigned_upload(
         return Err(ApiError::BadRequest("upload_key is not one issued for this blob by presign".into()));
     }
     for value in [&request.cache_control, &request.content_disposition].into_iter().flatten() {
-        check_header_text(value)?;
+        upload::check_field(value)?;
     }
-    let mut meta_headers = HeaderMap::new();
-    for (k, v) in &request.metadata {
-        let name = HeaderName::try_from(format!("{USER_META_PREFIX}{k}"))
-            .map_err(|_| ApiError::BadRequest(format!("metadata name {k:?} is not a header name")))?;
-        let value =
-            HeaderValue::from_str(v).map_err(|_| ApiError::BadRequest(format!("metadata {k:?} is not header text")))?;
-        meta_headers.insert(name, value);
-    }
-    let user_meta = user_metadata(&meta_headers)?;
+    let user_meta = upload::user_metadata(request.metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())))?;
     let content_type = match &request.content_type {
         Some(ct) => {
             super::extract::check_content_type(ct)?;
@@ -546,32 +537,14 @@ async fn commit_presigned_upload(
     };
     let key = object_store::path::Path::parse(&request.upload_key)
         .map_err(|_| ApiError::BadRequest("upload_key is not one issued for this blob by presign".into()))?;
-    let got = state.storage.get(&key, None).await.map_err(|e| match e {
-        crate::blobs::StorageError::NotFound(_) => ApiError::NotFound("nothing was uploaded under upload_key".into()),
-        other => other.into(),
-    })?;
-    // The sweeper may delete uncommitted uploads past the grace period: refuse
-    // to commit one that old rather than race it.
-    let age_ms = crate::clock::now_ms() - got.meta.last_modified.timestamp_millis();
-    if age_ms > (state.settings.orphan_grace / 2).as_millis() as i64 {
-        return Err(ApiError::Conflict("the upload is too old to commit; upload it again".into()));
-    }
-    let mut hasher = <sha2::Sha256 as sha2::Digest>::new();
-    let mut size = 0u64;
-    let mut stream = got.into_stream();
-    while let Some(chunk) = stream.try_next().await.map_err(crate::blobs::StorageError::from)? {
-        size += chunk.len() as u64;
-        sha2::Digest::update(&mut hasher, &chunk);
-    }
-    if size > state.settings.max_blob_bytes {
-        let _ = state.storage.delete(&key).await;
-        return Err(too_large(state.settings.max_blob_bytes));
-    }
+    // Refused past half the grace period, well before the sweeper may delete it.
+    let max_age = state.settings.orphan_grace / 2;
+    let (size, sha256) = upload::read_presigned(&state.storage, &key, max_age, state.settings.max_blob_bytes).await?;
     let blob = BlobMeta {
         name,
         storage_key: request.upload_key,
         size,
-        sha256: hex::encode(sha2::Digest::finalize(hasher)),
+        sha256,
         content_type,
         cache_control: request.cache_control,
         content_disposition: request.content_disposition,
@@ -595,17 +568,7 @@ async fn commit_presigned_upload(
 }
 
 fn too_large(limit: u64) -> ApiError {
-    ApiError::PayloadTooLarge(format!("the blob is larger than {limit} bytes (STATEHOUSE_MAX_BLOB_BYTES)"))
-}
-
-fn check_header_text(value: &str) -> Result<(), ApiError> {
-    if value.len() <= MAX_HEADER_VALUE_BYTES && value.bytes().all(|b| (0x20..0x7f).contains(&b)) {
-        Ok(())
-    } else {
-        Err(ApiError::BadRequest(format!(
-            "header values are at most {MAX_HEADER_VALUE_BYTES} visible ASCII characters"
-        )))
-    }
+    upload::UploadRefused::TooLarge(limit).into()
 }
 
 fn optional_header(headers: &HeaderMap, name: HeaderName) -> Result<Option<String>, ApiError> {
@@ -613,33 +576,21 @@ fn optional_header(headers: &HeaderMap, name: HeaderName) -> Result<Option<Strin
         None => Ok(None),
         Some(value) => {
             let text = value.to_str().map_err(|_| ApiError::BadRequest(format!("{name} must be visible ASCII")))?;
-            check_header_text(text)?;
+            upload::check_field(text)?;
             Ok(Some(text.to_string()))
         }
     }
 }
 
-/// The `x-statehouse-meta-*` headers, names lowercased and without the prefix.
+/// The `x-statehouse-meta-*` headers, names without the prefix.
 fn user_metadata(headers: &HeaderMap) -> Result<BTreeMap<String, String>, ApiError> {
-    let mut meta = BTreeMap::new();
-    let mut total = 0;
+    let mut pairs = Vec::new();
     for (name, value) in headers {
         let Some(key) = name.as_str().strip_prefix(USER_META_PREFIX) else { continue };
-        if key.is_empty() {
-            return Err(ApiError::BadRequest(format!("{USER_META_PREFIX} needs a name after the prefix")));
-        }
         let text = value.to_str().map_err(|_| ApiError::BadRequest(format!("{name} must be visible ASCII")))?;
-        check_header_text(text)?;
-        total += key.len() + text.len();
-        meta.insert(key.to_string(), text.to_string());
+        pairs.push((key, text));
     }
-    if total > crate::blobs::meta::MAX_USER_META_BYTES {
-        return Err(ApiError::BadRequest(format!(
-            "user metadata is {total} bytes, at most {} allowed",
-            crate::blobs::meta::MAX_USER_META_BYTES
-        )));
-    }
-    Ok(meta)
+    Ok(upload::user_metadata(pairs)?)
 }
 
 #[cfg(test)]

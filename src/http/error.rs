@@ -144,6 +144,19 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::blobs::upload::UploadRefused> for ApiError {
+    fn from(err: crate::blobs::upload::UploadRefused) -> Self {
+        use crate::blobs::upload::UploadRefused;
+        match err {
+            UploadRefused::BadInput(detail) => ApiError::BadRequest(detail),
+            UploadRefused::NothingUploaded => ApiError::NotFound(err.to_string()),
+            UploadRefused::TooOld => ApiError::Conflict(err.to_string()),
+            UploadRefused::TooLarge(_) => ApiError::PayloadTooLarge(err.to_string()),
+            UploadRefused::Store(err) => err.into(),
+        }
+    }
+}
+
 impl From<StorageError> for ApiError {
     fn from(err: StorageError) -> Self {
         // The store's own messages name its endpoint, bucket and keys: they go
