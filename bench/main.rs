@@ -77,7 +77,9 @@ fn args() -> Args {
             "--database-latency-ms" => {
                 args.database_latency_ms = value.parse().expect("--database-latency-ms takes a number")
             }
-            "--compaction-cycles" => args.compaction_cycles = value.parse().expect("--compaction-cycles takes a number"),
+            "--compaction-cycles" => {
+                args.compaction_cycles = value.parse().expect("--compaction-cycles takes a number")
+            }
             "--venv" => args.venv = Some(value),
             other => panic!("unknown flag {other}"),
         }

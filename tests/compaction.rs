@@ -134,7 +134,13 @@ async fn layout(table: &Table, snapshot_id: i64) -> Layout {
 }
 
 /// Both readers over every column of `table`: each scan as {count, seqs, digest}.
-async fn read_digests(base_info: &HashMap<String, Value>, db: &TestDatabase, warehouse: &Value, table: &str, at: &[i64]) -> Value {
+async fn read_digests(
+    base_info: &HashMap<String, Value>,
+    db: &TestDatabase,
+    warehouse: &Value,
+    table: &str,
+    at: &[i64],
+) -> Value {
     read_tables(&json!({
         "table": table,
         "metadata_location": base_info[table]["metadata_location"],
@@ -297,7 +303,11 @@ async fn two_hundred_small_exports_compact_into_one_file_per_partition_and_read_
     }
     let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
     let events_files = after["events"]["data_files"].as_f64().unwrap();
-    assert_eq!(metric(&metrics, "statehouse_iceberg_data_files", &["table=\"events\""]), Some(events_files), "{metrics}");
+    assert_eq!(
+        metric(&metrics, "statehouse_iceberg_data_files", &["table=\"events\""]),
+        Some(events_files),
+        "{metrics}"
+    );
     assert_eq!(metric(&metrics, "statehouse_iceberg_manifests", &["table=\"changes\""]), Some(2.0), "{metrics}");
     assert_eq!(metric(&metrics, "statehouse_compaction_runs_total", &["table=\"events\""]), Some(1.0), "{metrics}");
     let before_files = after["events"]["last_compaction"]["data_files_before"].as_f64();
@@ -406,7 +416,7 @@ async fn killing_the_exporter_while_it_compacts_loses_and_duplicates_nothing() {
         }));
     }
     let rounds = 10;
-    let (mut mid_compaction, mut committed, mut durations) = (0, 0, Vec::<u64>::new());
+    let (mut mid_compaction, mut committed, mut orphan_passes, mut durations) = (0, 0, 0, Vec::<u64>::new());
     for round in 0..rounds {
         let mut exporter = Process::start(&db.url, 0, &env(true));
         // Wait for this exporter to start its first or second compaction.
@@ -426,6 +436,7 @@ async fn killing_the_exporter_while_it_compacts_loses_and_duplicates_nothing() {
         let finished = log.matches("compacted an Iceberg table").count() + log.matches("compaction failed").count();
         mid_compaction += usize::from(started > finished);
         committed += log.matches("compacted an Iceberg table").count();
+        orphan_passes += log.matches("deleted unreferenced warehouse files").count();
         for line in log.lines().filter(|l| l.contains("compacted an Iceberg table")) {
             let event: Value = serde_json::from_str(line).unwrap();
             durations.push(event["ms"].as_u64().or_else(|| event["fields"]["ms"].as_u64()).unwrap_or(0));
@@ -471,7 +482,8 @@ async fn killing_the_exporter_while_it_compacts_loses_and_duplicates_nothing() {
         let extra = unique.difference(&acked).count();
         println!(
             "{reader}: {rounds} exporter kills, {mid_compaction} in the middle of a compaction, {committed} compactions \
-             committed by the killed exporters (median {} ms); acknowledged {} events, {} requests unknown, stored {} \
+             committed by the killed exporters (median {} ms), {orphan_passes} passes deleting unreferenced \
+             files; acknowledged {} events, {} requests unknown, stored {} \
              rows, {} unique, {} missing, {} not acknowledged; now {} data files, {} manifests",
             durations.get(durations.len() / 2).copied().unwrap_or(0),
             acked.len(),
@@ -490,6 +502,7 @@ async fn killing_the_exporter_while_it_compacts_loses_and_duplicates_nothing() {
     }
     assert!(acked.len() > 1000, "too little load to mean anything: {}", acked.len());
     assert!(committed > 0, "no compaction was ever committed");
+    assert!(orphan_passes > 0, "no replaced or orphaned file was ever deleted");
     assert!(mid_compaction >= 3, "only {mid_compaction} of {rounds} kills landed inside a compaction");
     drop(writer);
     drop(last);

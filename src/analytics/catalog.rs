@@ -263,7 +263,8 @@ impl LibsqlCatalog {
             builder = update.apply(builder)?;
         }
         let metadata = builder.build()?.metadata;
-        let location = MetadataLocation::from_str(&previous)?.with_next_version().with_new_metadata(&metadata).to_string();
+        let location =
+            MetadataLocation::from_str(&previous)?.with_next_version().with_new_metadata(&metadata).to_string();
         metadata.write_to(&self.file_io, &MetadataLocation::from_str(&location)?).await?;
         let staged = self.table(ident.clone(), location.clone(), metadata)?;
         self.publish(Publish {

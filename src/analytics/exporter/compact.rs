@@ -26,8 +26,8 @@ use iceberg::arrow::ArrowReaderBuilder;
 use iceberg::scan::FileScanTask;
 use iceberg::spec::{
     DataFile, FormatVersion, ManifestContentType, ManifestEntry, ManifestFile, ManifestListWriter,
-    ManifestWriterBuilder, Operation, PartitionSpecRef, SchemaRef, Snapshot, SnapshotReference, SnapshotRetention, SnapshotSummaryCollector,
-    Struct, Summary, MAIN_BRANCH,
+    ManifestWriterBuilder, Operation, PartitionSpecRef, SchemaRef, Snapshot, SnapshotReference, SnapshotRetention,
+    SnapshotSummaryCollector, Struct, Summary, MAIN_BRANCH,
 };
 use iceberg::table::Table;
 use iceberg::{Runtime, TableRequirement, TableUpdate};
@@ -151,8 +151,14 @@ impl Exporter {
                 let name = table.name();
                 self.metrics.compactions.with_label_values(&[name]).inc();
                 self.metrics.last_compaction.with_label_values(&[name]).set(info.at_ms as f64 / 1000.0);
-                self.metrics.last_compaction_files.with_label_values(&[name, "before"]).set(info.data_files_before as i64);
-                self.metrics.last_compaction_files.with_label_values(&[name, "after"]).set(info.data_files_after as i64);
+                self.metrics
+                    .last_compaction_files
+                    .with_label_values(&[name, "before"])
+                    .set(info.data_files_before as i64);
+                self.metrics
+                    .last_compaction_files
+                    .with_label_values(&[name, "after"])
+                    .set(info.data_files_after as i64);
                 Ok(compacted)
             }
             Ok(None) => Ok(current),
@@ -218,7 +224,12 @@ pub async fn compact(
     let mut live: Vec<Arc<ManifestEntry>> = Vec::new();
     for manifest in &manifests {
         if manifest.content != ManifestContentType::Data || manifest.partition_spec_id != spec.spec_id() {
-            return Err(unsupported(format!("manifest {} is not a data manifest of spec {}", manifest.manifest_path, spec.spec_id())).into());
+            return Err(unsupported(format!(
+                "manifest {} is not a data manifest of spec {}",
+                manifest.manifest_path,
+                spec.spec_id()
+            ))
+            .into());
         }
         let loaded = manifest.load_manifest(table.file_io()).await?;
         live.extend(loaded.entries().iter().filter(|e| e.is_alive()).cloned());
@@ -248,7 +259,10 @@ pub async fn compact(
         let why = if rows != replaced {
             Some(format!("{rows} rows written, {replaced} replaced"))
         } else {
-            files.iter().find(|f| f.partition() != &partition).map(|f| format!("{} is in another partition", f.file_path()))
+            files
+                .iter()
+                .find(|f| f.partition() != &partition)
+                .map(|f| format!("{} is in another partition", f.file_path()))
         };
         if let Some(why) = why {
             let partition = spec.partition_to_path(&partition, schema.clone());
@@ -336,7 +350,10 @@ pub async fn compact(
         .build();
     let requirements = vec![
         TableRequirement::UuidMatch { uuid: metadata.uuid() },
-        TableRequirement::RefSnapshotIdMatch { r#ref: MAIN_BRANCH.to_string(), snapshot_id: Some(current.snapshot_id()) },
+        TableRequirement::RefSnapshotIdMatch {
+            r#ref: MAIN_BRANCH.to_string(),
+            snapshot_id: Some(current.snapshot_id()),
+        },
     ];
     let updates = vec![
         TableUpdate::AddSnapshot { snapshot },
@@ -494,11 +511,10 @@ mod tests {
         let spec = Arc::new(ExportTable::Changes.partition_spec().bind(schema.clone()).unwrap());
         // Before: 3 large files in `a` (kept), 5 small ones in `a` and 4 in `b` (replaced).
         let kept: Vec<DataFile> = (0..3).map(|n| file(n, "a", 1000, 100_000)).collect();
-        let removed: Vec<DataFile> = (3..8)
-            .map(|n| file(n, "a", 10 + n as u64, 700))
-            .chain((8..12).map(|n| file(n, "b", 20, 900)))
-            .collect();
-        let added = vec![file(12, "a", removed[..5].iter().map(|f| f.record_count()).sum(), 2_000), file(13, "b", 80, 1_500)];
+        let removed: Vec<DataFile> =
+            (3..8).map(|n| file(n, "a", 10 + n as u64, 700)).chain((8..12).map(|n| file(n, "b", 20, 900))).collect();
+        let added =
+            vec![file(12, "a", removed[..5].iter().map(|f| f.record_count()).sum(), 2_000), file(13, "b", 80, 1_500)];
         let records = |files: &[DataFile]| files.iter().map(|f| f.record_count()).sum::<u64>();
         let bytes = |files: &[DataFile]| files.iter().map(|f| f.file_size_in_bytes()).sum::<u64>();
         let extra = HashMap::from([(OUTBOX_THROUGH.to_string(), "4242".to_string())]);

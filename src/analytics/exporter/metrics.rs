@@ -78,7 +78,10 @@ impl ExportMetrics {
             )
             .unwrap(),
             compactions: IntCounterVec::new(
-                Opts::new("statehouse_compaction_runs_total", "Compaction snapshots committed by this replica, by table"),
+                Opts::new(
+                    "statehouse_compaction_runs_total",
+                    "Compaction snapshots committed by this replica, by table",
+                ),
                 &["table"],
             )
             .unwrap(),
