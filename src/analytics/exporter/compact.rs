@@ -52,6 +52,8 @@ const LARGE_ENOUGH_PERCENT: u64 = 75;
 /// rest waits for the next pass, so that the export cycle, which waits for
 /// the pass, is never held for long.
 const TARGETS_PER_PASS: u64 = 8;
+/// And at most this many files: small files cost more to open than to read.
+const FILES_PER_PASS: usize = 10_000;
 /// Entries per manifest written here: a reader reads a manifest whole.
 const MANIFEST_ENTRIES: usize = 10_000;
 
@@ -249,10 +251,8 @@ pub async fn compact(
     );
     let mut rewritten: Vec<Arc<ManifestEntry>> = Vec::new();
     let mut written: Vec<DataFile> = Vec::new();
-    for (partition, mut small) in chosen {
+    for (partition, small) in chosen {
         touch();
-        // In commit order, so a partition's rows stay in seq order.
-        small.sort_by(|a, b| (a.sequence_number, a.file_path()).cmp(&(b.sequence_number, b.file_path())));
         let files = rewrite(table, &small, policy.target_file_bytes).await?;
         let replaced: u64 = small.iter().map(|e| e.record_count()).sum();
         let rows: u64 = files.iter().map(DataFile::record_count).sum();
@@ -369,8 +369,9 @@ pub async fn compact(
     Ok(Some((committed, info)))
 }
 
-/// The partitions to rewrite and their small files: those with at least
-/// `min_files` small ones, the most first, up to a pass's worth of bytes.
+/// The partitions to rewrite and their small files, oldest first: those with
+/// at least `min_files` small ones, the most first, up to a pass's worth of
+/// bytes and files (a partition past it gives its oldest files).
 fn choose(live: &[Arc<ManifestEntry>], policy: &CompactionPolicy) -> Vec<(Struct, Vec<Arc<ManifestEntry>>)> {
     let small_below = policy.target_file_bytes.saturating_mul(LARGE_ENOUGH_PERCENT) / 100;
     let mut partitions: HashMap<Struct, Vec<Arc<ManifestEntry>>> = HashMap::new();
@@ -378,18 +379,27 @@ fn choose(live: &[Arc<ManifestEntry>], policy: &CompactionPolicy) -> Vec<(Struct
         partitions.entry(entry.data_file.partition().clone()).or_default().push(entry.clone());
     }
     // (Rewriting one small file would only rename it.)
-    let mut candidates: Vec<_> =
-        partitions.into_iter().filter(|(_, files)| files.len() >= policy.min_files.max(2)).collect();
+    let min_files = policy.min_files.max(2);
+    let mut candidates: Vec<_> = partitions.into_iter().filter(|(_, files)| files.len() >= min_files).collect();
     candidates.sort_by_cached_key(|(partition, files)| (std::cmp::Reverse(files.len()), format!("{partition:?}")));
     let budget = policy.target_file_bytes.saturating_mul(TARGETS_PER_PASS);
-    let mut bytes = 0u64;
+    let (mut bytes, mut count) = (0u64, 0usize);
     let mut chosen = Vec::new();
-    for (partition, files) in candidates {
-        let size: u64 = files.iter().map(|e| e.file_size_in_bytes()).sum();
-        if !chosen.is_empty() && bytes + size > budget {
+    for (partition, mut files) in candidates {
+        // In commit order, so a partition's rows stay in seq order.
+        files.sort_by(|a, b| (a.sequence_number, a.file_path()).cmp(&(b.sequence_number, b.file_path())));
+        let mut take = 0;
+        for file in &files {
+            let over = bytes + file.file_size_in_bytes() > budget || count + 1 > FILES_PER_PASS;
+            if over && (take >= min_files || !chosen.is_empty()) {
+                break;
+            }
+            (bytes, count, take) = (bytes + file.file_size_in_bytes(), count + 1, take + 1);
+        }
+        if take < 2 {
             break;
         }
-        bytes += size;
+        files.truncate(take);
         chosen.push((partition, files));
     }
     chosen
@@ -486,9 +496,12 @@ mod tests {
     use std::collections::HashMap;
     use std::sync::Arc;
 
-    use iceberg::spec::{DataContentType, DataFile, DataFileBuilder, DataFileFormat, Literal, Operation, Struct};
+    use iceberg::spec::{
+        DataContentType, DataFile, DataFileBuilder, DataFileFormat, Literal, ManifestEntry, ManifestStatus, Operation,
+        Struct,
+    };
 
-    use super::replace_summary;
+    use super::{choose, replace_summary, CompactionPolicy};
     use crate::analytics::catalog::OUTBOX_THROUGH;
     use crate::analytics::tables::ExportTable;
 
@@ -503,6 +516,32 @@ mod tests {
             .partition_spec_id(0)
             .build()
             .unwrap()
+    }
+
+    fn entry(file: DataFile, sequence: i64) -> Arc<ManifestEntry> {
+        Arc::new(
+            ManifestEntry::builder().status(ManifestStatus::Added).sequence_number(sequence).data_file(file).build(),
+        )
+    }
+
+    #[test]
+    fn a_pass_takes_the_partitions_with_most_small_files_oldest_first_up_to_its_budget() {
+        let policy =
+            |target| CompactionPolicy { enabled: true, target_file_bytes: target, min_files: 3, max_manifests: 8 };
+        // Partition a: 20 small files (newest first); b: 4 small and one large; c: 2 small.
+        let mut live: Vec<_> = (0..20).rev().map(|n| entry(file(n, "a", 1, 50), n as i64)).collect();
+        live.extend((20..24).map(|n| entry(file(n, "b", 1, 50), n as i64)));
+        live.push(entry(file(24, "b", 1, 90), 24));
+        live.extend((25..27).map(|n| entry(file(n, "c", 1, 50), n as i64)));
+        let names = |chosen: &[(Struct, Vec<Arc<ManifestEntry>>)]| -> Vec<Vec<i64>> {
+            chosen.iter().map(|(_, files)| files.iter().map(|e| e.sequence_number.unwrap()).collect()).collect()
+        };
+        // Ample budget: a, then b (c has too few small files).
+        let all = choose(&live, &policy(1 << 20));
+        assert_eq!(names(&all), vec![(0..20).collect::<Vec<_>>(), (20..25).collect()]);
+        // 8 targets of 100 bytes (b's 90-byte file is not small then): the 16 oldest of a, nothing of b.
+        let capped = choose(&live, &policy(100));
+        assert_eq!(names(&capped), vec![(0..16).collect::<Vec<_>>()]);
     }
 
     #[test]
