@@ -66,7 +66,7 @@ fn args() -> Args {
         match flag.as_str() {
             "--seconds" => args.seconds = value.parse().expect("--seconds takes a number"),
             "--connections" => args.connections = value.split(',').map(|c| c.parse().expect("numbers")).collect(),
-            "--workloads" => args.workloads = value.split(',').map(str::to_string).collect(),
+            "--workloads" => args.workloads = value.split(',').filter(|w| !w.is_empty()).map(str::to_string).collect(),
             "--binary" => args.binary = value,
             "--export-events" => args.export_events = value.parse().expect("--export-events takes a number"),
             "--database" => {
@@ -248,9 +248,12 @@ async fn main() {
     }
 }
 
-/// DuckDB over the `changes` table after many small export cycles, before and
-/// after compaction, and over the same rows as one Parquet file: `count(*)`
-/// and a filtered aggregate, each the median of 5 runs (bench/iceberg_query.py).
+/// DuckDB over the `changes` table after many small export cycles: before
+/// compaction, just after it, and once the snapshots before it expired and the
+/// next pass dropped its DELETED entries; against the same rows exported in
+/// one cycle (one snapshot, one file per partition) and written as one Parquet
+/// file. `count(*)` and a filtered aggregate, each the median of 5 runs
+/// (bench/iceberg_query.py).
 async fn compaction(args: &Args, dir: &std::path::Path, client: &reqwest::Client) {
     let venv = args.venv.clone().unwrap_or_else(|| {
         panic!(
@@ -261,36 +264,21 @@ async fn compaction(args: &Args, dir: &std::path::Path, client: &reqwest::Client
     let python = std::path::Path::new(&venv).join("bin/python");
     assert!(python.is_file(), "{} does not exist", python.display());
     let cycles = args.compaction_cycles;
-    let off = [
-        ("STATEHOUSE_EXPORT_INTERVAL_MS", "3600000".to_string()),
-        ("STATEHOUSE_COMPACTION_ENABLED", "false".to_string()),
-    ];
-    let (mut server, base) = start_server(&args.binary, dir, "compaction", &off, client).await;
+    let hour = ("STATEHOUSE_EXPORT_INTERVAL_MS", "3600000".to_string());
+    let off = ("STATEHOUSE_COMPACTION_ENABLED", "false".to_string());
+    let (server, base) = start_server(&args.binary, dir, "compaction", &[hour.clone(), off.clone()], client).await;
     wait_for_export_tables(client, &base).await;
     let started = Instant::now();
     for cycle in 0..cycles {
-        for ns in 0..4 {
-            let ops: Vec<_> = (0..25)
-                .map(|i| json!({"op": "put", "key": format!("k{}", (cycle * 25 + i) % 5000), "value": {"cycle": cycle, "i": i, "sku": "ABC-123"}}))
-                .collect();
-            let r = client
-                .post(format!("{base}/v1/objects/ns{ns}/obj{}/batch", cycle % 10))
-                .json(&json!({"ops": ops}))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 200);
-        }
+        load_changes(client, &base, cycle).await;
         let r = client.post(format!("{base}/v1/admin/export")).send().await.unwrap();
         assert_eq!(r.status(), 200);
     }
     let exporting = started.elapsed().as_secs_f64();
-    let before = changes_table(client, &base).await;
-    let _ = server.kill();
-    let _ = server.wait();
-    let one_file = dir.join("compaction-one-file.parquet");
-    let query = |metadata: &serde_json::Value, one_file: Option<&std::path::Path>| {
-        let request = json!({"metadata_location": metadata, "one_file": one_file, "runs": 5});
+    let small = changes_table(client, &base).await;
+    stop(server);
+    let query = |table: &serde_json::Value, one_file: Option<&std::path::Path>| {
+        let request = json!({"metadata_location": table["metadata_location"], "one_file": one_file, "runs": 5});
         let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/iceberg_query.py");
         let mut child = std::process::Command::new(&python)
             .arg(script)
@@ -304,40 +292,109 @@ async fn compaction(args: &Args, dir: &std::path::Path, client: &reqwest::Client
         assert!(out.status.success(), "bench/iceberg_query.py failed");
         serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("the query script prints JSON")
     };
-    let small = query(&before["metadata_location"], None);
+    let before = query(&small, None);
 
     // The same warehouse with compaction on: the first cycle's maintenance pass compacts.
-    let (mut server, base) = start_server(&args.binary, dir, "compaction", &off[..1], client).await;
+    let (server, base) = start_server(&args.binary, dir, "compaction", std::slice::from_ref(&hour), client).await;
     let started = Instant::now();
     let r = client.post(format!("{base}/v1/admin/export")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let compacting = started.elapsed().as_secs_f64();
-    let after = changes_table(client, &base).await;
-    assert!(after["last_compaction"].is_object(), "the changes table was not compacted: {after}");
-    let _ = server.kill();
-    let _ = server.wait();
-    let compacted = query(&after["metadata_location"], Some(&one_file));
+    let compacted = changes_table(client, &base).await;
+    assert!(compacted["last_compaction"].is_object(), "the changes table was not compacted: {compacted}");
+    stop(server);
+    let after = query(&compacted, None);
+
+    // A day later: one more cycle, the snapshots before it expired, and the
+    // next pass merged the compaction's DELETED entries away.
+    let expire = [
+        hour.clone(),
+        ("STATEHOUSE_EXPORT_SNAPSHOT_MAX_AGE_MS", "0".to_string()),
+        ("STATEHOUSE_EXPORT_MIN_SNAPSHOTS", "1".to_string()),
+    ];
+    let (server, base) = start_server(&args.binary, dir, "compaction", &expire, client).await;
+    load_changes(client, &base, cycles).await;
+    let r = client.post(format!("{base}/v1/admin/export")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let settled = changes_table(client, &base).await;
+    stop(server);
+    let one_file = dir.join("compaction-one-file.parquet");
+    let later = query(&settled, Some(&one_file));
+
+    // The same rows, exported in one cycle.
+    let env = [hour, off, ("STATEHOUSE_EXPORT_BATCH_ROWS", "10000000".to_string())];
+    let (server, base) = start_server(&args.binary, dir, "compaction-once", &env, client).await;
+    wait_for_export_tables(client, &base).await;
+    for cycle in 0..=cycles {
+        load_changes(client, &base, cycle).await;
+    }
+    let r = client.post(format!("{base}/v1/admin/export")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let once = changes_table(client, &base).await;
+    stop(server);
+    let baseline = query(&once, None);
+    assert_eq!(small["rows"], after["count"], "compaction changed the row count");
+    assert_eq!(later["count"], baseline["count"], "the one-cycle table holds other rows");
+    assert_eq!(later["filtered"], baseline["filtered"], "the one-cycle table holds other rows");
+
     let ms = |result: &serde_json::Value, key: &str| result[key].as_f64().unwrap_or(f64::NAN);
-    assert_eq!(small["count"], compacted["count"], "compaction changed the row count");
+    let shape = |t: &serde_json::Value| {
+        format!("data_files={} manifests={} snapshots={}", t["data_files"], t["manifests"], t["snapshots"])
+    };
     println!(
-        "compaction=changes cycles={cycles} rows={} exporting_s={exporting:.1} compaction_s={compacting:.2} \
-         data_files={}->{} manifests={}->{} \
-         count_ms={:.1}->{:.1} filtered_ms={:.1}->{:.1} one_file_count_ms={:.1} one_file_filtered_ms={:.1} \
-         x_one_file_count={:.2} x_one_file_filtered={:.2}",
-        after["rows"],
-        before["data_files"],
-        after["data_files"],
-        before["manifests"],
-        after["manifests"],
-        ms(&small, "count_ms"),
-        ms(&compacted, "count_ms"),
-        ms(&small, "filtered_ms"),
-        ms(&compacted, "filtered_ms"),
-        ms(&compacted, "one_file_count_ms"),
-        ms(&compacted, "one_file_filtered_ms"),
-        ms(&compacted, "count_ms") / ms(&compacted, "one_file_count_ms"),
-        ms(&compacted, "filtered_ms") / ms(&compacted, "one_file_filtered_ms"),
+        "compaction=changes cycles={cycles} rows={} exporting_s={exporting:.1} compaction_s={compacting:.2}",
+        small["rows"]
     );
+    for (stage, table, result) in [
+        ("small_files", &small, &before),
+        ("compacted", &compacted, &after),
+        ("compacted_history_expired", &settled, &later),
+        ("one_cycle", &once, &baseline),
+    ] {
+        println!(
+            "compaction=changes stage={stage} {} count_ms={:.1} filtered_ms={:.1} x_one_cycle_count={:.2} \
+             x_one_cycle_filtered={:.2} x_one_file_count={:.1} x_one_file_filtered={:.1}",
+            shape(table),
+            ms(result, "count_ms"),
+            ms(result, "filtered_ms"),
+            ms(result, "count_ms") / ms(&baseline, "count_ms"),
+            ms(result, "filtered_ms") / ms(&baseline, "filtered_ms"),
+            ms(result, "count_ms") / ms(&later, "one_file_count_ms"),
+            ms(result, "filtered_ms") / ms(&later, "one_file_filtered_ms"),
+        );
+    }
+    println!(
+        "compaction=changes stage=one_parquet_file count_ms={:.1} filtered_ms={:.1}",
+        ms(&later, "one_file_count_ms"),
+        ms(&later, "one_file_filtered_ms")
+    );
+}
+
+/// SIGTERM and wait: the exporter lease is released, so that the next server
+/// on the same database exports at once (a killed one holds it for a lease).
+fn stop(mut server: std::process::Child) {
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe { libc::kill(server.id() as i32, libc::SIGTERM) };
+    let _ = server.wait();
+}
+
+/// One cycle's writes for the compaction bench: 25 puts into each of 4 namespaces.
+async fn load_changes(client: &reqwest::Client, base: &str, cycle: usize) {
+    for ns in 0..4 {
+        let ops: Vec<_> = (0..25)
+            .map(|i| {
+                let value = json!({"cycle": cycle, "i": i, "sku": "ABC-123"});
+                json!({"op": "put", "key": format!("k{}", (cycle * 25 + i) % 5000), "value": value})
+            })
+            .collect();
+        let r = client
+            .post(format!("{base}/v1/objects/ns{ns}/obj{}/batch", cycle % 10))
+            .json(&json!({"ops": ops}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
 }
 
 async fn changes_table(client: &reqwest::Client, base: &str) -> serde_json::Value {

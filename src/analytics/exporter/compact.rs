@@ -7,9 +7,9 @@
 //! iceberg-rust 0.10 has no rewrite action, so the snapshot is built here
 //! from its manifest and manifest-list writers, as the Iceberg spec lays out a
 //! rewrite: the replaced files are DELETED entries (keeping their sequence
-//! numbers), the files kept are EXISTING entries in the same manifest, and the
-//! new files are ADDED in another, inheriting the new snapshot's sequence
-//! number. Rows are not changed, so the snapshot carries the outbox seq of the
+//! numbers), the files kept EXISTING entries, and the new files ADDED ones,
+//! inheriting the new snapshot's sequence number, each kind in manifests of
+//! its own. Rows are not changed, so the snapshot carries the outbox seq of the
 //! snapshot it replaces: the next cycle starts where the last one ended.
 //!
 //! It is committed like an export snapshot, by the exporter under its lease,
@@ -25,7 +25,7 @@ use std::sync::Arc;
 use iceberg::arrow::ArrowReaderBuilder;
 use iceberg::scan::FileScanTask;
 use iceberg::spec::{
-    DataFile, FormatVersion, ManifestContentType, ManifestEntry, ManifestFile, ManifestListWriter,
+    DataFile, DataFileBuilder, FormatVersion, ManifestContentType, ManifestEntry, ManifestFile, ManifestListWriter,
     ManifestWriterBuilder, Operation, PartitionSpecRef, SchemaRef, Snapshot, SnapshotReference, SnapshotRetention,
     SnapshotSummaryCollector, Struct, Summary, MAIN_BRANCH,
 };
@@ -64,7 +64,8 @@ pub struct CompactionPolicy {
     pub target_file_bytes: u64,
     /// A partition is rewritten once it has this many small files.
     pub min_files: usize,
-    /// A table with more manifests than this has them merged, files rewritten or not.
+    /// A table with more manifests than this has them merged, files rewritten
+    /// or not (as is one still carrying an earlier compaction's DELETED entries).
     pub max_manifests: usize,
 }
 
@@ -238,7 +239,12 @@ pub async fn compact(
     }
 
     let chosen = choose(&live, policy);
-    if chosen.is_empty() && manifests.len() <= policy.max_manifests {
+    // DELETED entries record what the snapshot that wrote them replaced; the
+    // appends after it carry them on, and readers still decode them.
+    let stale = manifests
+        .iter()
+        .any(|m| m.added_snapshot_id != current.snapshot_id() && !m.has_added_files() && !m.has_existing_files());
+    if chosen.is_empty() && manifests.len() <= policy.max_manifests && !stale {
         return Ok(None);
     }
     let snapshot_id = new_snapshot_id(table);
@@ -272,9 +278,12 @@ pub async fn compact(
         written.extend(files);
     }
 
-    // The manifests: every entry of the snapshot (kept ones EXISTING, replaced
-    // ones DELETED with their sequence numbers) in few manifests, grouped by
-    // partition so that readers can skip a manifest by its partition summary.
+    // The manifests: the kept files as EXISTING entries, the replaced ones as
+    // DELETED entries (both keeping their sequence numbers), and the new
+    // files, each kind in manifests of its own, grouped by partition so that
+    // readers can skip a manifest by its partition summary. A manifest of
+    // DELETED entries only has no live file: scans planning the current
+    // snapshot skip it by its counts in the manifest list.
     let commit = uuid::Uuid::now_v7();
     let mut counter = 0..;
     let mut new_manifest = || {
@@ -290,19 +299,30 @@ pub async fn compact(
         )
     };
     let replaced: HashSet<&str> = rewritten.iter().map(|e| e.file_path()).collect();
-    let mut carried: Vec<&Arc<ManifestEntry>> = live.iter().collect();
-    carried.sort_by_cached_key(|e| (partition_key(&e.data_file), e.file_path().to_string()));
+    let mut kept: Vec<&Arc<ManifestEntry>> = live.iter().filter(|e| !replaced.contains(e.file_path())).collect();
+    kept.sort_by_cached_key(|e| (partition_key(&e.data_file), e.file_path().to_string()));
     let mut new_manifests: Vec<ManifestFile> = Vec::new();
-    for chunk in carried.chunks(MANIFEST_ENTRIES) {
+    for chunk in kept.chunks(MANIFEST_ENTRIES) {
         let mut writer = new_manifest()?;
         for entry in chunk {
-            let (seq, file_seq) = (sequence(entry)?, entry.file_sequence_number);
-            if replaced.contains(entry.file_path()) {
-                writer.add_delete_file(entry.data_file.clone(), seq, file_seq)?;
-            } else {
-                let added_by = entry.snapshot_id.ok_or_else(|| missing(entry, "snapshot id"))?;
-                writer.add_existing_file(entry.data_file.clone(), added_by, seq, file_seq)?;
-            }
+            let added_by = entry.snapshot_id.ok_or_else(|| missing(entry, "snapshot id"))?;
+            writer.add_existing_file(
+                entry.data_file.clone(),
+                added_by,
+                sequence(entry)?,
+                entry.file_sequence_number,
+            )?;
+        }
+        new_manifests.push(writer.write_manifest_file().await?);
+    }
+    for chunk in rewritten.chunks(MANIFEST_ENTRIES) {
+        let mut writer = new_manifest()?;
+        for entry in chunk {
+            writer.add_delete_file(
+                without_metrics(&entry.data_file, spec.spec_id())?,
+                sequence(entry)?,
+                entry.file_sequence_number,
+            )?;
         }
         new_manifests.push(writer.write_manifest_file().await?);
     }
@@ -328,8 +348,7 @@ pub async fn compact(
     list.add_manifests(new_manifests.into_iter())?;
     list.close().await?;
 
-    let kept: Vec<&DataFile> =
-        live.iter().filter(|e| !replaced.contains(e.file_path())).map(|e| &e.data_file).collect();
+    let kept: Vec<&DataFile> = kept.iter().map(|e| &e.data_file).collect();
     let removed: Vec<&DataFile> = rewritten.iter().map(|e| &e.data_file).collect();
     let mut extra = properties;
     // The rows are the same: the next cycle must start where this snapshot's parent ended.
@@ -465,6 +484,24 @@ fn replace_summary(
         properties.insert(key.to_string(), value.to_string());
     }
     Summary { operation: Operation::Replace, additional_properties: properties }
+}
+
+/// A DELETED entry's file without its column metrics (optional in the spec):
+/// scans never use them, and they are most of an entry's bytes, which some
+/// readers (DuckDB) decode for every manifest of the snapshot they plan.
+fn without_metrics(file: &DataFile, spec_id: i32) -> Result<DataFile, iceberg::Error> {
+    DataFileBuilder::default()
+        .content(file.content_type())
+        .file_path(file.file_path().to_string())
+        .file_format(file.file_format())
+        .partition(file.partition().clone())
+        .record_count(file.record_count())
+        .file_size_in_bytes(file.file_size_in_bytes())
+        .key_metadata(file.key_metadata().map(<[u8]>::to_vec))
+        .split_offsets(file.split_offsets().map(<[i64]>::to_vec))
+        .partition_spec_id(spec_id)
+        .build()
+        .map_err(|e| iceberg::Error::new(iceberg::ErrorKind::Unexpected, e.to_string()))
 }
 
 /// Orders files by partition (any fixed order serves).
