@@ -4,14 +4,14 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, Problem};
-use super::extract::{list_limit, ApiQuery, NamespacePath, ObjectPath, Replay};
-use super::{commit, written, Routed, SharedState};
+use super::extract::{list_limit, ApiQuery, NamespacePath, ObjectPath};
+use super::{written, SharedState};
 use crate::clock::{now_ms, rfc3339_ms};
 use crate::objects::{self, validate_id_prefix, Mutation, OpResult};
+use crate::routing::{Replay, Routed};
 
 #[derive(Serialize, ToSchema)]
 pub struct ObjectBody {
@@ -74,7 +74,7 @@ pub async fn delete_object(
     if !replay.body.is_empty() {
         return Err(ApiError::BadRequest("DELETE of an object takes no body".into()));
     }
-    let committed = match commit(&state, &object, Mutation::DeleteAll, replay).await? {
+    let committed = match state.routing.commit(&object, Mutation::DeleteAll, replay).await? {
         Routed::Forwarded(forwarded) => return Ok(forwarded.into_response()),
         Routed::Local(committed) => committed,
     };
@@ -82,11 +82,7 @@ pub async fn delete_object(
         Some(OpResult::DeleteAll { deleted_keys, deleted_blobs }) => (*deleted_keys, *deleted_blobs),
         _ => (0, 0),
     };
-    Ok(written(
-        &committed,
-        StatusCode::OK,
-        json!({ "deleted_keys": deleted_keys, "deleted_blobs": deleted_blobs, "version": committed.version }),
-    ))
+    Ok(written(&committed, StatusCode::OK, DeleteAllBody { deleted_keys, deleted_blobs, version: committed.version }))
 }
 
 #[derive(Deserialize, IntoParams)]

@@ -549,6 +549,10 @@ export interface components {
             /** @description Snapshots this cycle committed, oldest first. */
             snapshots: components["schemas"]["CommittedSnapshot"][];
         };
+        HealthBody: {
+            /** @description Always `ok`. */
+            status: string;
+        };
         IcebergErrorModel: {
             /** Format: int32 */
             code: number;
@@ -657,6 +661,15 @@ export interface components {
             title: string;
             type: string;
         };
+        ReadyBody: {
+            /**
+             * Format: int64
+             * @description The database's migration, the one this binary needs.
+             */
+            schema_version: number;
+            /** @description Always `ready`. */
+            status: string;
+        };
         RestCatalogInfo: {
             /** @description The catalog's path on this server: its URI is this server's base URL plus this path. */
             path: string;
@@ -732,7 +745,9 @@ export interface operations {
                 headers: {
                     [name: string]: unknown;
                 };
-                content?: never;
+                content: {
+                    "application/json": components["schemas"]["HealthBody"];
+                };
             };
             /** @description invalid namespace, id, key, query, header or body */
             400: {
@@ -1497,7 +1512,9 @@ export interface operations {
                 headers: {
                     [name: string]: unknown;
                 };
-                content?: never;
+                content: {
+                    "application/json": components["schemas"]["ReadyBody"];
+                };
             };
             /** @description invalid namespace, id, key, query, header or body */
             400: {
