@@ -253,3 +253,28 @@ where
     P::schemas(&mut schemas);
     (schemas, paths, handlers)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_documented_operation_and_every_undocumented_route_has_its_need() {
+        let doc = document();
+        for (path, item) in &doc.paths.paths {
+            for method in methods(item) {
+                assert!(need(&method, path).is_some(), "{method} {path} has no need");
+            }
+        }
+        let key = "/v1/objects/{ns}/{id}/kv/{*key}";
+        assert_eq!(need(&Method::HEAD, key), Some(Need::Namespace(Right::Read)));
+        assert_eq!(need(&Method::PUT, key), Some(Need::Namespace(Right::Write)));
+        assert_eq!(need(&Method::PATCH, key), None);
+        let presign = "/v1/objects/{ns}/{id}/blobs/{name}/presign";
+        assert_eq!(need(&Method::POST, presign), Some(Need::Namespace(Right::Write)));
+        assert_eq!(need(&Method::POST, "/iceberg/v1/{prefix}/transactions/commit"), Some(Need::Analytics));
+        assert_eq!(need(&Method::POST, "/v1/internal/objects/{ns}/{id}/blob-commit"), Some(Need::Peer(Right::Write)));
+        assert!(!doc.paths.paths.contains_key("/v1/internal/objects/{ns}/{id}/blob-commit"));
+        assert_eq!(need(&Method::GET, "/nowhere"), None);
+    }
+}
