@@ -56,6 +56,7 @@ pub(super) fn route_list(limits: BodyLimits) -> RouteList {
         .add("/v1/objects/{ns}", Namespace(Read), Unread, routes!(objects::list_objects))
         .add("/v1/objects/{ns}/{id}", Namespace(Read), Unread, routes!(objects::get_object))
         .add("/v1/objects/{ns}/{id}", Namespace(Write), Unread, routes!(objects::delete_object))
+        .add("/v1/objects/{ns}/{id}/history", Namespace(Read), Unread, routes!(objects::get_history))
         .add("/v1/objects/{ns}/{id}/kv", Namespace(Read), Unread, routes!(kv::list_keys))
         .add(KEY, Namespace(Read), Unread, routes!(kv::get_key))
         .add(KEY, Namespace(Write), Value, routes!(kv::put_key, kv::delete_key))

@@ -43,6 +43,8 @@ use crate::threads::{self, Priority};
 use crate::writer::Writer;
 use metrics::ExportMetrics;
 
+pub(crate) use cycle::exported_through;
+
 /// Snapshots a cycle may append per table before it lets the next cycle go on.
 const MAX_SNAPSHOTS_PER_TABLE_PER_CYCLE: usize = 8;
 const MAX_BACKOFF: Duration = Duration::from_secs(60);

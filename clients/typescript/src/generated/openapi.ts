@@ -338,6 +338,27 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/objects/{ns}/{id}/history": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * An object's versions, newest first: when, under which fence and by which
+         *     replica each was committed, and the keys and blobs it changed. Includes
+         *     changes not yet exported to the Iceberg tables.
+         */
+        get: operations["get_history"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/objects/{ns}/{id}/kv": {
         parameters: {
             query?: never;
@@ -478,6 +499,12 @@ export interface components {
                 [key: string]: string;
             };
         };
+        ChangeBody: {
+            /** @description The key or blob name; absent for delete_all. */
+            key?: string | null;
+            /** @description put, delete, delete_all, blob_put or blob_delete. */
+            op: string;
+        };
         /** @description After a presigned PUT: which upload becomes the blob, and its headers. */
         CommitRequest: {
             cache_control?: string | null;
@@ -552,6 +579,12 @@ export interface components {
         HealthBody: {
             /** @description Always `ok`. */
             status: string;
+        };
+        HistoryBody: {
+            /** @description Pass as `cursor` for older versions; null on the last page. */
+            cursor?: string | null;
+            /** @description Newest first. */
+            versions: components["schemas"]["VersionBody"][];
         };
         IcebergErrorModel: {
             /** Format: int32 */
@@ -2830,6 +2863,93 @@ export interface operations {
             };
             /** @description the body is larger than this route allows */
             413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description too many requests from this caller */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description database, object store or owner replica unreachable or busy, or the request timed out */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    get_history: {
+        parameters: {
+            query?: {
+                /** @description 1-1000 versions, default 100. */
+                limit?: number;
+                /** @description From a previous page's `cursor`: versions older than it. */
+                cursor?: string;
+            };
+            header?: never;
+            path: {
+                ns: string;
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HistoryBody"];
+                };
+            };
+            /** @description invalid namespace, id, key, query, header or body */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description missing or invalid credential */
+            401: {
+                headers: {
+                    /** @description the scheme to authenticate with: Bearer */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description the credential does not allow this namespace or operation */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description no such object, key, blob or route */
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };
