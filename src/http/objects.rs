@@ -152,13 +152,13 @@ pub struct HistoryQuery {
 #[derive(Serialize, ToSchema)]
 pub struct HistoryBody {
     /// Newest first.
-    versions: Vec<VersionBody>,
+    versions: Vec<HistoryVersion>,
     /// Pass as `cursor` for older versions; null on the last page.
     cursor: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]
-pub struct VersionBody {
+pub struct HistoryVersion {
     version: i64,
     /// RFC 3339: when the version was committed.
     committed_at: String,
@@ -167,11 +167,11 @@ pub struct VersionBody {
     /// The replica that committed it.
     instance: String,
     /// What it changed, in order.
-    changes: Vec<ChangeBody>,
+    changes: Vec<HistoryChange>,
 }
 
 #[derive(Serialize, ToSchema)]
-pub struct ChangeBody {
+pub struct HistoryChange {
     /// put, delete, delete_all, blob_put or blob_delete.
     op: String,
     /// The key or blob name; absent for delete_all.
@@ -220,12 +220,12 @@ pub async fn get_history(
     let cursor = if more { versions.last().map(|v| v.version.to_string()) } else { None };
     let versions = versions
         .into_iter()
-        .map(|v| VersionBody {
+        .map(|v| HistoryVersion {
             version: v.version,
             committed_at: rfc3339_ms(v.ts_micros / 1000),
             fence: v.fence,
             instance: v.instance,
-            changes: v.changes.into_iter().map(|(op, key)| ChangeBody { op, key }).collect(),
+            changes: v.changes.into_iter().map(|(op, key)| HistoryChange { op, key }).collect(),
         })
         .collect();
     Ok(axum::Json(HistoryBody { versions, cursor }).into_response())

@@ -150,7 +150,16 @@ impl RouteList {
                 }
             }
         }
-        self.doc.components.get_or_insert_with(Default::default).schemas.extend(schemas);
+        let components = self.doc.components.get_or_insert_with(Default::default);
+        for (name, schema) in schemas {
+            // The document names schemas by type name alone: two types of one
+            // name would silently describe one route with the other's fields.
+            if let Some(known) = components.schemas.get(&name) {
+                let same = serde_json::to_value(known).ok() == serde_json::to_value(&schema).ok();
+                assert!(same, "two different types are named {name} in the OpenAPI document; rename one");
+            }
+            components.schemas.insert(name, schema);
+        }
         let handlers = self.limited(handlers, body);
         self.router = self.router.route(path, handlers);
         self

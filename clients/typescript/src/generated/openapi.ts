@@ -499,12 +499,6 @@ export interface components {
                 [key: string]: string;
             };
         };
-        ChangeBody: {
-            /** @description The key or blob name; absent for delete_all. */
-            key?: string | null;
-            /** @description put, delete, delete_all, blob_put or blob_delete. */
-            op: string;
-        };
         /** @description After a presigned PUT: which upload becomes the blob, and its headers. */
         CommitRequest: {
             cache_control?: string | null;
@@ -584,7 +578,28 @@ export interface components {
             /** @description Pass as `cursor` for older versions; null on the last page. */
             cursor?: string | null;
             /** @description Newest first. */
-            versions: components["schemas"]["VersionBody"][];
+            versions: components["schemas"]["HistoryVersion"][];
+        };
+        HistoryChange: {
+            /** @description The key or blob name; absent for delete_all. */
+            key?: string | null;
+            /** @description put, delete, delete_all, blob_put or blob_delete. */
+            op: string;
+        };
+        HistoryVersion: {
+            /** @description What it changed, in order. */
+            changes: components["schemas"]["HistoryChange"][];
+            /** @description RFC 3339: when the version was committed. */
+            committed_at: string;
+            /**
+             * Format: int64
+             * @description The fence it was committed under.
+             */
+            fence: number;
+            /** @description The replica that committed it. */
+            instance: string;
+            /** Format: int64 */
+            version: number;
         };
         IcebergErrorModel: {
             /** Format: int32 */
