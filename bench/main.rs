@@ -25,6 +25,10 @@ struct Args {
     baselines: bool,
     /// sqld as if this far away: each direction of every connection to it is held this long.
     database_latency_ms: u64,
+    /// Small export cycles before the compaction bench (0: skip it).
+    compaction_cycles: usize,
+    /// The Python venv with DuckDB (scripts/test builds it) the compaction bench queries with.
+    venv: Option<String>,
 }
 
 /// The server binary of the same build: the bench runs as
@@ -46,12 +50,14 @@ fn args() -> Args {
         database: "file".into(),
         baselines: true,
         database_latency_ms: 0,
+        compaction_cycles: 1000,
+        venv: std::env::var("STATEHOUSE_TEST_VENV").ok(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "--help" || flag == "-h" {
             println!(
-                "bench [--seconds N] [--connections 32,256] [--workloads {}] [--binary PATH] [--export-events N (0: skip the export benches)] [--database file|sqld (sqld: also on a libSQL server from SQLD_BIN, side by side)] [--baselines false] [--database-latency-ms N (sqld behind a proxy holding each direction N ms)]",
+                "bench [--seconds N] [--connections 32,256] [--workloads {}] [--binary PATH] [--export-events N (0: skip the export benches)] [--database file|sqld (sqld: also on a libSQL server from SQLD_BIN, side by side)] [--baselines false] [--database-latency-ms N (sqld behind a proxy holding each direction N ms)] [--compaction-cycles N (0: skip the compaction bench)] [--venv PATH (DuckDB for it; default $STATEHOUSE_TEST_VENV)]",
                 WORKLOADS.join(",")
             );
             std::process::exit(0);
@@ -71,6 +77,10 @@ fn args() -> Args {
             "--database-latency-ms" => {
                 args.database_latency_ms = value.parse().expect("--database-latency-ms takes a number")
             }
+            "--compaction-cycles" => {
+                args.compaction_cycles = value.parse().expect("--compaction-cycles takes a number")
+            }
+            "--venv" => args.venv = Some(value),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -233,6 +243,107 @@ async fn main() {
         export_throughput(&args, dir.path(), &client).await;
         export_lag(&args, dir.path(), &client).await;
     }
+    if args.compaction_cycles > 0 && args.database == "file" {
+        compaction(&args, dir.path(), &client).await;
+    }
+}
+
+/// DuckDB over the `changes` table after many small export cycles, before and
+/// after compaction, and over the same rows as one Parquet file: `count(*)`
+/// and a filtered aggregate, each the median of 5 runs (bench/iceberg_query.py).
+async fn compaction(args: &Args, dir: &std::path::Path, client: &reqwest::Client) {
+    let venv = args.venv.clone().unwrap_or_else(|| {
+        panic!(
+            "the compaction bench queries with DuckDB: pass --venv or set STATEHOUSE_TEST_VENV to a venv with \
+             tests/iceberg/requirements.txt (scripts/test builds one), or skip it with --compaction-cycles 0"
+        )
+    });
+    let python = std::path::Path::new(&venv).join("bin/python");
+    assert!(python.is_file(), "{} does not exist", python.display());
+    let cycles = args.compaction_cycles;
+    let off = [
+        ("STATEHOUSE_EXPORT_INTERVAL_MS", "3600000".to_string()),
+        ("STATEHOUSE_COMPACTION_ENABLED", "false".to_string()),
+    ];
+    let (mut server, base) = start_server(&args.binary, dir, "compaction", &off, client).await;
+    wait_for_export_tables(client, &base).await;
+    let started = Instant::now();
+    for cycle in 0..cycles {
+        for ns in 0..4 {
+            let ops: Vec<_> = (0..25)
+                .map(|i| json!({"op": "put", "key": format!("k{}", (cycle * 25 + i) % 5000), "value": {"cycle": cycle, "i": i, "sku": "ABC-123"}}))
+                .collect();
+            let r = client
+                .post(format!("{base}/v1/objects/ns{ns}/obj{}/batch", cycle % 10))
+                .json(&json!({"ops": ops}))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 200);
+        }
+        let r = client.post(format!("{base}/v1/admin/export")).send().await.unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let exporting = started.elapsed().as_secs_f64();
+    let before = changes_table(client, &base).await;
+    let _ = server.kill();
+    let _ = server.wait();
+    let one_file = dir.join("compaction-one-file.parquet");
+    let query = |metadata: &serde_json::Value, one_file: Option<&std::path::Path>| {
+        let request = json!({"metadata_location": metadata, "one_file": one_file, "runs": 5});
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("bench/iceberg_query.py");
+        let mut child = std::process::Command::new(&python)
+            .arg(script)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run bench/iceberg_query.py");
+        use std::io::Write as _;
+        child.stdin.take().unwrap().write_all(request.to_string().as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "bench/iceberg_query.py failed");
+        serde_json::from_slice::<serde_json::Value>(&out.stdout).expect("the query script prints JSON")
+    };
+    let small = query(&before["metadata_location"], None);
+
+    // The same warehouse with compaction on: the first cycle's maintenance pass compacts.
+    let (mut server, base) = start_server(&args.binary, dir, "compaction", &off[..1], client).await;
+    let started = Instant::now();
+    let r = client.post(format!("{base}/v1/admin/export")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let compacting = started.elapsed().as_secs_f64();
+    let after = changes_table(client, &base).await;
+    assert!(after["last_compaction"].is_object(), "the changes table was not compacted: {after}");
+    let _ = server.kill();
+    let _ = server.wait();
+    let compacted = query(&after["metadata_location"], Some(&one_file));
+    let ms = |result: &serde_json::Value, key: &str| result[key].as_f64().unwrap_or(f64::NAN);
+    assert_eq!(small["count"], compacted["count"], "compaction changed the row count");
+    println!(
+        "compaction=changes cycles={cycles} rows={} exporting_s={exporting:.1} compaction_s={compacting:.2} \
+         data_files={}->{} manifests={}->{} \
+         count_ms={:.1}->{:.1} filtered_ms={:.1}->{:.1} one_file_count_ms={:.1} one_file_filtered_ms={:.1} \
+         x_one_file_count={:.2} x_one_file_filtered={:.2}",
+        after["rows"],
+        before["data_files"],
+        after["data_files"],
+        before["manifests"],
+        after["manifests"],
+        ms(&small, "count_ms"),
+        ms(&compacted, "count_ms"),
+        ms(&small, "filtered_ms"),
+        ms(&compacted, "filtered_ms"),
+        ms(&compacted, "one_file_count_ms"),
+        ms(&compacted, "one_file_filtered_ms"),
+        ms(&compacted, "count_ms") / ms(&compacted, "one_file_count_ms"),
+        ms(&compacted, "filtered_ms") / ms(&compacted, "one_file_filtered_ms"),
+    );
+}
+
+async fn changes_table(client: &reqwest::Client, base: &str) -> serde_json::Value {
+    let body: serde_json::Value =
+        client.get(format!("{base}/v1/analytics/tables")).send().await.unwrap().json().await.unwrap();
+    body["tables"].as_array().unwrap().iter().find(|t| t["name"] == "statehouse.changes").unwrap().clone()
 }
 
 /// Starts the release binary on `<dir>/<name>.db` and waits until it is ready.

@@ -281,6 +281,26 @@ pub struct Settings {
           value_parser = clap::value_parser!(u64).range(1..=100_000))]
     pub export_min_snapshots: u64,
 
+    /// Whether the exporter compacts the Iceberg tables in its maintenance pass (every sweep interval).
+    #[arg(long = "compaction-enabled", env = "STATEHOUSE_COMPACTION_ENABLED", default_value_t = true,
+          action = clap::ArgAction::Set)]
+    pub compaction_enabled: bool,
+
+    /// Size compaction rewrites small data files into, in bytes; files under 3/4 of it count as small.
+    #[arg(long = "compaction-target-bytes", env = "STATEHOUSE_COMPACTION_TARGET_BYTES", default_value_t = 128 * 1024 * 1024,
+          value_parser = clap::value_parser!(u64).range(1024..=(1u64 << 40)))]
+    pub compaction_target_bytes: u64,
+
+    /// A partition's small data files are rewritten once it has at least this many.
+    #[arg(long = "compaction-min-files", env = "STATEHOUSE_COMPACTION_MIN_FILES", default_value_t = 5,
+          value_parser = clap::value_parser!(u64).range(2..=1_000_000))]
+    pub compaction_min_files: u64,
+
+    /// A table with more manifests than this has them merged, whether or not files are rewritten.
+    #[arg(long = "compaction-max-manifests", env = "STATEHOUSE_COMPACTION_MAX_MANIFESTS", default_value_t = 8,
+          value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    pub compaction_max_manifests: u64,
+
     /// Address to bind the HTTP server to (`0.0.0.0:8080` in container images).
     #[arg(long = "listen", env = "STATEHOUSE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -722,6 +742,10 @@ pub const ENV_VARS: &[&str] = &[
     "STATEHOUSE_EXPORT_BATCH_ROWS",
     "STATEHOUSE_EXPORT_SNAPSHOT_MAX_AGE_MS",
     "STATEHOUSE_EXPORT_MIN_SNAPSHOTS",
+    "STATEHOUSE_COMPACTION_ENABLED",
+    "STATEHOUSE_COMPACTION_TARGET_BYTES",
+    "STATEHOUSE_COMPACTION_MIN_FILES",
+    "STATEHOUSE_COMPACTION_MAX_MANIFESTS",
     "STATEHOUSE_ICEBERG_S3_ENDPOINT",
     "STATEHOUSE_ICEBERG_READER_ACCESS_KEY_ID",
     "STATEHOUSE_ICEBERG_READER_SECRET_ACCESS_KEY",

@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::analytics::readers::ReaderAccess;
-use crate::analytics::{ExportPolicy, Exporter};
+use crate::analytics::{CompactionPolicy, ExportPolicy, Exporter};
 use crate::blobs::{Storage, Sweeper};
 use crate::config::{DatabaseSettings, Settings, SyncMode};
 use crate::db::{self, Database};
@@ -105,6 +105,12 @@ pub async fn run(
             max_snapshot_age: settings.export_snapshot_max_age,
             maintenance_interval: settings.sweep_interval,
             orphan_grace: settings.orphan_grace,
+            compaction: CompactionPolicy {
+                enabled: settings.compaction_enabled,
+                target_file_bytes: settings.compaction_target_bytes,
+                min_files: settings.compaction_min_files as usize,
+                max_manifests: settings.compaction_max_manifests as usize,
+            },
         },
         &metrics,
     ));

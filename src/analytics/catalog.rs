@@ -19,7 +19,7 @@ use iceberg::spec::{TableMetadata, TableMetadataBuilder};
 use iceberg::table::Table;
 use iceberg::{
     Catalog, Error, ErrorKind, MetadataLocation, Namespace, NamespaceIdent, Result, Runtime, TableCommit,
-    TableCreation, TableIdent,
+    TableCreation, TableIdent, TableRequirement, TableUpdate,
 };
 use libsql::Value;
 
@@ -235,14 +235,38 @@ impl Catalog for LibsqlCatalog {
         Err(Error::new(ErrorKind::FeatureUnsupported, "the statehouse catalog holds only its export tables"))
     }
 
-    async fn update_table(&self, commit: TableCommit) -> Result<Table> {
-        let lease = self.lease()?.clone();
+    async fn update_table(&self, mut commit: TableCommit) -> Result<Table> {
         let ident = commit.identifier().clone();
-        let current = self.load_table(&ident).await?;
+        self.commit_updates(&ident, commit.take_requirements(), commit.take_updates()).await
+    }
+}
+
+impl LibsqlCatalog {
+    /// What `update_table` does, for changes iceberg-rust has no transaction
+    /// action for (compaction's replace snapshot): the requirements are checked
+    /// against the current metadata, the updates applied to it, and the pointer
+    /// moved by the same fenced compare-and-set.
+    pub async fn commit_updates(
+        &self,
+        ident: &TableIdent,
+        requirements: Vec<TableRequirement>,
+        updates: Vec<TableUpdate>,
+    ) -> Result<Table> {
+        let lease = self.lease()?.clone();
+        let current = self.load_table(ident).await?;
         let previous = current.metadata_location_result()?.to_string();
-        let staged = commit.apply(current)?;
-        let location = staged.metadata_location_result()?.to_string();
-        staged.metadata().write_to(staged.file_io(), &MetadataLocation::from_str(&location)?).await?;
+        for requirement in requirements {
+            requirement.check(Some(current.metadata()))?;
+        }
+        let mut builder = current.metadata().clone().into_builder(Some(previous.clone()));
+        for update in updates {
+            builder = update.apply(builder)?;
+        }
+        let metadata = builder.build()?.metadata;
+        let location =
+            MetadataLocation::from_str(&previous)?.with_next_version().with_new_metadata(&metadata).to_string();
+        metadata.write_to(&self.file_io, &MetadataLocation::from_str(&location)?).await?;
+        let staged = self.table(ident.clone(), location.clone(), metadata)?;
         self.publish(Publish {
             lease,
             namespace: ident.namespace().to_url_string(),

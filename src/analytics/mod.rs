@@ -11,6 +11,9 @@ mod storage;
 mod tables;
 
 pub use catalog::{LibsqlCatalog, CATALOG_NAME, OUTBOX_THROUGH};
-pub use exporter::{singleton, CommittedSnapshot, CycleReport, ExportError, ExportPolicy, Exporter, TableInfo};
+pub use exporter::{
+    compact, last_compaction, singleton, CommittedSnapshot, CompactionError, CompactionInfo, CompactionPolicy,
+    CycleReport, ExportError, ExportPolicy, Exporter, TableInfo,
+};
 pub use storage::WarehouseStorage;
 pub use tables::{ExportTable, NAMESPACE};

@@ -10,8 +10,12 @@ Input (stdin, JSON):
   warehouse         the warehouse location
   snapshot_ids      snapshots to read besides the current one (time travel)
   s3                null, or {endpoint, access_key_id, secret_access_key, region}
+  digest            optional: every column of the table instead of COLUMNS, and
+                    each scan as {count, seqs, digest} (a SHA-256 of the rows in
+                    seq order) instead of the rows (tests/compaction.rs)
 """
 
+import hashlib
 import json
 import os
 import sys
@@ -26,6 +30,12 @@ COLUMNS = {
 }
 
 
+ALL_COLUMNS = {
+    "events": COLUMNS["events"] + ["instance", "committed_at"],
+    "changes": COLUMNS["changes"] + ["instance", "content_type"],
+}
+
+
 def plain(value):
     if isinstance(value, (bytes, bytearray)):
         return value.hex()
@@ -34,8 +44,13 @@ def plain(value):
     return value
 
 
-def rows_of(dicts, table):
-    return [{c: plain(r[c]) for c in COLUMNS[table]} for r in dicts]
+def rows_of(dicts, table, digest=False):
+    rows = [{c: plain(r[c]) for c in (ALL_COLUMNS if digest else COLUMNS)[table]} for r in dicts]
+    if not digest:
+        return rows
+    rows.sort(key=lambda r: r["seq"])
+    summary = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+    return {"count": len(rows), "seqs": [r["seq"] for r in rows], "digest": summary}
 
 
 def duckdb_connection(s3):
@@ -57,14 +72,14 @@ def duckdb_connection(s3):
 
 def read_duckdb(req):
     con = duckdb_connection(req.get("s3"))
-    cols = ", ".join(f'"{c}"' for c in COLUMNS[req["table"]])
+    cols = ", ".join(f'"{c}"' for c in (ALL_COLUMNS if req.get("digest") else COLUMNS)[req["table"]])
     meta = req["metadata_location"]
 
     def scan(snapshot=None):
         extra = f", snapshot_from_id => {snapshot}" if snapshot is not None else ""
         cur = con.execute(f"SELECT {cols} FROM iceberg_scan('{meta}'{extra}) ORDER BY seq")
         names = [d[0] for d in cur.description]
-        return rows_of([dict(zip(names, r)) for r in cur.fetchall()], req["table"])
+        return rows_of([dict(zip(names, r)) for r in cur.fetchall()], req["table"], req.get("digest"))
 
     snapshots = [r[0] for r in con.execute(f"SELECT snapshot_id FROM iceberg_snapshots('{meta}')").fetchall()]
     return {
@@ -102,7 +117,7 @@ def read_pyiceberg(req):
 
     def scan(snapshot=None):
         arrow = table.scan(snapshot_id=snapshot).to_arrow().sort_by("seq")
-        return rows_of(arrow.to_pylist(), req["table"])
+        return rows_of(arrow.to_pylist(), req["table"], req.get("digest"))
 
     return {
         "rows": scan(),

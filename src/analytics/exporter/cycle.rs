@@ -13,6 +13,7 @@ use crate::analytics::catalog::{LibsqlCatalog, OUTBOX_THROUGH};
 use crate::analytics::tables::{ExportTable, NAMESPACE};
 use crate::guard::{HeldLease, Route};
 
+use super::compact::{last_compaction, manifest_count, total};
 use super::data_files::write_data_files;
 use super::{
     singleton, CommittedSnapshot, CycleReport, ExportError, Exporter, TableInfo, MAX_SNAPSHOTS_PER_TABLE_PER_CYCLE,
@@ -76,12 +77,27 @@ impl Exporter {
         self.forget_in_background(exported);
         if last_maintenance.is_none_or(|at| at.elapsed() >= self.policy.maintenance_interval) {
             *last_maintenance = Some(Instant::now());
-            for current in latest {
+            let mut kept = Vec::new();
+            for (table, current) in ExportTable::ALL.into_iter().zip(latest) {
                 self.guard.touch(lease);
+                // Compaction first, so that expiry and orphan removal work on
+                // the table it leaves.
+                let current = self.compact_table(&catalog, table, current, lease).await?;
                 let current = self.expire_snapshots(&catalog, current, &mut report).await?;
                 report.orphan_files_deleted += self.delete_orphans(&current).await?;
+                kept.push(current);
             }
+            latest = kept;
             self.metrics.orphans_deleted.inc_by(report.orphan_files_deleted as u64);
+        }
+        for (table, current) in ExportTable::ALL.into_iter().zip(&latest) {
+            let location = current.metadata_location().map(str::to_string);
+            if self.observed.lock().expect("observed tables lock").get(table.name()) != Some(&location) {
+                match self.observe_table(table, current).await {
+                    Ok(()) => drop(self.observed.lock().expect("observed tables lock").insert(table.name(), location)),
+                    Err(err) => tracing::warn!(table = table.name(), error = %err, "cannot count the table's files"),
+                }
+            }
         }
         let _ = self.observe_outbox().await;
         Ok(report)
@@ -203,6 +219,8 @@ impl Exporter {
                     snapshots: 0,
                     rows: 0,
                     data_files: 0,
+                    manifests: 0,
+                    last_compaction: None,
                     last_updated_ms: None,
                     exported_through_seq: 0,
                     pending_rows: pending as u64,
@@ -210,12 +228,7 @@ impl Exporter {
                 continue;
             };
             let metadata = loaded.metadata();
-            let total = |key: &str| {
-                metadata
-                    .current_snapshot()
-                    .and_then(|s| s.summary().additional_properties.get(key).and_then(|v| v.parse().ok()))
-                    .unwrap_or(0)
-            };
+            let manifests = manifest_count(&loaded).await?;
             infos.push(TableInfo {
                 name,
                 exists: true,
@@ -223,8 +236,10 @@ impl Exporter {
                 location: Some(metadata.location().to_string()),
                 current_snapshot_id: metadata.current_snapshot_id(),
                 snapshots: metadata.snapshots().len(),
-                rows: total("total-records"),
-                data_files: total("total-data-files"),
+                rows: total(&loaded, "total-records"),
+                data_files: total(&loaded, "total-data-files"),
+                manifests,
+                last_compaction: last_compaction(&loaded),
                 last_updated_ms: Some(metadata.last_updated_ms()),
                 exported_through_seq: exported_through(&loaded),
                 pending_rows: pending as u64,

@@ -2,8 +2,9 @@
 //! in directories named as the Iceberg Java writer names them.
 
 use arrow_array::RecordBatch;
+use futures::{Stream, StreamExt};
 use iceberg::arrow::RecordBatchPartitionSplitter;
-use iceberg::spec::{DataFile, DataFileFormat, PartitionKey};
+use iceberg::spec::{DataFile, DataFileFormat, PartitionKey, TableProperties};
 use iceberg::table::Table;
 use iceberg::writer::base_writer::data_file_writer::DataFileWriterBuilder;
 use iceberg::writer::file_writer::location_generator::{DefaultFileNameGenerator, LocationGenerator};
@@ -19,6 +20,18 @@ const ROW_GROUP_ROWS: usize = 128 * 1024;
 
 /// Writes `batch` as zstd Parquet, one file (or more, rolling) per partition.
 pub(super) async fn write_data_files(table: &Table, batch: RecordBatch) -> Result<Vec<DataFile>, iceberg::Error> {
+    let target = TableProperties::PROPERTY_WRITE_TARGET_FILE_SIZE_BYTES_DEFAULT;
+    write_batches(table, futures::stream::iter([Ok(batch)]), target).await
+}
+
+/// Writes `batches` as zstd Parquet, one file per partition, rolling to a
+/// new file once one reaches `target_file_size` bytes (compaction streams a
+/// partition's small files through here, a batch at a time).
+pub(super) async fn write_batches(
+    table: &Table,
+    batches: impl Stream<Item = Result<RecordBatch, iceberg::Error>>,
+    target_file_size: usize,
+) -> Result<Vec<DataFile>, iceberg::Error> {
     let metadata = table.metadata();
     let schema = metadata.current_schema().clone();
     let spec = metadata.default_partition_spec().clone();
@@ -28,8 +41,9 @@ pub(super) async fn write_data_files(table: &Table, batch: RecordBatch) -> Resul
         .set_statistics_enabled(EnabledStatistics::Page)
         .set_created_by(format!("statehouse {}", env!("CARGO_PKG_VERSION")))
         .build();
-    let rolling = RollingFileWriterBuilder::new_with_default_file_size(
+    let rolling = RollingFileWriterBuilder::new(
         ParquetWriterBuilder::new(properties, schema.clone()),
+        target_file_size,
         table.file_io().clone(),
         PartitionDirectories { data_location: format!("{}/data", metadata.location()) },
         // A fresh prefix per attempt: a retried cycle never overwrites a file a reader may hold.
@@ -37,8 +51,11 @@ pub(super) async fn write_data_files(table: &Table, batch: RecordBatch) -> Resul
     );
     let mut writer = FanoutWriter::new(DataFileWriterBuilder::new(rolling));
     let splitter = RecordBatchPartitionSplitter::try_new_with_computed_values(schema, spec)?;
-    for (key, part) in splitter.split(&batch)? {
-        writer.write(key, part).await?;
+    let mut batches = std::pin::pin!(batches);
+    while let Some(batch) = batches.next().await {
+        for (key, part) in splitter.split(&batch?)? {
+            writer.write(key, part).await?;
+        }
     }
     writer.close().await
 }

@@ -1,6 +1,6 @@
 //! What `/metrics` shows of the exporter.
 
-use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts};
+use prometheus::{Gauge, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 
 use crate::telemetry::Metrics;
 
@@ -13,6 +13,12 @@ pub(super) struct ExportMetrics {
     pub(super) cycle_seconds: Histogram,
     pub(super) failures: IntCounter,
     pub(super) orphans_deleted: IntCounter,
+    pub(super) data_files: IntGaugeVec,
+    pub(super) manifests: IntGaugeVec,
+    pub(super) compactions: IntCounterVec,
+    pub(super) compaction_failures: IntCounter,
+    pub(super) last_compaction: GaugeVec,
+    pub(super) last_compaction_files: IntGaugeVec,
 }
 
 impl ExportMetrics {
@@ -55,6 +61,51 @@ impl ExportMetrics {
                 "Unreferenced warehouse files deleted after the grace period",
             )
             .unwrap(),
+            data_files: IntGaugeVec::new(
+                Opts::new(
+                    "statehouse_iceberg_data_files",
+                    "Data files in the table's current snapshot (reported by the exporting replica)",
+                ),
+                &["table"],
+            )
+            .unwrap(),
+            manifests: IntGaugeVec::new(
+                Opts::new(
+                    "statehouse_iceberg_manifests",
+                    "Manifests in the table's current snapshot (reported by the exporting replica)",
+                ),
+                &["table"],
+            )
+            .unwrap(),
+            compactions: IntCounterVec::new(
+                Opts::new(
+                    "statehouse_compaction_runs_total",
+                    "Compaction snapshots committed by this replica, by table",
+                ),
+                &["table"],
+            )
+            .unwrap(),
+            compaction_failures: IntCounter::new(
+                "statehouse_compaction_failures_total",
+                "Compactions that failed and committed nothing (tried again at the next maintenance pass)",
+            )
+            .unwrap(),
+            last_compaction: GaugeVec::new(
+                Opts::new(
+                    "statehouse_compaction_last_timestamp_seconds",
+                    "When this replica last committed a compaction of the table (Unix time)",
+                ),
+                &["table"],
+            )
+            .unwrap(),
+            last_compaction_files: IntGaugeVec::new(
+                Opts::new(
+                    "statehouse_compaction_last_data_files",
+                    "Data files of the table before and after this replica's last compaction",
+                ),
+                &["table", "stage"],
+            )
+            .unwrap(),
         };
         metrics.register(Box::new(m.outbox_rows.clone()));
         metrics.register(Box::new(m.lag_seconds.clone()));
@@ -64,6 +115,12 @@ impl ExportMetrics {
         metrics.register(Box::new(m.cycle_seconds.clone()));
         metrics.register(Box::new(m.failures.clone()));
         metrics.register(Box::new(m.orphans_deleted.clone()));
+        metrics.register(Box::new(m.data_files.clone()));
+        metrics.register(Box::new(m.manifests.clone()));
+        metrics.register(Box::new(m.compactions.clone()));
+        metrics.register(Box::new(m.compaction_failures.clone()));
+        metrics.register(Box::new(m.last_compaction.clone()));
+        metrics.register(Box::new(m.last_compaction_files.clone()));
         m
     }
 }

@@ -15,9 +15,11 @@
 //!
 //! Here: what the exporter is and when it runs (the loop, its backoff, the
 //! outbox gauges). `cycle` is one export cycle, `data_files` the Parquet files,
-//! `upkeep` snapshot expiry, orphan files and the exported rows' deletion,
-//! `metrics` what `/metrics` shows of it.
+//! `compact` the rewrite of small files and manifests, `upkeep` snapshot
+//! expiry, orphan files and the exported rows' deletion, `metrics` what
+//! `/metrics` shows of it.
 
+mod compact;
 mod cycle;
 mod data_files;
 mod metrics;
@@ -43,6 +45,7 @@ use crate::threads::{self, Priority};
 use crate::writer::Writer;
 use metrics::ExportMetrics;
 
+pub use compact::{compact, last_compaction, CompactionError, CompactionInfo, CompactionPolicy};
 pub(crate) use cycle::exported_through;
 
 /// Snapshots a cycle may append per table before it lets the next cycle go on.
@@ -66,6 +69,8 @@ pub struct ExportPolicy {
     /// Unreferenced files younger than this are kept (a cycle may still be
     /// committing them, or a reader still reading an older snapshot).
     pub orphan_grace: Duration,
+    /// Small files and manifests rewritten in the maintenance pass.
+    pub compaction: CompactionPolicy,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +82,8 @@ pub enum ExportError {
     Database(#[from] StoreError),
     #[error("iceberg: {0}")]
     Iceberg(#[from] iceberg::Error),
+    #[error("compaction: {0}")]
+    Compaction(#[from] CompactionError),
 }
 
 impl ExportError {
@@ -116,9 +123,12 @@ pub struct TableInfo {
     pub location: Option<String>,
     pub current_snapshot_id: Option<i64>,
     pub snapshots: usize,
-    /// Rows and data files in the current snapshot.
+    /// Rows, data files and manifests in the current snapshot.
     pub rows: u64,
     pub data_files: u64,
+    pub manifests: u64,
+    /// The latest compaction still in the table's history, if any.
+    pub last_compaction: Option<CompactionInfo>,
     pub last_updated_ms: Option<i64>,
     /// The last outbox seq exported into this table.
     pub exported_through_seq: i64,
@@ -139,6 +149,8 @@ pub struct Exporter {
     cycle: tokio::sync::Mutex<Option<Instant>>,
     /// Each outbox kind's last exported seq, as of this replica's last cycle.
     exported: std::sync::Mutex<HashMap<&'static str, i64>>,
+    /// Each table's metadata location when its file gauges were last set.
+    observed: std::sync::Mutex<HashMap<&'static str, Option<String>>>,
     /// Held while exported rows are being deleted in the background.
     forgetting: Arc<tokio::sync::Mutex<()>>,
     /// The exporter's own runtime, once `spawn` started it.
@@ -167,6 +179,7 @@ impl Exporter {
             metrics: ExportMetrics::new(metrics),
             cycle: tokio::sync::Mutex::new(None),
             exported: Default::default(),
+            observed: Default::default(),
             forgetting: Default::default(),
             runtime: std::sync::OnceLock::new(),
         }

@@ -72,7 +72,9 @@ impl Exporter {
 
     /// Deletes files under the table's location that no live metadata refers
     /// to and that are older than the grace period: data files of failed
-    /// cycles, manifests of expired snapshots, old metadata files.
+    /// cycles and compactions, data files replaced by a compaction once no
+    /// kept snapshot reads them, manifests of expired snapshots, old metadata
+    /// files.
     pub(super) async fn delete_orphans(&self, current: &Table) -> Result<usize, ExportError> {
         let mut referenced: HashSet<String> = HashSet::new();
         if let Some(location) = current.metadata_location() {
@@ -91,7 +93,10 @@ impl Exporter {
                 }
                 referenced.insert(manifest_file.manifest_path.clone());
                 let manifest = manifest_file.load_manifest(current.file_io()).await?;
-                for entry in manifest.entries() {
+                // A DELETED entry names a file a compaction replaced: only the
+                // snapshots that still list it as live read it, and once they
+                // have expired, nothing does.
+                for entry in manifest.entries().iter().filter(|e| e.is_alive()) {
                     referenced.insert(entry.file_path().to_string());
                 }
             }

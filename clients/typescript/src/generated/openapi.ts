@@ -524,6 +524,31 @@ export interface components {
              */
             through_seq: number;
         };
+        /** @description The last compaction of a table, as its snapshot records it. */
+        CompactionInfo: {
+            /**
+             * Format: int64
+             * @description When it was committed (ms since the epoch).
+             */
+            at_ms: number;
+            /** Format: int64 */
+            data_files_after: number;
+            /** Format: int64 */
+            data_files_before: number;
+            /**
+             * Format: int64
+             * @description Small files rewritten, and the files they became.
+             */
+            files_rewritten: number;
+            /** Format: int64 */
+            files_written: number;
+            /** Format: int64 */
+            manifests_after: number;
+            /** Format: int64 */
+            manifests_before: number;
+            /** Format: int64 */
+            snapshot_id: number;
+        };
         DeleteAllBody: {
             /** Format: int64 */
             deleted_blobs: number;
@@ -736,9 +761,12 @@ export interface components {
              * @description The last outbox seq exported into this table.
              */
             exported_through_seq: number;
+            last_compaction?: null | components["schemas"]["CompactionInfo"];
             /** Format: int64 */
             last_updated_ms?: number | null;
             location?: string | null;
+            /** Format: int64 */
+            manifests: number;
             metadata_location?: string | null;
             /** @description `statehouse.events` or `statehouse.changes`. */
             name: string;
@@ -749,7 +777,7 @@ export interface components {
             pending_rows: number;
             /**
              * Format: int64
-             * @description Rows and data files in the current snapshot.
+             * @description Rows, data files and manifests in the current snapshot.
              */
             rows: number;
             snapshots: number;
