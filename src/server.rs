@@ -19,6 +19,7 @@ use crate::guard::{Guard, Replica};
 use crate::http::{self, Access, AppState};
 use crate::limits::LimitedListener;
 use crate::resident::ResidentState;
+use crate::routing::Routing;
 use crate::telemetry::Metrics;
 use crate::writer::Writer;
 
@@ -114,10 +115,15 @@ pub async fn run(
         &metrics,
     ));
     let exporting = exporter.clone().spawn(stop.child_token());
-    let peers = reqwest::Client::builder()
-        .pool_idle_timeout(std::time::Duration::from_secs(30))
-        .build()
-        .context("cannot build the HTTP client for peer replicas")?;
+    let routing = Routing::new(
+        guard.clone(),
+        writer.clone(),
+        metrics.clone(),
+        access.peer.clone(),
+        settings.forward_timeout,
+        settings.change_value_cap_bytes as usize,
+    )
+    .context("cannot build the HTTP client for peer replicas")?;
     let readers = ReaderAccess::from_settings(&settings, exporter.catalog().warehouse());
     let state = Arc::new(AppState {
         settings: settings.clone(),
@@ -126,7 +132,7 @@ pub async fn run(
         writer,
         guard: guard.clone(),
         metrics,
-        peers,
+        routing,
         exporter,
         readers,
         access,

@@ -542,9 +542,11 @@ async fn an_exporter_whose_lease_moved_cannot_commit() {
     use statehouse::analytics::{singleton, LibsqlCatalog, WarehouseStorage};
 
     let db = TestDatabase::new();
+    // A stops gracefully and gives its leases up, so B takes over at once; a
+    // lease long enough that A's own export outlasts no renewal on a slow sqld.
     let a = spawn_app_with(&db, |s| {
         s.export_interval = Duration::from_millis(3_600_000);
-        s.lease = Duration::from_millis(300);
+        s.lease = Duration::from_millis(3_000);
     })
     .await;
     let ns = unique_ns("fenced");
@@ -1038,4 +1040,96 @@ async fn catalog_loads_during_export_cycles_serve_only_committed_snapshots() {
     );
     assert!(sequence["events"] > 1, "the exporter committed nothing during the loads");
     app.stop().await;
+}
+
+/// An object's history lists every version, newest first, whether its
+/// changes are already in the `changes` table or still in the outbox, the
+/// same before and after they are exported, page by page.
+#[tokio::test]
+async fn history_lists_every_version_from_the_tables_and_the_outbox_alike() {
+    let db = TestDatabase::new();
+    let app = spawn_app_with(&db, |s| s.export_interval = Duration::from_millis(3_600_000)).await;
+    let c = &app.client;
+    let ns = unique_ns("history");
+    let object = app.url(&format!("/v1/objects/{ns}/o"));
+    let put = |key: &str, value: &str| c.put(format!("{object}/kv/{key}")).body(value.to_string()).send();
+    ok_json(put("k1", "one").await.unwrap()).await;
+    ok_json(put("k2", "two").await.unwrap()).await;
+    let batch = json!({"ops": [{"op": "put", "key": "a", "value": 1}, {"op": "delete", "key": "k1"}]});
+    ok_json(c.post(format!("{object}/batch")).json(&batch).send().await.unwrap()).await;
+    let exported = export_now(&app).await;
+    assert!(snapshot_of(&exported, "changes").is_some(), "{exported}");
+    // These stay in the outbox: the exporter's interval is an hour.
+    ok_json(put("k3", "three").await.unwrap()).await;
+    ok_json(c.delete(&object).send().await.unwrap()).await;
+    let listed = tables(c, &app.base).await;
+    assert_eq!(listed["changes"]["rows"], 4, "{:?}", listed["changes"]);
+    assert_eq!(listed["changes"]["pending_rows"], 2, "{:?}", listed["changes"]);
+
+    // Each version as "version: op key, op key".
+    let expected = ["5: delete_all", "4: put k3", "3: put a, delete k1", "2: put k2", "1: put k1"];
+    let instance = c.get(app.url("/healthz")).send().await.unwrap().headers()["statehouse-instance"].clone();
+    let check = |versions: &[Value]| {
+        let seen: Vec<String> = versions
+            .iter()
+            .map(|v| {
+                assert_eq!(v["instance"], instance.to_str().unwrap(), "{v}");
+                assert!(v["fence"].as_i64().unwrap() >= 1, "{v}");
+                assert!(v["committed_at"].as_str().unwrap().ends_with('Z'), "{v}");
+                let changes: Vec<String> = v["changes"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|c| {
+                        let op = c["op"].as_str().unwrap();
+                        c["key"].as_str().map_or(op.to_string(), |key| format!("{op} {key}"))
+                    })
+                    .collect();
+                format!("{}: {}", v["version"], changes.join(", "))
+            })
+            .collect();
+        assert_eq!(seen, expected);
+    };
+    let (split, pages) = read_history(c, &object, 2).await;
+    assert_eq!(pages, 3);
+    check(&split);
+    let (whole, _) = read_history(c, &object, 100).await;
+    check(&whole);
+
+    // Exported now, and the outbox rows may linger until they are forgotten:
+    // every version once, exactly as before.
+    export_now(&app).await;
+    let (exported, _) = read_history(c, &object, 100).await;
+    check(&exported);
+    assert_eq!(exported, whole);
+
+    for bad in ["limit=0", "limit=1001", "cursor=abc", "cursor=0", "cursor=-3"] {
+        let r = c.get(format!("{object}/history?{bad}")).send().await.unwrap();
+        assert_eq!(r.status(), 400, "{bad}");
+        assert_eq!(r.headers()["content-type"], "application/problem+json", "{bad}");
+    }
+    let never = c.get(app.url(&format!("/v1/objects/{ns}/never/history"))).send().await.unwrap();
+    assert_eq!(never.status(), 404);
+    app.stop().await;
+}
+
+/// Every version of an object's history, `page` at a time, and the pages it took.
+async fn read_history(c: &reqwest::Client, object: &str, page: usize) -> (Vec<Value>, usize) {
+    let mut versions = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut pages = 0;
+    loop {
+        let mut url = format!("{object}/history?limit={page}");
+        if let Some(cursor) = &cursor {
+            url.push_str(&format!("&cursor={cursor}"));
+        }
+        let body = ok_json(c.get(url).send().await.unwrap()).await;
+        pages += 1;
+        versions.extend(body["versions"].as_array().unwrap().iter().cloned());
+        match body["cursor"].as_str() {
+            Some(next) => cursor = Some(next.to_string()),
+            None => break,
+        }
+    }
+    (versions, pages)
 }

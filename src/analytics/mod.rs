@@ -5,6 +5,7 @@
 
 mod catalog;
 mod exporter;
+pub mod history;
 pub mod readers;
 mod storage;
 mod tables;

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use axum::extract::rejection::RawPathParamsRejection;
 use axum::extract::{MatchedPath, RawPathParams, Request, State};
-use axum::http::{header, Method};
+use axum::http::header;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts};
@@ -32,23 +32,6 @@ pub enum Need {
     Analytics,
     /// A signed request from a peer replica, on behalf of a caller holding the right.
     Peer(Right),
-}
-
-/// The table. A route missing here is refused (and the access test, which
-/// walks every operation of the OpenAPI document, fails).
-pub fn need(method: &Method, route: &str) -> Option<Need> {
-    let reading = matches!(*method, Method::GET | Method::HEAD);
-    Some(match route {
-        "/healthz" | "/readyz" | "/openapi.json" => Need::Nothing,
-        "/metrics" | "/v1/admin/export" => Need::Admin,
-        "/v1/analytics/tables" => Need::Analytics,
-        // The Iceberg REST catalog, reads and (refused) writes alike.
-        r if r.starts_with("/iceberg/") => Need::Analytics,
-        "/v1/internal/objects/{ns}/{id}/blob-commit" => Need::Peer(Right::Write),
-        // Every object route: reads need read; writes, deletes and blob POSTs (presign, commit) need write.
-        r if r.starts_with("/v1/objects/{ns}") => Need::Namespace(if reading { Right::Read } else { Right::Write }),
-        _ => return None,
-    })
 }
 
 /// Credentials, the peer key and the rate limiter of this replica.
@@ -125,7 +108,7 @@ async fn admit(
 ) -> Result<Request, ApiError> {
     let access = &state.access;
     let route = req.extensions().get::<MatchedPath>().map_or("", |p| p.as_str());
-    let Some(need) = need(req.method(), route) else {
+    let Some(need) = super::routes::need(req.method(), route) else {
         tracing::error!(route, method = %req.method(), "a route has no access rule; refusing it");
         return Err(ApiError::Forbidden("this route has no access rule".into()));
     };

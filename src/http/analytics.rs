@@ -6,11 +6,11 @@ use serde::Serialize;
 use utoipa::ToSchema;
 
 use super::error::{ApiError, Problem};
-use super::extract::Replay;
-use super::{forward, SharedState};
+use super::SharedState;
 use crate::analytics::readers::WAREHOUSE;
 use crate::analytics::{CommittedSnapshot, ExportError, TableInfo, CATALOG_NAME};
 use crate::db::StoreError;
+use crate::routing::Replay;
 
 #[derive(Serialize, ToSchema)]
 pub struct ExportBody {
@@ -50,7 +50,7 @@ pub async fn export_now(State(state): State<SharedState>, replay: Replay) -> Res
             orphan_files_deleted: report.orphan_files_deleted,
         })
         .into_response()),
-        Err(ExportError::NotOwner(owner)) => Ok(forward::forward(&state, &owner, replay).await.into_response()),
+        Err(ExportError::NotOwner(owner)) => Ok(state.routing.forward(&owner, replay).await.into_response()),
         Err(err) => Err(export_failed(err)),
     }
 }

@@ -13,18 +13,19 @@ use axum::response::{IntoResponse, Response};
 use futures::TryStreamExt;
 use object_store::GetRange;
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, Problem};
 use super::extract::{
-    etag, header_condition, list_limit, precondition, read_condition, stored_content_type, ApiQuery, ObjectPath, Replay,
+    etag, header_condition, list_limit, precondition, read_condition, stored_content_type, ApiQuery, ObjectPath,
 };
-use super::{commit, written, Routed, SharedState, FORWARDED_BY};
+use super::kv::DeletedBody;
+use super::{written, SharedState, FORWARDED_BY};
 use crate::blobs::{
     new_storage_key, object_prefix, stored_path, upload, upload_prefix, validate_name, BlobMeta, UploadError,
 };
 use crate::objects::{decode_cursor, encode_cursor, Committed, Mutation, ObjectRef, OpResult};
+use crate::routing::{CommitError, Replay, Routed};
 
 const USER_META_PREFIX: &str = "x-statehouse-meta-";
 const SHA256_HEADER: HeaderName = HeaderName::from_static("x-statehouse-sha256");
@@ -59,10 +60,13 @@ pub struct BlobWritten {
 }
 
 fn blob_written(committed: &Committed, blob: &BlobMeta) -> Response {
-    let body = json!({
-        "name": blob.name, "size": blob.size, "sha256": blob.sha256,
-        "etag": format!("\"{}\"", committed.version), "version": committed.version,
-    });
+    let body = BlobWritten {
+        name: blob.name.clone(),
+        size: blob.size,
+        sha256: blob.sha256.clone(),
+        etag: format!("\"{}\"", committed.version),
+        version: committed.version,
+    };
     let mut response = written(committed, StatusCode::OK, body);
     response.headers_mut().insert(header::ETAG, etag(committed.version));
     response
@@ -127,15 +131,14 @@ pub async fn put_blob(
         body: serde_json::to_vec(&blob).expect("blob metadata serialises").into(),
         forwarded_by: headers.get(FORWARDED_BY).and_then(|v| v.to_str().ok()).map(str::to_string),
     };
-    let outcome =
-        commit(&state, &object, Mutation::PutBlob { blob: blob.clone(), pre }, replay).await.map_err(header_condition);
+    let outcome = state.routing.commit(&object, Mutation::PutBlob { blob: blob.clone(), pre }, replay).await;
     if certainly_not_committed(&outcome) {
         // Never visible: remove the bytes now. When the outcome is unknown
         // (a timeout, a lost answer) they stay, and the sweeper removes them
         // after the grace period only if no row refers to them.
         upload::discard(&state.storage, &key).await;
     }
-    match outcome? {
+    match outcome.map_err(header_condition)? {
         Routed::Local(committed) => Ok(blob_written(&committed, &blob)),
         Routed::Forwarded(forwarded) => Ok(forwarded.into_response()),
     }
@@ -143,11 +146,13 @@ pub async fn put_blob(
 
 /// Whether a commit attempt surely left no row behind: a refusal (condition,
 /// fence, bad input) here or at the owner, or a request the owner never got.
-fn certainly_not_committed(outcome: &Result<Routed, ApiError>) -> bool {
+fn certainly_not_committed(outcome: &Result<Routed, CommitError>) -> bool {
     match outcome {
         Ok(Routed::Local(_)) => false,
         Ok(Routed::Forwarded(forwarded)) => forwarded.certainly_not_applied(),
-        Err(err) => !matches!(err, ApiError::Unavailable { .. } | ApiError::Internal(_)),
+        Err(CommitError::Refused(_)) => true,
+        // The database did not answer, or answered oddly: the commit may have landed.
+        Err(CommitError::Store(_)) => false,
     }
 }
 
@@ -183,7 +188,9 @@ pub async fn commit_forwarded_blob(
         return Err(ApiError::BadRequest("the storage key does not belong to this object".into()));
     }
     let pre = precondition(&replay.headers)?;
-    match commit(&state, &object, Mutation::PutBlob { blob: blob.clone(), pre }, replay)
+    match state
+        .routing
+        .commit(&object, Mutation::PutBlob { blob: blob.clone(), pre }, replay)
         .await
         .map_err(header_condition)?
     {
@@ -307,18 +314,22 @@ fn parse_range(value: Option<&HeaderValue>, size: u64) -> Result<Option<(u64, u6
 /// Delete a blob.
 #[utoipa::path(delete, path = "/v1/objects/{ns}/{id}/blobs/{name}", tag = "blobs",
     params(("ns" = String, Path), ("id" = String, Path), ("name" = String, Path), ("If-Match" = Option<String>, Header)),
-    responses((status = 200, body = super::kv::DeletedBody), (status = 400, body = Problem), (status = 412, body = Problem), (status = 503, body = Problem)))]
+    responses((status = 200, body = DeletedBody), (status = 400, body = Problem), (status = 412, body = Problem), (status = 503, body = Problem)))]
 pub async fn delete_blob(
     State(state): State<SharedState>,
     BlobPath(object, name): BlobPath,
     replay: Replay,
 ) -> Result<Response, ApiError> {
     let pre = precondition(&replay.headers)?;
-    let committed =
-        match commit(&state, &object, Mutation::DeleteBlob { name, pre }, replay).await.map_err(header_condition)? {
-            Routed::Forwarded(forwarded) => return Ok(forwarded.into_response()),
-            Routed::Local(committed) => committed,
-        };
+    let committed = match state
+        .routing
+        .commit(&object, Mutation::DeleteBlob { name, pre }, replay)
+        .await
+        .map_err(header_condition)?
+    {
+        Routed::Forwarded(forwarded) => return Ok(forwarded.into_response()),
+        Routed::Local(committed) => committed,
+    };
     let removed = match committed.results.first() {
         Some(OpResult::DeleteBlob { deleted, .. }) => deleted.clone(),
         _ => None,
@@ -333,7 +344,7 @@ pub async fn delete_blob(
             tracing::warn!(key = %key, error = %e, "could not delete a blob's bytes yet; the sweeper will");
         }
     }
-    Ok(written(&committed, StatusCode::OK, json!({ "deleted": removed.is_some(), "version": committed.version })))
+    Ok(written(&committed, StatusCode::OK, DeletedBody { deleted: removed.is_some(), version: committed.version }))
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -507,7 +518,7 @@ pub struct CommitRequest {
               (status = 409, body = Problem, description = "the upload is too old to commit, or the store is a local folder"),
               (status = 412, body = Problem), (status = 503, body = Problem)))]
 #[allow(dead_code)]
-fn commit_presigned_route() {}
+pub fn commit_presigned_route() {}
 
 /// Makes bytes uploaded through a presigned PUT the blob: reads them once to
 /// learn their size and SHA-256, then commits the metadata like any upload.
@@ -558,7 +569,9 @@ async fn commit_presigned_upload(
         body: serde_json::to_vec(&blob).expect("blob metadata serialises").into(),
         ..replay
     };
-    match commit(state, object, Mutation::PutBlob { blob: blob.clone(), pre }, forward)
+    match state
+        .routing
+        .commit(object, Mutation::PutBlob { blob: blob.clone(), pre }, forward)
         .await
         .map_err(header_condition)?
     {

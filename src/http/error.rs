@@ -9,6 +9,7 @@ use utoipa::ToSchema;
 use crate::blobs::StorageError;
 use crate::db::StoreError;
 use crate::model::{InvalidName, Rejection};
+use crate::routing::CommitError;
 
 pub const PROBLEM_BASE: &str = "https://statehouse.dev/problems/";
 
@@ -171,6 +172,15 @@ impl From<StorageError> for ApiError {
             StorageError::Unavailable(_) | StorageError::Config(_) => {
                 ApiError::unavailable("the object store did not answer; retry later", 1)
             }
+        }
+    }
+}
+
+impl From<CommitError> for ApiError {
+    fn from(err: CommitError) -> Self {
+        match err {
+            CommitError::Store(err) => err.into(),
+            CommitError::Refused(rejection) => rejection.into(),
         }
     }
 }

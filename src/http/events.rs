@@ -8,9 +8,10 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use super::error::{ApiError, Problem};
-use super::extract::{ObjectPath, Replay};
-use super::{commit, written, Routed, SharedState};
+use super::extract::ObjectPath;
+use super::{written, SharedState};
 use crate::model::{Event, Mutation};
+use crate::routing::{Replay, Routed};
 
 pub const MAX_EVENTS_PER_CALL: usize = 1000;
 const MAX_TYPE_BYTES: usize = 256;
@@ -98,10 +99,10 @@ pub async fn post_events(
     }
     let events = accept(request.events)?;
     let event_ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
-    let committed = match commit(&state, &object, Mutation::Ops { ops: Vec::new(), events }, replay).await? {
+    let committed = match state.routing.commit(&object, Mutation::Ops { ops: Vec::new(), events }, replay).await? {
         Routed::Forwarded(forwarded) => return Ok(forwarded.into_response()),
         Routed::Local(committed) => committed,
     };
     let recorded = EventsRecorded { version: committed.version, event_ids };
-    Ok(written(&committed, StatusCode::OK, serde_json::to_value(recorded).expect("the answer serialises")))
+    Ok(written(&committed, StatusCode::OK, recorded))
 }

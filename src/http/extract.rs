@@ -4,12 +4,13 @@ use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 use super::FORWARDED_BY;
 use crate::model::{validate_key, validate_ns, ObjectRef, Precondition, VersionMatch};
+use crate::routing::Replay;
 
 fn path_error(err: axum::extract::rejection::PathRejection) -> ApiError {
     ApiError::BadRequest(format!("invalid path: {}", err.body_text()))
@@ -95,18 +96,6 @@ pub fn list_limit(limit: Option<usize>) -> Result<usize, ApiError> {
     } else {
         Err(ApiError::BadRequest(format!("limit must be between 1 and {MAX_LIST_LIMIT}, got {limit}")))
     }
-}
-
-/// A whole write request, kept as it arrived so that it can be replayed on the
-/// owner replica if this one does not hold the object's lease.
-#[derive(Clone)]
-pub struct Replay {
-    pub method: Method,
-    pub uri: Uri,
-    pub headers: HeaderMap,
-    pub body: Bytes,
-    /// Set when a peer already forwarded this request (one hop only).
-    pub forwarded_by: Option<String>,
 }
 
 impl<S: Send + Sync> FromRequest<S> for Replay {
@@ -310,8 +299,9 @@ pub fn check_content_type(content_type: &str) -> Result<(), ApiError> {
 }
 
 /// On single-key routes the condition came from a header, not a batch op.
-pub fn header_condition(err: ApiError) -> ApiError {
-    match err {
+/// A refused condition given in If-Match / If-None-Match, worded for the headers.
+pub fn header_condition(err: impl Into<ApiError>) -> ApiError {
+    match err.into() {
         ApiError::PreconditionFailed { .. } => ApiError::PreconditionFailed {
             detail: "If-Match / If-None-Match does not hold for the key's current version".into(),
             op_index: None,

@@ -12,8 +12,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::Json;
 use iceberg::{ErrorKind, NamespaceIdent, TableIdent};
 use iceberg_catalog_rest::{ListNamespaceResponse, ListTablesResponse, NamespaceResponse};
 use serde::{Deserialize, Serialize};
@@ -38,22 +37,6 @@ const ENDPOINTS: [&str; 6] = [
     "GET /v1/{prefix}/namespaces/{namespace}/tables/{table}",
     "HEAD /v1/{prefix}/namespaces/{namespace}/tables/{table}",
 ];
-
-pub fn routes() -> Router<SharedState> {
-    Router::new()
-        .route("/v1/config", get(config))
-        .route("/v1/{prefix}/namespaces", get(list_namespaces).post(read_only))
-        .route("/v1/{prefix}/namespaces/{namespace}", get(get_namespace).head(namespace_exists).delete(read_only))
-        .route("/v1/{prefix}/namespaces/{namespace}/properties", post(read_only))
-        .route("/v1/{prefix}/namespaces/{namespace}/register", post(read_only))
-        .route("/v1/{prefix}/namespaces/{namespace}/tables", get(list_tables).post(read_only))
-        .route(
-            "/v1/{prefix}/namespaces/{namespace}/tables/{table}",
-            get(load_table).head(table_exists).post(read_only).delete(read_only),
-        )
-        .route("/v1/{prefix}/tables/rename", post(read_only))
-        .route("/v1/{prefix}/transactions/commit", post(read_only))
-}
 
 /// An error in the protocol's model. Handlers build the specific ones; the
 /// [`error_model`] layer turns every other refusal on these routes (access,
@@ -403,7 +386,7 @@ pub async fn table_exists(
 }
 
 /// Every write operation of the protocol: the exporter is the tables' only writer.
-async fn read_only() -> IcebergError {
+pub async fn read_only() -> IcebergError {
     IcebergError::new(
         StatusCode::NOT_ACCEPTABLE,
         "UnsupportedOperationException",

@@ -6,19 +6,19 @@ use axum::response::{IntoResponse, Response};
 use base64::Engine;
 use bytes::Bytes;
 use serde::{Deserialize, Deserializer, Serialize};
-use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, Problem};
 use super::extract::{
     check_content_type, etag, header_condition, list_limit, precondition, read_condition, stored_content_type,
-    ApiQuery, KeyPath, ObjectPath, Replay,
+    ApiQuery, KeyPath, ObjectPath,
 };
-use super::{commit, written, Routed, SharedState};
+use super::{written, SharedState};
 use crate::objects::{
     self, decode_cursor, embed_value, encode_cursor, is_json_content_type, validate_key, Entry, KeyRange, Mutation, Op,
     OpResult, Precondition, VersionMatch, MAX_BATCH_OPS,
 };
+use crate::routing::{Replay, Routed};
 
 #[derive(Serialize, ToSchema)]
 pub struct VersionBody {
@@ -28,9 +28,9 @@ pub struct VersionBody {
 
 #[derive(Serialize, ToSchema)]
 pub struct DeletedBody {
-    deleted: bool,
+    pub deleted: bool,
     /// The object's version after the delete (unchanged when nothing was deleted).
-    version: i64,
+    pub version: i64,
 }
 
 /// Store a value under a key.
@@ -48,11 +48,12 @@ pub async fn put_key(
     let content_type = stored_content_type(&replay.headers)?;
     let pre = precondition(&replay.headers)?;
     let put = Op::Put { key, value: replay.body.clone(), content_type, pre };
-    let committed = match commit(&state, &object, Mutation::ops(vec![put]), replay).await.map_err(header_condition)? {
-        Routed::Forwarded(forwarded) => return Ok(forwarded.into_response()),
-        Routed::Local(committed) => committed,
-    };
-    let mut response = written(&committed, StatusCode::OK, json!({ "version": committed.version }));
+    let committed =
+        match state.routing.commit(&object, Mutation::ops(vec![put]), replay).await.map_err(header_condition)? {
+            Routed::Forwarded(forwarded) => return Ok(forwarded.into_response()),
+            Routed::Local(committed) => committed,
+        };
+    let mut response = written(&committed, StatusCode::OK, VersionBody { version: committed.version });
     response.headers_mut().insert(header::ETAG, etag(committed.version));
     Ok(response)
 }
@@ -95,12 +96,12 @@ pub async fn delete_key(
     let pre = precondition(&replay.headers)?;
     let delete = Op::Delete { key, pre };
     let committed =
-        match commit(&state, &object, Mutation::ops(vec![delete]), replay).await.map_err(header_condition)? {
+        match state.routing.commit(&object, Mutation::ops(vec![delete]), replay).await.map_err(header_condition)? {
             Routed::Forwarded(forwarded) => return Ok(forwarded.into_response()),
             Routed::Local(committed) => committed,
         };
     let deleted = matches!(committed.results.first(), Some(OpResult::Delete { deleted: true, .. }));
-    Ok(written(&committed, StatusCode::OK, json!({ "deleted": deleted, "version": committed.version })))
+    Ok(written(&committed, StatusCode::OK, DeletedBody { deleted, version: committed.version }))
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -297,7 +298,7 @@ pub async fn batch(
         .collect::<Result<Vec<_>, _>>()?;
     let events = super::events::accept(request.events)?;
     let event_ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
-    let committed = match commit(&state, &object, Mutation::Ops { ops, events }, replay).await? {
+    let committed = match state.routing.commit(&object, Mutation::Ops { ops, events }, replay).await? {
         Routed::Forwarded(forwarded) => return Ok(forwarded.into_response()),
         Routed::Local(committed) => committed,
     };

@@ -1,5 +1,5 @@
-//! The HTTP surface: a pure `app(state) -> Router`, its middleware, and the
-//! write path that sends each write to the replica owning the object.
+//! The HTTP surface: a pure `app(state) -> Router` and its middleware.
+//! Handlers parse a request, hand writes to `routing`, and format the answer.
 
 mod access;
 mod analytics;
@@ -13,15 +13,16 @@ mod kv;
 mod objects;
 mod openapi;
 mod ops;
+mod routes;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{header, HeaderName, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, MethodRouter};
+use axum::routing::MethodRouter;
 use axum::Router;
 use tower::ServiceBuilder;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -31,26 +32,23 @@ use tower_http::set_header::SetResponseHeaderLayer;
 use tower_http::trace::{DefaultOnResponse, TraceLayer};
 use tracing::Level;
 
-pub use access::{need, Access, Need};
+pub use access::{Access, Need};
 pub use error::{ApiError, Problem, PROBLEM_BASE};
 pub use openapi::openapi_json;
+pub use routes::need;
 
 use crate::analytics::readers::ReaderAccess;
 use crate::analytics::Exporter;
 use crate::blobs::Storage;
 use crate::config::Settings;
 use crate::db::Database;
-use crate::guard::{Guard, Route};
-use crate::objects::{Committed, Mutation, ObjectRef, WriteJob};
+use crate::guard::Guard;
+use crate::objects::Committed;
+use crate::routing::Routing;
 use crate::telemetry::Metrics;
 use crate::writer::Writer;
-use extract::Replay;
 
-pub const REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
-pub const INSTANCE: HeaderName = HeaderName::from_static("statehouse-instance");
-pub const FENCE: HeaderName = HeaderName::from_static("statehouse-fence");
-/// Marks a request one replica forwarded to the owner (value: the forwarder's id).
-pub const FORWARDED_BY: HeaderName = HeaderName::from_static("statehouse-forwarded-by");
+pub use crate::headers::{FENCE, FORWARDED_BY, INSTANCE, REQUEST_ID};
 
 pub struct AppState {
     pub settings: Settings,
@@ -59,7 +57,8 @@ pub struct AppState {
     pub writer: Writer,
     pub guard: Arc<Guard>,
     pub metrics: Arc<Metrics>,
-    pub peers: reqwest::Client,
+    /// Commits a write here or hands it to the object's owner.
+    pub routing: Routing,
     pub exporter: Arc<Exporter>,
     /// What the Iceberg REST catalog tells readers about the warehouse's storage.
     pub readers: ReaderAccess,
@@ -69,42 +68,16 @@ pub struct AppState {
 pub type SharedState = Arc<AppState>;
 
 pub fn app(state: SharedState) -> Router {
-    let value_limit = state.settings.max_value_bytes as usize;
-    let batch_limit = state.settings.max_batch_bytes as usize;
     let instance = HeaderValue::from_str(&state.guard.me().instance).expect("instance ids are header-safe");
     let timeout = state.settings.request_timeout;
     let cors = cors_layer(state.settings.access.cors_origins.as_deref());
 
-    let api = Router::new()
-        .route("/v1/objects/{ns}", get(objects::list_objects))
-        .route("/v1/objects/{ns}/{id}", get(objects::get_object).delete(objects::delete_object))
-        .route("/v1/objects/{ns}/{id}/kv", get(kv::list_keys))
-        .route(
-            "/v1/objects/{ns}/{id}/kv/{*key}",
-            body_limit(get(kv::get_key).put(kv::put_key).delete(kv::delete_key), value_limit),
-        )
-        .route("/v1/objects/{ns}/{id}/batch", body_limit(post(kv::batch), batch_limit))
-        .route("/v1/objects/{ns}/{id}/events", body_limit(post(events::post_events), batch_limit))
-        .route("/v1/objects/{ns}/{id}/blobs", get(blobs::list_blobs))
-        .route(
-            "/v1/objects/{ns}/{id}/blobs/{*name}",
-            // A blob PUT streams its body and enforces STATEHOUSE_MAX_BLOB_BYTES itself.
-            get(blobs::get_blob)
-                .put(blobs::put_blob)
-                .delete(blobs::delete_blob)
-                .merge(body_limit(post(blobs::post_blob_action), SMALL_BODY_LIMIT)),
-        )
-        .route(
-            "/v1/internal/objects/{ns}/{id}/blob-commit",
-            body_limit(post(blobs::commit_forwarded_blob), SMALL_BODY_LIMIT),
-        )
-        .route("/v1/admin/export", body_limit(post(analytics::export_now), SMALL_BODY_LIMIT))
-        .route("/v1/analytics/tables", get(analytics::list_tables))
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
-        .route("/openapi.json", get(ops::openapi))
-        .nest(iceberg::MOUNT, iceberg::routes())
+    let limits = routes::BodyLimits {
+        value: state.settings.max_value_bytes as usize,
+        batch: state.settings.max_batch_bytes as usize,
+    };
+    let api = routes::route_list(limits)
+        .into_router()
         .route_layer(middleware::from_fn_with_state(state.clone(), access::authorize))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
@@ -224,53 +197,6 @@ async fn record_metrics(State(state): State<SharedState>, req: Request, next: Ne
     state.metrics.http_requests.with_label_values(&[&route, &method, response.status().as_str()]).inc();
     state.metrics.http_duration.with_label_values(&[&route, &method]).observe(started.elapsed().as_secs_f64());
     response
-}
-
-/// A write that was committed here, or what became of it at its owner.
-pub enum Routed {
-    Local(Committed),
-    Forwarded(forward::Forwarded),
-}
-
-/// Commits `mutation` if this replica owns the object (taking the lease if it
-/// is free), or hands the request to the owner. A write refused by the fence
-/// (the lease moved while it queued) is routed once more, to the new owner.
-async fn commit(state: &AppState, object: &ObjectRef, mutation: Mutation, replay: Replay) -> Result<Routed, ApiError> {
-    let mut attempts_left = 2;
-    loop {
-        attempts_left -= 1;
-        match state.guard.route(object).await? {
-            Route::Remote(owner) => {
-                let forwarded = forward::forward(state, &owner, replay.clone()).await;
-                // The replica we asked no longer owns the object and applied nothing:
-                // look up the owner again (once) instead of failing the client.
-                if attempts_left > 0 && forwarded.route_again() {
-                    state.metrics.transaction_retries.inc();
-                    continue;
-                }
-                return Ok(Routed::Forwarded(forwarded));
-            }
-            Route::Local(lease) => {
-                let job = WriteJob::new(
-                    lease.clone(),
-                    mutation.clone(),
-                    crate::clock::now_ms(),
-                    state.settings.change_value_cap_bytes as usize,
-                );
-                match state.writer.run(job).await? {
-                    Ok(committed) => return Ok(Routed::Local(committed)),
-                    Err(crate::objects::Rejection::Fenced) => {
-                        state.guard.lost(&lease);
-                        if attempts_left == 0 {
-                            return Err(crate::objects::Rejection::Fenced.into());
-                        }
-                        state.metrics.transaction_retries.inc();
-                    }
-                    Err(rejection) => return Err(rejection.into()),
-                }
-            }
-        }
-    }
 }
 
 /// A successful write's response: its JSON body, with the fence it committed under.

@@ -1,17 +1,18 @@
-//! Whole objects: their counters and lease, delete-all, and listing a namespace.
+//! Whole objects: their counters and lease, their history, delete-all, and listing a namespace.
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 use utoipa::{IntoParams, ToSchema};
 
 use super::error::{ApiError, Problem};
-use super::extract::{list_limit, ApiQuery, NamespacePath, ObjectPath, Replay};
-use super::{commit, written, Routed, SharedState};
+use super::extract::{list_limit, ApiQuery, NamespacePath, ObjectPath};
+use super::{written, SharedState};
+use crate::analytics::{history, ExportError};
 use crate::clock::{now_ms, rfc3339_ms};
 use crate::objects::{self, validate_id_prefix, Mutation, OpResult};
+use crate::routing::{Replay, Routed};
 
 #[derive(Serialize, ToSchema)]
 pub struct ObjectBody {
@@ -74,7 +75,7 @@ pub async fn delete_object(
     if !replay.body.is_empty() {
         return Err(ApiError::BadRequest("DELETE of an object takes no body".into()));
     }
-    let committed = match commit(&state, &object, Mutation::DeleteAll, replay).await? {
+    let committed = match state.routing.commit(&object, Mutation::DeleteAll, replay).await? {
         Routed::Forwarded(forwarded) => return Ok(forwarded.into_response()),
         Routed::Local(committed) => committed,
     };
@@ -82,11 +83,7 @@ pub async fn delete_object(
         Some(OpResult::DeleteAll { deleted_keys, deleted_blobs }) => (*deleted_keys, *deleted_blobs),
         _ => (0, 0),
     };
-    Ok(written(
-        &committed,
-        StatusCode::OK,
-        json!({ "deleted_keys": deleted_keys, "deleted_blobs": deleted_blobs, "version": committed.version }),
-    ))
+    Ok(written(&committed, StatusCode::OK, DeleteAllBody { deleted_keys, deleted_blobs, version: committed.version }))
 }
 
 #[derive(Deserialize, IntoParams)]
@@ -141,4 +138,95 @@ pub async fn list_objects(
         .map(|o| ObjectSummaryBody { id: o.id, version: o.version, keys: o.keys, bytes: o.bytes })
         .collect();
     Ok(axum::Json(ListObjectsBody { items, cursor }).into_response())
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct HistoryQuery {
+    /// 1-1000 versions, default 100.
+    limit: Option<usize>,
+    /// From a previous page's `cursor`: versions older than it.
+    cursor: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct HistoryBody {
+    /// Newest first.
+    versions: Vec<HistoryVersion>,
+    /// Pass as `cursor` for older versions; null on the last page.
+    cursor: Option<String>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct HistoryVersion {
+    version: i64,
+    /// RFC 3339: when the version was committed.
+    committed_at: String,
+    /// The fence it was committed under.
+    fence: i64,
+    /// The replica that committed it.
+    instance: String,
+    /// What it changed, in order.
+    changes: Vec<HistoryChange>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct HistoryChange {
+    /// put, delete, delete_all, blob_put or blob_delete.
+    op: String,
+    /// The key or blob name; absent for delete_all.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    key: Option<String>,
+}
+
+const DEFAULT_HISTORY_LIMIT: usize = 100;
+const MAX_HISTORY_LIMIT: usize = 1000;
+
+/// An object's versions, newest first: when, under which fence and by which
+/// replica each was committed, and the keys and blobs it changed. Includes
+/// changes not yet exported to the Iceberg tables.
+#[utoipa::path(get, path = "/v1/objects/{ns}/{id}/history", tag = "objects",
+    params(("ns" = String, Path), ("id" = String, Path), HistoryQuery),
+    responses((status = 200, body = HistoryBody), (status = 400, body = Problem), (status = 404, body = Problem),
+              (status = 503, body = Problem)))]
+pub async fn get_history(
+    State(state): State<SharedState>,
+    ObjectPath(object): ObjectPath,
+    ApiQuery(query): ApiQuery<HistoryQuery>,
+) -> Result<Response, ApiError> {
+    let limit = query.limit.unwrap_or(DEFAULT_HISTORY_LIMIT);
+    if !(1..=MAX_HISTORY_LIMIT).contains(&limit) {
+        return Err(ApiError::BadRequest(format!("limit must be between 1 and {MAX_HISTORY_LIMIT}, got {limit}")));
+    }
+    let before = match query.cursor.as_deref() {
+        None => None,
+        Some(cursor) => match cursor.parse::<i64>() {
+            Ok(version) if version > 0 => Some(version),
+            _ => return Err(ApiError::BadRequest("invalid cursor: not one this server issued".into())),
+        },
+    };
+    if objects::object_info(&state.db, &object).await?.is_none() {
+        return Err(ApiError::NotFound(format!("object {object} was never written")));
+    }
+    let catalog = state.exporter.catalog();
+    let (versions, more) =
+        history::history(&state.db, catalog, &object, before, limit).await.map_err(|err| match err {
+            ExportError::Database(err) => ApiError::from(err),
+            other => {
+                tracing::warn!(object = %object, error = %other, "could not read an object's exported history");
+                ApiError::unavailable("the exported history could not be read; retry later", 1)
+            }
+        })?;
+    let cursor = if more { versions.last().map(|v| v.version.to_string()) } else { None };
+    let versions = versions
+        .into_iter()
+        .map(|v| HistoryVersion {
+            version: v.version,
+            committed_at: rfc3339_ms(v.ts_micros / 1000),
+            fence: v.fence,
+            instance: v.instance,
+            changes: v.changes.into_iter().map(|(op, key)| HistoryChange { op, key }).collect(),
+        })
+        .collect();
+    Ok(axum::Json(HistoryBody { versions, cursor }).into_response())
 }

@@ -9,9 +9,9 @@ use axum::http::Method;
 use utoipa::openapi::path::{Operation, ParameterIn};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{Content, HeaderBuilder, ObjectBuilder, Ref, RefOr, Response, Type};
-use utoipa::{Modify, OpenApi};
+use utoipa::OpenApi;
 
-use super::{analytics, blobs, events, iceberg, kv, need, objects, ops, Need, Problem};
+use super::{iceberg, Need, Problem};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -19,48 +19,22 @@ use super::{analytics, blobs, events, iceberg, kv, need, objects, ops, Need, Pro
         title = "Statehouse",
         description = "Durable-Object-style state: per-object transactional key-value storage with fenced single writers."
     ),
-    paths(
-        kv::put_key,
-        kv::get_key,
-        kv::delete_key,
-        kv::list_keys,
-        kv::batch,
-        events::post_events,
-        objects::get_object,
-        objects::delete_object,
-        objects::list_objects,
-        blobs::put_blob,
-        blobs::get_blob,
-        blobs::delete_blob,
-        blobs::list_blobs,
-        blobs::post_blob_action,
-        blobs::commit_presigned_route,
-        analytics::export_now,
-        analytics::list_tables,
-        iceberg::config,
-        iceberg::list_namespaces,
-        iceberg::get_namespace,
-        iceberg::namespace_exists,
-        iceberg::list_tables,
-        iceberg::load_table,
-        iceberg::table_exists,
-        ops::healthz,
-        ops::readyz,
-        ops::metrics,
-        ops::openapi,
-    ),
     components(schemas(Problem, iceberg::IcebergErrorResponse)),
     tags((name = "iceberg", description = "The Apache Iceberg REST catalog protocol, read-only: point DuckDB, \
         PyIceberg, Spark or Trino at `<server>/iceberg` with warehouse `statehouse`. Its errors take the protocol's \
         shape, `{\"error\": {message, type, code}}`; every write operation of the protocol answers 406 \
         UnsupportedOperationException.")),
-    modifiers(&SharedResponses)
 )]
 struct ApiDoc;
 
+/// What the document says before the route list adds its operations.
+pub(super) fn base() -> utoipa::openapi::OpenApi {
+    ApiDoc::openapi()
+}
+
 pub fn openapi_json() -> &'static str {
     static DOC: OnceLock<String> = OnceLock::new();
-    DOC.get_or_init(|| ApiDoc::openapi().to_pretty_json().expect("the OpenAPI document serialises"))
+    DOC.get_or_init(|| super::routes::document().to_pretty_json().expect("the OpenAPI document serialises"))
 }
 
 const BEARER: &str = "bearerAuth";
@@ -76,33 +50,31 @@ const PROBLEMS: ErrorShape =
 const ICEBERG_ERRORS: ErrorShape =
     ErrorShape { content_type: "application/json", schema: "#/components/schemas/IcebergErrorResponse" };
 
-struct SharedResponses;
-
-impl Modify for SharedResponses {
-    fn modify(&self, doc: &mut utoipa::openapi::OpenApi) {
-        doc.components
-            .get_or_insert_with(Default::default)
-            .add_security_scheme(BEARER, SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
-        doc.security = Some(vec![SecurityRequirement::new(BEARER, Vec::<String>::new())]);
-        for (path, item) in doc.paths.paths.iter_mut() {
-            let operations = [
-                (Method::GET, &mut item.get),
-                (Method::HEAD, &mut item.head),
-                (Method::PUT, &mut item.put),
-                (Method::POST, &mut item.post),
-                (Method::DELETE, &mut item.delete),
-                (Method::PATCH, &mut item.patch),
-                (Method::OPTIONS, &mut item.options),
-                (Method::TRACE, &mut item.trace),
-            ];
-            let shape = if path.starts_with(iceberg::MOUNT) { &ICEBERG_ERRORS } else { &PROBLEMS };
-            for (method, operation) in operations {
-                if let Some(operation) = operation {
-                    let open = need(&method, path) == Some(Need::Nothing);
-                    // Handlers of the other methods read the request body.
-                    let reads_body = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE);
-                    complete(operation, open, reads_body, shape);
-                }
+/// Completes the document with what every route shares: bearer
+/// authentication where `need` asks for a caller, and the error answers.
+pub(super) fn complete(doc: &mut utoipa::openapi::OpenApi, need: impl Fn(&Method, &str) -> Option<Need>) {
+    doc.components
+        .get_or_insert_with(Default::default)
+        .add_security_scheme(BEARER, SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
+    doc.security = Some(vec![SecurityRequirement::new(BEARER, Vec::<String>::new())]);
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let operations = [
+            (Method::GET, &mut item.get),
+            (Method::HEAD, &mut item.head),
+            (Method::PUT, &mut item.put),
+            (Method::POST, &mut item.post),
+            (Method::DELETE, &mut item.delete),
+            (Method::PATCH, &mut item.patch),
+            (Method::OPTIONS, &mut item.options),
+            (Method::TRACE, &mut item.trace),
+        ];
+        let shape = if path.starts_with(iceberg::MOUNT) { &ICEBERG_ERRORS } else { &PROBLEMS };
+        for (method, operation) in operations {
+            if let Some(operation) = operation {
+                let open = need(&method, path) == Some(Need::Nothing);
+                // Handlers of the other methods read the request body.
+                let reads_body = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE);
+                complete_operation(operation, open, reads_body, shape);
             }
         }
     }
@@ -111,7 +83,7 @@ impl Modify for SharedResponses {
 /// Adds the error responses `operation` can give without its handler
 /// saying so, and gives every error response its family's content type
 /// (utoipa labels any body `application/json`).
-fn complete(operation: &mut Operation, open: bool, reads_body: bool, shape: &ErrorShape) {
+fn complete_operation(operation: &mut Operation, open: bool, reads_body: bool, shape: &ErrorShape) {
     let mut statuses = vec![400, 429, 503];
     if open {
         // An empty list overrides the document's global requirement.

@@ -5,21 +5,36 @@ use std::time::Duration;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use serde_json::json;
+use serde::Serialize;
+use utoipa::ToSchema;
 
 use super::error::{ApiError, Problem};
 use super::SharedState;
 use crate::db;
 
+#[derive(Serialize, ToSchema)]
+pub struct HealthBody {
+    /// Always `ok`.
+    status: &'static str,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ReadyBody {
+    /// Always `ready`.
+    status: &'static str,
+    /// The database's migration, the one this binary needs.
+    schema_version: i64,
+}
+
 /// The process is alive.
-#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "alive")))]
+#[utoipa::path(get, path = "/healthz", tag = "operations", responses((status = 200, description = "alive", body = HealthBody)))]
 pub async fn healthz() -> Response {
-    axum::Json(json!({ "status": "ok" })).into_response()
+    axum::Json(HealthBody { status: "ok" }).into_response()
 }
 
 /// The database is reachable and fully migrated, and the object store answers.
 #[utoipa::path(get, path = "/readyz", tag = "operations",
-    responses((status = 200, description = "ready"), (status = 503, body = Problem)))]
+    responses((status = 200, description = "ready", body = ReadyBody), (status = 503, body = Problem)))]
 pub async fn readyz(State(state): State<SharedState>) -> Result<Response, ApiError> {
     let check = state.db.read(|conn| async move { db::schema_version(&conn).await });
     let version = tokio::time::timeout(Duration::from_secs(2), check)
@@ -35,7 +50,7 @@ pub async fn readyz(State(state): State<SharedState>) -> Result<Response, ApiErr
         .await
         .map_err(|_| ApiError::unavailable("the object store did not answer within 2 s", 1))?
         .map_err(|e| ApiError::unavailable(e.to_string(), 1))?;
-    Ok(axum::Json(json!({ "status": "ready", "schema_version": version })).into_response())
+    Ok(axum::Json(ReadyBody { status: "ready", schema_version: version }).into_response())
 }
 
 /// Prometheus metrics.

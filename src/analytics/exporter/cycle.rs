@@ -250,7 +250,7 @@ impl Exporter {
 }
 
 /// The last outbox seq in the table's current snapshot (0 before the first).
-pub(super) fn exported_through(table: &Table) -> i64 {
+pub(crate) fn exported_through(table: &Table) -> i64 {
     table
         .metadata()
         .current_snapshot()

@@ -46,6 +46,7 @@ use crate::writer::Writer;
 use metrics::ExportMetrics;
 
 pub use compact::{compact, last_compaction, CompactionError, CompactionInfo, CompactionPolicy};
+pub(crate) use cycle::exported_through;
 
 /// Snapshots a cycle may append per table before it lets the next cycle go on.
 const MAX_SNAPSHOTS_PER_TABLE_PER_CYCLE: usize = 8;

@@ -338,6 +338,27 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/objects/{ns}/{id}/history": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /**
+         * An object's versions, newest first: when, under which fence and by which
+         *     replica each was committed, and the keys and blobs it changed. Includes
+         *     changes not yet exported to the Iceberg tables.
+         */
+        get: operations["get_history"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/objects/{ns}/{id}/kv": {
         parameters: {
             query?: never;
@@ -503,6 +524,31 @@ export interface components {
              */
             through_seq: number;
         };
+        /** @description The last compaction of a table, as its snapshot records it. */
+        CompactionInfo: {
+            /**
+             * Format: int64
+             * @description When it was committed (ms since the epoch).
+             */
+            at_ms: number;
+            /** Format: int64 */
+            data_files_after: number;
+            /** Format: int64 */
+            data_files_before: number;
+            /**
+             * Format: int64
+             * @description Small files rewritten, and the files they became.
+             */
+            files_rewritten: number;
+            /** Format: int64 */
+            files_written: number;
+            /** Format: int64 */
+            manifests_after: number;
+            /** Format: int64 */
+            manifests_before: number;
+            /** Format: int64 */
+            snapshot_id: number;
+        };
         DeleteAllBody: {
             /** Format: int64 */
             deleted_blobs: number;
@@ -548,6 +594,37 @@ export interface components {
             orphan_files_deleted: number;
             /** @description Snapshots this cycle committed, oldest first. */
             snapshots: components["schemas"]["CommittedSnapshot"][];
+        };
+        HealthBody: {
+            /** @description Always `ok`. */
+            status: string;
+        };
+        HistoryBody: {
+            /** @description Pass as `cursor` for older versions; null on the last page. */
+            cursor?: string | null;
+            /** @description Newest first. */
+            versions: components["schemas"]["HistoryVersion"][];
+        };
+        HistoryChange: {
+            /** @description The key or blob name; absent for delete_all. */
+            key?: string | null;
+            /** @description put, delete, delete_all, blob_put or blob_delete. */
+            op: string;
+        };
+        HistoryVersion: {
+            /** @description What it changed, in order. */
+            changes: components["schemas"]["HistoryChange"][];
+            /** @description RFC 3339: when the version was committed. */
+            committed_at: string;
+            /**
+             * Format: int64
+             * @description The fence it was committed under.
+             */
+            fence: number;
+            /** @description The replica that committed it. */
+            instance: string;
+            /** Format: int64 */
+            version: number;
         };
         IcebergErrorModel: {
             /** Format: int32 */
@@ -657,6 +734,15 @@ export interface components {
             title: string;
             type: string;
         };
+        ReadyBody: {
+            /**
+             * Format: int64
+             * @description The database's migration, the one this binary needs.
+             */
+            schema_version: number;
+            /** @description Always `ready`. */
+            status: string;
+        };
         RestCatalogInfo: {
             /** @description The catalog's path on this server: its URI is this server's base URL plus this path. */
             path: string;
@@ -675,9 +761,12 @@ export interface components {
              * @description The last outbox seq exported into this table.
              */
             exported_through_seq: number;
+            last_compaction?: null | components["schemas"]["CompactionInfo"];
             /** Format: int64 */
             last_updated_ms?: number | null;
             location?: string | null;
+            /** Format: int64 */
+            manifests: number;
             metadata_location?: string | null;
             /** @description `statehouse.events` or `statehouse.changes`. */
             name: string;
@@ -688,7 +777,7 @@ export interface components {
             pending_rows: number;
             /**
              * Format: int64
-             * @description Rows and data files in the current snapshot.
+             * @description Rows, data files and manifests in the current snapshot.
              */
             rows: number;
             snapshots: number;
@@ -732,7 +821,9 @@ export interface operations {
                 headers: {
                     [name: string]: unknown;
                 };
-                content?: never;
+                content: {
+                    "application/json": components["schemas"]["HealthBody"];
+                };
             };
             /** @description invalid namespace, id, key, query, header or body */
             400: {
@@ -1497,7 +1588,9 @@ export interface operations {
                 headers: {
                     [name: string]: unknown;
                 };
-                content?: never;
+                content: {
+                    "application/json": components["schemas"]["ReadyBody"];
+                };
             };
             /** @description invalid namespace, id, key, query, header or body */
             400: {
@@ -2813,6 +2906,93 @@ export interface operations {
             };
             /** @description the body is larger than this route allows */
             413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description too many requests from this caller */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description database, object store or owner replica unreachable or busy, or the request timed out */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    get_history: {
+        parameters: {
+            query?: {
+                /** @description 1-1000 versions, default 100. */
+                limit?: number;
+                /** @description From a previous page's `cursor`: versions older than it. */
+                cursor?: string;
+            };
+            header?: never;
+            path: {
+                ns: string;
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["HistoryBody"];
+                };
+            };
+            /** @description invalid namespace, id, key, query, header or body */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description missing or invalid credential */
+            401: {
+                headers: {
+                    /** @description the scheme to authenticate with: Bearer */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description the credential does not allow this namespace or operation */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description no such object, key, blob or route */
+            404: {
                 headers: {
                     [name: string]: unknown;
                 };
