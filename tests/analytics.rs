@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use common::iceberg::{read_tables, read_through_catalog, tables};
 use common::s3::S3Server;
-use common::{spawn_app_with, token, unique_ns, with_tokens, Process, TestApp, TestDatabase};
+use common::{
+    spawn_app_with, token, unique_ns, with_tokens, EventLoad, EventLoadShape, Process, TestApp, TestDatabase,
+};
 use serde_json::{json, Value};
 
 /// What the server acknowledged, as the readers must show it.
@@ -418,40 +420,17 @@ async fn killing_the_exporter_at_random_points_loses_and_duplicates_nothing() {
     let writer = Process::start(&db.url, 0, &env(false));
     let ns = unique_ns("crash");
     let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
-    let acked = Arc::new(std::sync::Mutex::new(BTreeSet::<String>::new()));
-    let unknown = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut writers = Vec::new();
-    for w in 0..3 {
-        let (client, base, ns) = (client.clone(), writer.base.clone(), ns.clone());
-        let (acked, unknown, stop) = (acked.clone(), unknown.clone(), stop.clone());
-        writers.push(tokio::spawn(async move {
-            let mut n = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let events: Vec<Value> =
-                    (0..5).map(|e| json!({"type": "Tick", "data": {"w": w, "n": n, "e": e}})).collect();
-                let sent = client
-                    .post(format!("{base}/v1/objects/{ns}/w{w}-{}/events", n % 7))
-                    .json(&json!({"events": events}))
-                    .send()
-                    .await;
-                match sent {
-                    Ok(r) if r.status() == 200 => {
-                        let body: Value = r.json().await.unwrap();
-                        let mut acked = acked.lock().unwrap();
-                        for id in body["event_ids"].as_array().unwrap() {
-                            acked.insert(id.as_str().unwrap().to_string());
-                        }
-                    }
-                    _ => {
-                        unknown.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                }
-                n += 1;
-                tokio::time::sleep(Duration::from_millis(2)).await;
-            }
-        }));
-    }
+    let load = EventLoad::start(
+        &writer.base,
+        &ns,
+        EventLoadShape {
+            writers: 3,
+            events_per_post: 5,
+            objects: 7,
+            types: &["Tick"],
+            pause: Duration::from_millis(2),
+        },
+    );
     let rounds = 20;
     let mut lived = Vec::new();
     for round in 0..rounds {
@@ -464,10 +443,7 @@ async fn killing_the_exporter_at_random_points_loses_and_duplicates_nothing() {
         let log = exporter.log();
         assert!(!log.contains("panicked"), "round {round}: the exporter panicked:\n{log}");
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for w in writers {
-        w.await.unwrap();
-    }
+    let (acked, unknown) = load.stop().await;
     // A last exporter drains the outbox.
     let mut last = Process::start(&db.url, 0, &env(true));
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -503,8 +479,6 @@ async fn killing_the_exporter_at_random_points_loses_and_duplicates_nothing() {
         "s3": null,
     }))
     .await;
-    let acked = acked.lock().unwrap().clone();
-    let unknown = unknown.load(std::sync::atomic::Ordering::Relaxed);
     for reader in ["duckdb", "pyiceberg"] {
         let rows = read[reader]["rows"].as_array().unwrap();
         let ids: Vec<&str> = rows.iter().map(|r| r["event_id"].as_str().unwrap()).collect();

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::iceberg::{read_tables, tables};
-use common::{spawn_app_with, unique_ns, Process, TestApp, TestDatabase};
+use common::{spawn_app_with, unique_ns, EventLoad, EventLoadShape, Process, TestApp, TestDatabase};
 use iceberg::spec::{ManifestStatus, Operation};
 use iceberg::table::Table;
 use iceberg::{NamespaceIdent, TableIdent};
@@ -451,40 +451,17 @@ async fn killing_the_exporter_while_it_compacts_loses_and_duplicates_nothing() {
     let writer = Process::start(&db.url, 0, &env(false));
     let ns = unique_ns("compact-kill");
     let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
-    let acked = Arc::new(std::sync::Mutex::new(BTreeSet::<String>::new()));
-    let unknown = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let mut writers = Vec::new();
-    for w in 0..2 {
-        let (client, base, ns) = (client.clone(), writer.base.clone(), ns.clone());
-        let (acked, unknown, stop) = (acked.clone(), unknown.clone(), stop.clone());
-        writers.push(tokio::spawn(async move {
-            let mut n = 0;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                let events: Vec<Value> =
-                    (0..4).map(|e| json!({"type": format!("T{}", e % 2), "data": {"w": w, "n": n}})).collect();
-                let sent = client
-                    .post(format!("{base}/v1/objects/{ns}/w{w}-{}/events", n % 5))
-                    .json(&json!({"events": events}))
-                    .send()
-                    .await;
-                match sent {
-                    Ok(r) if r.status() == 200 => {
-                        let body: Value = r.json().await.unwrap();
-                        let mut acked = acked.lock().unwrap();
-                        for id in body["event_ids"].as_array().unwrap() {
-                            acked.insert(id.as_str().unwrap().to_string());
-                        }
-                    }
-                    _ => {
-                        unknown.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    }
-                }
-                n += 1;
-                tokio::time::sleep(Duration::from_millis(3)).await;
-            }
-        }));
-    }
+    let load = EventLoad::start(
+        &writer.base,
+        &ns,
+        EventLoadShape {
+            writers: 2,
+            events_per_post: 4,
+            objects: 5,
+            types: &["T0", "T1"],
+            pause: Duration::from_millis(3),
+        },
+    );
     let rounds = 10;
     let (mut mid_compaction, mut committed, mut orphan_passes, mut durations) = (0, 0, 0, Vec::<u64>::new());
     for round in 0..rounds {
@@ -518,10 +495,7 @@ async fn killing_the_exporter_while_it_compacts_loses_and_duplicates_nothing() {
             assert!(Path::new(location).is_file(), "round {round}: {table} points at a missing {location}");
         }
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for w in writers {
-        w.await.unwrap();
-    }
+    let (acked, unknown) = load.stop().await;
     let mut last = Process::start(&db.url, 0, &env(true));
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -547,8 +521,6 @@ async fn killing_the_exporter_while_it_compacts_loses_and_duplicates_nothing() {
         "s3": null,
     }))
     .await;
-    let acked = acked.lock().unwrap().clone();
-    let unknown = unknown.load(std::sync::atomic::Ordering::Relaxed);
     durations.sort_unstable();
     for reader in ["duckdb", "pyiceberg"] {
         let rows = read[reader]["rows"].as_array().unwrap();

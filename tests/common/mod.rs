@@ -307,3 +307,81 @@ impl Drop for Process {
         let _ = self.child.wait();
     }
 }
+
+/// Clients posting events to one replica until stopped, keeping the ids of
+/// what was acknowledged and counting the requests whose outcome is unknown
+/// (an error or a non-200: each may or may not have been stored).
+pub struct EventLoad {
+    acked: Arc<Mutex<std::collections::BTreeSet<String>>>,
+    unknown: Arc<std::sync::atomic::AtomicUsize>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    writers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+/// The shape of an [`EventLoad`].
+pub struct EventLoadShape {
+    pub writers: usize,
+    pub events_per_post: usize,
+    /// Each writer's posts go round its own objects `w<writer>-<0..objects>`.
+    pub objects: usize,
+    /// Event `e` of a post has type `types[e % types.len()]`.
+    pub types: &'static [&'static str],
+    pub pause: Duration,
+}
+
+impl EventLoad {
+    pub fn start(base: &str, ns: &str, shape: EventLoadShape) -> EventLoad {
+        let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+        let acked = Arc::new(Mutex::new(std::collections::BTreeSet::new()));
+        let unknown = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let shape = Arc::new(shape);
+        let writers = (0..shape.writers)
+            .map(|w| {
+                let (client, url) = (client.clone(), format!("{base}/v1/objects/{ns}"));
+                let (acked, unknown, stop, shape) = (acked.clone(), unknown.clone(), stop.clone(), shape.clone());
+                tokio::spawn(async move {
+                    let mut n = 0;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        let events: Vec<serde_json::Value> = (0..shape.events_per_post)
+                            .map(|e| {
+                                let kind = shape.types[e % shape.types.len()];
+                                serde_json::json!({"type": kind, "data": {"w": w, "n": n, "e": e}})
+                            })
+                            .collect();
+                        let sent = client
+                            .post(format!("{url}/w{w}-{}/events", n % shape.objects))
+                            .json(&serde_json::json!({"events": events}))
+                            .send()
+                            .await;
+                        match sent {
+                            Ok(r) if r.status() == 200 => {
+                                let body: serde_json::Value = r.json().await.unwrap();
+                                let mut acked = acked.lock().unwrap();
+                                for id in body["event_ids"].as_array().unwrap() {
+                                    acked.insert(id.as_str().unwrap().to_string());
+                                }
+                            }
+                            _ => {
+                                unknown.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                        n += 1;
+                        tokio::time::sleep(shape.pause).await;
+                    }
+                })
+            })
+            .collect();
+        EventLoad { acked, unknown, stop, writers }
+    }
+
+    /// Stops the writers and answers the acknowledged event ids and the count of unknown outcomes.
+    pub async fn stop(self) -> (std::collections::BTreeSet<String>, usize) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        for writer in self.writers {
+            writer.await.unwrap();
+        }
+        let acked = self.acked.lock().unwrap().clone();
+        (acked, self.unknown.load(std::sync::atomic::Ordering::Relaxed))
+    }
+}
