@@ -6,7 +6,7 @@
 use std::sync::OnceLock;
 
 use axum::http::Method;
-use utoipa::openapi::path::{Operation, ParameterIn};
+use utoipa::openapi::path::{Operation, ParameterIn, PathItem};
 use utoipa::openapi::security::{Http, HttpAuthScheme, SecurityRequirement, SecurityScheme};
 use utoipa::openapi::{Content, HeaderBuilder, ObjectBuilder, Ref, RefOr, Response, Type};
 use utoipa::OpenApi;
@@ -58,18 +58,8 @@ pub(super) fn complete(doc: &mut utoipa::openapi::OpenApi, need: impl Fn(&Method
         .add_security_scheme(BEARER, SecurityScheme::Http(Http::new(HttpAuthScheme::Bearer)));
     doc.security = Some(vec![SecurityRequirement::new(BEARER, Vec::<String>::new())]);
     for (path, item) in doc.paths.paths.iter_mut() {
-        let operations = [
-            (Method::GET, &mut item.get),
-            (Method::HEAD, &mut item.head),
-            (Method::PUT, &mut item.put),
-            (Method::POST, &mut item.post),
-            (Method::DELETE, &mut item.delete),
-            (Method::PATCH, &mut item.patch),
-            (Method::OPTIONS, &mut item.options),
-            (Method::TRACE, &mut item.trace),
-        ];
         let shape = if path.starts_with(iceberg::MOUNT) { &ICEBERG_ERRORS } else { &PROBLEMS };
-        for (method, operation) in operations {
+        for (method, operation) in operations(item) {
             if let Some(operation) = operation {
                 let open = need(&method, path) == Some(Need::Nothing);
                 // Handlers of the other methods read the request body.
@@ -78,6 +68,20 @@ pub(super) fn complete(doc: &mut utoipa::openapi::OpenApi, need: impl Fn(&Method
             }
         }
     }
+}
+
+/// A path's operations by method, each present or not.
+pub(super) fn operations(item: &mut PathItem) -> [(Method, &mut Option<Operation>); 8] {
+    [
+        (Method::GET, &mut item.get),
+        (Method::HEAD, &mut item.head),
+        (Method::PUT, &mut item.put),
+        (Method::POST, &mut item.post),
+        (Method::DELETE, &mut item.delete),
+        (Method::PATCH, &mut item.patch),
+        (Method::OPTIONS, &mut item.options),
+        (Method::TRACE, &mut item.trace),
+    ]
 }
 
 /// Adds the error responses `operation` can give without its handler

@@ -11,7 +11,7 @@ use axum::handler::Handler;
 use axum::http::Method;
 use axum::routing::{MethodFilter, MethodRouter};
 use axum::Router;
-use utoipa::openapi::path::{Operation, PathItem};
+use utoipa::openapi::path::PathItem;
 use utoipa::openapi::OpenApi;
 use utoipa_axum::router::UtoipaMethodRouter;
 use utoipa_axum::routes;
@@ -121,8 +121,11 @@ pub(super) struct RouteList {
     doc: OpenApi,
     /// What a caller needs, by route (as the router names it, and as the
     /// document does) and method.
-    needs: HashMap<String, Vec<(Method, Need)>>,
+    needs: AccessTable,
 }
+
+/// What a caller needs, by route and method.
+type AccessTable = HashMap<String, Vec<(Method, Need)>>;
 
 impl RouteList {
     fn new(limits: BodyLimits) -> RouteList {
@@ -133,11 +136,11 @@ impl RouteList {
     fn add(mut self, path: &str, need: Need, body: Body, route: UtoipaMethodRouter<SharedState>) -> RouteList {
         let (schemas, paths, handlers) = route;
         let template = document_template(path);
-        for (documented, item) in paths.paths {
+        for (documented, mut item) in paths.paths {
             // A wildcard's handler may take routes below it (blob actions).
             let below_wildcard = path.contains("{*") && documented.starts_with(&format!("{template}/"));
             assert!(documented == template || below_wildcard, "{documented} is documented but routed as {path}");
-            for method in methods(&item) {
+            for method in methods(&mut item) {
                 self.grant(path, method.clone(), need);
                 if documented != path {
                     self.grant(&documented, method, need);
@@ -218,14 +221,23 @@ pub fn need(method: &Method, route: &str) -> Option<Need> {
     find(method).or_else(|| (*method == Method::HEAD).then(|| find(&Method::GET)).flatten())
 }
 
-fn access_table() -> &'static HashMap<String, Vec<(Method, Need)>> {
-    static TABLE: OnceLock<HashMap<String, Vec<(Method, Need)>>> = OnceLock::new();
-    TABLE.get_or_init(|| route_list(BodyLimits { value: 0, batch: 0 }).needs)
+/// The access table and the (uncompleted) document, from one build of the
+/// list; neither depends on the body limits.
+fn described() -> &'static (AccessTable, OpenApi) {
+    static DESCRIBED: OnceLock<(AccessTable, OpenApi)> = OnceLock::new();
+    DESCRIBED.get_or_init(|| {
+        let list = route_list(BodyLimits { value: 0, batch: 0 });
+        (list.needs, list.doc)
+    })
+}
+
+fn access_table() -> &'static AccessTable {
+    &described().0
 }
 
 /// The OpenAPI document of every route in the list.
 pub fn document() -> OpenApi {
-    let mut doc = route_list(BodyLimits { value: 0, batch: 0 }).doc;
+    let mut doc = described().1.clone();
     super::openapi::complete(&mut doc, need);
     doc
 }
@@ -235,17 +247,8 @@ fn document_template(path: &str) -> String {
     path.replace("{*", "{")
 }
 
-fn methods(item: &PathItem) -> Vec<Method> {
-    let operations: [(Method, &Option<Operation>); 8] = [
-        (Method::GET, &item.get),
-        (Method::HEAD, &item.head),
-        (Method::PUT, &item.put),
-        (Method::POST, &item.post),
-        (Method::DELETE, &item.delete),
-        (Method::PATCH, &item.patch),
-        (Method::OPTIONS, &item.options),
-        (Method::TRACE, &item.trace),
-    ];
+fn methods(item: &mut PathItem) -> Vec<Method> {
+    let operations = super::openapi::operations(item);
     operations.into_iter().filter(|(_, operation)| operation.is_some()).map(|(method, _)| method).collect()
 }
 
@@ -270,8 +273,8 @@ mod tests {
 
     #[test]
     fn every_documented_operation_and_every_undocumented_route_has_its_need() {
-        let doc = document();
-        for (path, item) in &doc.paths.paths {
+        let mut doc = document();
+        for (path, item) in doc.paths.paths.iter_mut() {
             for method in methods(item) {
                 assert!(need(&method, path).is_some(), "{method} {path} has no need");
             }
