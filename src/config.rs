@@ -237,10 +237,18 @@ pub struct Settings {
           value_parser = clap::value_parser!(u64).range(1..))]
     pub max_blob_bytes: u64,
 
-    /// Change-log rows carry a value's bytes up to this many (longer values are truncated and flagged).
-    #[arg(long = "change-value-cap-bytes", env = "STATEHOUSE_CHANGE_VALUE_CAP_BYTES", default_value_t = 64 * 1024,
+    /// Change-log rows carry a value's bytes up to this many; longer values are truncated and flagged, and
+    /// a restore that needs one is refused. Default: the largest value allowed, so every value is restorable.
+    #[arg(long = "change-value-cap-bytes", env = "STATEHOUSE_CHANGE_VALUE_CAP_BYTES",
           value_parser = clap::value_parser!(u64).range(0..=(1u64 << 30)))]
-    pub change_value_cap_bytes: u64,
+    pub change_value_cap_bytes: Option<u64>,
+
+    /// How far back objects can be restored (e.g. `30d`, `12h`, `90s`): replaced and deleted blob bytes
+    /// are kept this long (and as long again, at most an hour more), and a restore to an older point is refused.
+    #[arg(long = "history-retention", env = "STATEHOUSE_HISTORY_RETENTION", value_name = "DURATION",
+          default_value = "30d", value_parser = parse_retention)]
+    #[serde(serialize_with = "as_human")]
+    pub history_retention: Duration,
 
     /// How often unreferenced blob bytes are deleted and Iceberg snapshots expired and orphan files removed, in ms.
     #[arg(long = "sweep-interval-ms", env = "STATEHOUSE_SWEEP_INTERVAL_MS", value_name = "MS", default_value = "300000",
@@ -490,6 +498,20 @@ impl ObjectStoreSettings {
 }
 
 /// Durations are set and shown in milliseconds, as their names say.
+fn parse_retention(raw: &str) -> Result<Duration, String> {
+    let duration =
+        humantime::parse_duration(raw.trim()).map_err(|e| format!("{e}: give a duration such as 30d, 12h or 90s"))?;
+    // Kept blob bytes are compared in Unix milliseconds: stay far from overflow.
+    if duration > Duration::from_secs(100 * 365 * 86_400) {
+        return Err("at most 100 years".into());
+    }
+    Ok(duration)
+}
+
+fn as_human<S: serde::Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(&humantime::format_duration(*value).to_string())
+}
+
 fn as_millis<S: serde::Serializer>(value: &Duration, s: S) -> Result<S::Ok, S::Error> {
     s.serialize_u64(value.as_millis() as u64)
 }
@@ -538,6 +560,11 @@ impl Serialize for Secret {
 }
 
 impl Settings {
+    /// How many bytes of a value the change log keeps inline.
+    pub fn change_value_cap(&self) -> u64 {
+        self.change_value_cap_bytes.unwrap_or(self.max_value_bytes)
+    }
+
     /// How long before its lease ends an owner stops answering reads from memory.
     pub fn read_margin(&self) -> Duration {
         self.lease_read_margin.unwrap_or(self.lease / 4)
@@ -736,6 +763,7 @@ pub const ENV_VARS: &[&str] = &[
     "STATEHOUSE_MAX_BLOB_BYTES",
     "STATEHOUSE_SWEEP_INTERVAL_MS",
     "STATEHOUSE_CHANGE_VALUE_CAP_BYTES",
+    "STATEHOUSE_HISTORY_RETENTION",
     "STATEHOUSE_ORPHAN_GRACE_MS",
     "STATEHOUSE_EXPORT_ENABLED",
     "STATEHOUSE_EXPORT_INTERVAL_MS",

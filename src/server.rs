@@ -90,6 +90,7 @@ pub async fn run(
         guard: guard.clone(),
         interval: settings.sweep_interval,
         orphan_grace: settings.orphan_grace,
+        keep_garbage: crate::blobs::kept_for(settings.history_retention),
     }
     .spawn(stop.child_token());
     let exporter = Arc::new(Exporter::new(
@@ -121,7 +122,7 @@ pub async fn run(
         metrics.clone(),
         access.peer.clone(),
         settings.forward_timeout,
-        settings.change_value_cap_bytes as usize,
+        settings.change_value_cap() as usize,
     )
     .context("cannot build the HTTP client for peer replicas")?;
     let readers = ReaderAccess::from_settings(&settings, exporter.catalog().warehouse());

@@ -42,6 +42,8 @@ impl Backend {
             s.max_blob_bytes = max_blob;
             s.sweep_interval = Duration::from_millis(200);
             s.orphan_grace = Duration::from_millis(1500);
+            // Replaced bytes stay 2 s (the retention, and as long again) for restores.
+            s.history_retention = Duration::from_secs(1);
         })
         .await
     }
@@ -222,9 +224,12 @@ async fn blob_lifecycle(s3: bool) {
     assert!(body["cursor"].is_null());
     problem(list("limit=0").await.unwrap(), 400, "bad-request").await;
 
-    // Replacing a blob makes its old bytes garbage; the sweeper removes them.
+    // Replacing a blob makes its old bytes garbage: kept for the history
+    // retention (a restore may want them), then the sweeper removes them.
     assert_eq!(backend.wait_for_stored(5).await.len(), 5);
     app.client.put(url("docs/a")).body("second version").send().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(backend.stored().await.len(), 6, "the replaced bytes are kept for the retention");
     let keys = backend.wait_for_stored(5).await;
     assert_eq!(keys.len(), 5, "the replaced bytes were swept: {keys:?}");
     assert_eq!(app.client.get(url("docs/a")).send().await.unwrap().text().await.unwrap(), "second version");

@@ -62,7 +62,7 @@ async fn outbox(db: &TestDatabase, ns: &str) -> Vec<Row> {
 async fn every_committed_change_and_event_has_one_outbox_row() {
     let db = TestDatabase::new();
     let app = spawn_app_with(&db, |s| {
-        s.change_value_cap_bytes = 8;
+        s.change_value_cap_bytes = Some(8);
         s.export_enabled = false;
     })
     .await;

@@ -105,6 +105,21 @@ async fn get_on(conn: &Session, object: &ObjectRef, name: &str) -> Result<Option
     Ok(found)
 }
 
+/// Whether the object has any blob.
+pub async fn any(db: &Database, object: &ObjectRef) -> Result<bool, StoreError> {
+    db.read(|conn| async move {
+        let found = conn
+            .first_row(
+                "SELECT 1 FROM blobs WHERE ns = ?1 AND id = ?2 LIMIT 1",
+                params![object.ns.as_str(), object.id.as_str()],
+                |_| Ok(()),
+            )
+            .await?;
+        Ok(found.is_some())
+    })
+    .await
+}
+
 /// Blobs of an object in name order after `after`; and whether more follow.
 pub async fn list(
     db: &Database,

@@ -10,4 +10,4 @@ pub mod upload;
 pub use crate::model::BlobMeta;
 pub use meta::{new_storage_key, object_prefix, stored_path, upload_prefix, validate_name};
 pub use store::{Backend, S3Settings, Storage, StorageError, UploadError, Uploaded, MULTIPART_PART_BYTES};
-pub use sweeper::{SweepError, SweepReport, Sweeper};
+pub use sweeper::{kept_for, SweepError, SweepReport, Sweeper};

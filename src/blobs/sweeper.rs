@@ -1,8 +1,10 @@
 //! Removes bytes nothing refers to: keys of replaced or deleted blobs (listed
-//! in `blob_garbage` by the same transaction that dropped them), and orphans
-//! of uploads that were never committed (crash, fenced, client gone), once
-//! they are older than the grace period. One replica sweeps at a time: it
-//! holds the lease of a reserved object, like any other writer.
+//! in `blob_garbage` by the same transaction that dropped them) once the
+//! history retention has passed, since a restore may refer to them again
+//! until then; and orphans of uploads that were never committed (crash,
+//! fenced, client gone), once they are older than the grace period. One
+//! replica sweeps at a time: it holds the lease of a reserved object, like
+//! any other writer.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -44,6 +46,15 @@ pub struct Sweeper {
     pub guard: Arc<Guard>,
     pub interval: Duration,
     pub orphan_grace: Duration,
+    /// How long listed garbage is kept before its bytes go.
+    pub keep_garbage: Duration,
+}
+
+/// How long garbage is kept for a history retention: the retention and as
+/// much again, up to an hour more, so that a restore checked just inside the
+/// retention never finds the bytes it refers to swept while it commits.
+pub fn kept_for(retention: Duration) -> Duration {
+    retention + retention.min(Duration::from_secs(3600))
 }
 
 /// The reserved object whose lease makes one replica the sweeper. `_system`
@@ -83,15 +94,16 @@ impl Sweeper {
 
     pub async fn sweep_once(&self) -> Result<SweepReport, SweepError> {
         let mut report = SweepReport::default();
-        // Garbage: delete the bytes, then forget the rows.
+        // Garbage past the retention: delete the bytes, then forget the rows.
+        let kept_since = crate::clock::now_ms() - self.keep_garbage.as_millis() as i64;
         loop {
             let keys: Vec<String> = self
                 .db
                 .read(|conn| async move {
                     let mut keys = Vec::new();
                     conn.rows(
-                        "SELECT storage_key FROM blob_garbage ORDER BY since LIMIT ?1",
-                        params![GARBAGE_BATCH],
+                        "SELECT storage_key FROM blob_garbage WHERE since <= ?2 ORDER BY since LIMIT ?1",
+                        params![GARBAGE_BATCH, kept_since],
                         |row| {
                             keys.push(row.get::<String>(0)?);
                             Ok::<(), libsql::Error>(())
@@ -115,7 +127,8 @@ impl Sweeper {
                 break;
             }
         }
-        // Orphans: bytes under blobs/ that no row names, older than the grace period.
+        // Orphans: bytes under blobs/ that no row names (neither a blob nor
+        // garbage kept for the retention), older than the grace period.
         let cutoff = crate::clock::now_ms() - self.orphan_grace.as_millis() as i64;
         for meta in self.storage.list(&Path::from("blobs")).await? {
             if meta.last_modified.timestamp_millis() > cutoff {
@@ -128,7 +141,12 @@ impl Sweeper {
                     let key = key.clone();
                     async move {
                         let found = conn
-                            .first_row("SELECT 1 FROM blobs WHERE storage_key = ?1", params![key], |_| Ok(()))
+                            .first_row(
+                                "SELECT 1 FROM blobs WHERE storage_key = ?1
+                                 UNION ALL SELECT 1 FROM blob_garbage WHERE storage_key = ?1",
+                                params![key],
+                                |_| Ok(()),
+                            )
                             .await?;
                         Ok(found.is_some())
                     }

@@ -330,21 +330,10 @@ pub async fn delete_blob(
         Routed::Forwarded(forwarded) => return Ok(forwarded.into_response()),
         Routed::Local(committed) => committed,
     };
-    let removed = match committed.results.first() {
-        Some(OpResult::DeleteBlob { deleted, .. }) => deleted.clone(),
-        _ => None,
-    };
-    if let Some(key) = &removed {
-        // Committed: the bytes can go now; if this fails the sweeper removes them.
-        let deleted = match stored_path(key) {
-            Ok(path) => state.storage.delete(&path).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = deleted {
-            tracing::warn!(key = %key, error = %e, "could not delete a blob's bytes yet; the sweeper will");
-        }
-    }
-    Ok(written(&committed, StatusCode::OK, DeletedBody { deleted: removed.is_some(), version: committed.version }))
+    // The bytes stay for the history retention (a restore may bring the blob
+    // back); the sweeper deletes them after it.
+    let deleted = matches!(committed.results.first(), Some(OpResult::DeleteBlob { deleted: true, .. }));
+    Ok(written(&committed, StatusCode::OK, DeletedBody { deleted, version: committed.version }))
 }
 
 #[derive(Deserialize, IntoParams)]

@@ -37,6 +37,12 @@ pub enum ApiError {
     RangeNotSatisfiable { detail: String, size: u64 },
     #[error("{0}")]
     Conflict(String),
+    /// A restore to a point older than the history retention.
+    #[error("{0}")]
+    BeyondRetention(String),
+    /// A restore the change log cannot make exactly.
+    #[error("{0}")]
+    HistoryIncomplete(String),
     #[error("{detail}")]
     TooManyRequests { detail: String, retry_after_secs: u64 },
     #[error("{detail}")]
@@ -84,6 +90,12 @@ impl ApiError {
                 (StatusCode::RANGE_NOT_SATISFIABLE, "range-not-satisfiable", "Range not satisfiable")
             }
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict"),
+            ApiError::BeyondRetention(_) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "beyond-retention", "Beyond the history retention")
+            }
+            ApiError::HistoryIncomplete(_) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "history-incomplete", "The history cannot restore this exactly")
+            }
             ApiError::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate-limited", "Too many requests"),
             ApiError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),
@@ -202,6 +214,9 @@ impl From<Rejection> for ApiError {
                 op_index: Some(op_index),
             },
             Rejection::NotFound => ApiError::NotFound("the object was never written".into()),
+            Rejection::NotEmpty => ApiError::Conflict(
+                "the object to fork into has keys or blobs; pass \"overwrite\": true to replace them".into(),
+            ),
         }
     }
 }

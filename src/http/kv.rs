@@ -397,7 +397,10 @@ fn batch_result(result: &OpResult) -> BatchResult {
                 encoding: embedded.encoding,
             }
         }
-        OpResult::DeleteAll { .. } | OpResult::PutBlob { .. } | OpResult::DeleteBlob { .. } => {
+        OpResult::DeleteAll { .. }
+        | OpResult::PutBlob { .. }
+        | OpResult::DeleteBlob { .. }
+        | OpResult::Restore { .. } => {
             unreachable!("a batch holds only key operations")
         }
     }

@@ -13,6 +13,7 @@ mod kv;
 mod objects;
 mod openapi;
 mod ops;
+mod restore;
 mod routes;
 
 use std::sync::Arc;

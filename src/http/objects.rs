@@ -209,14 +209,9 @@ pub async fn get_history(
         return Err(ApiError::NotFound(format!("object {object} was never written")));
     }
     let catalog = state.exporter.catalog();
-    let (versions, more) =
-        history::history(&state.db, catalog, &object, before, limit).await.map_err(|err| match err {
-            ExportError::Database(err) => ApiError::from(err),
-            other => {
-                tracing::warn!(object = %object, error = %other, "could not read an object's exported history");
-                ApiError::unavailable("the exported history could not be read; retry later", 1)
-            }
-        })?;
+    let (versions, more) = history::history(&state.db, catalog, &object, before, limit)
+        .await
+        .map_err(|err| history_error(&object, err))?;
     let cursor = if more { versions.last().map(|v| v.version.to_string()) } else { None };
     let versions = versions
         .into_iter()
@@ -229,4 +224,15 @@ pub async fn get_history(
         })
         .collect();
     Ok(axum::Json(HistoryBody { versions, cursor }).into_response())
+}
+
+/// A failure to read an object's change log, as the client sees it.
+pub(super) fn history_error(object: &objects::ObjectRef, err: ExportError) -> ApiError {
+    match err {
+        ExportError::Database(err) => ApiError::from(err),
+        other => {
+            tracing::warn!(object = %object, error = %other, "could not read an object's exported history");
+            ApiError::unavailable("the exported history could not be read; retry later", 1)
+        }
+    }
 }

@@ -17,7 +17,7 @@ use utoipa_axum::router::UtoipaMethodRouter;
 use utoipa_axum::routes;
 
 use super::access::Need;
-use super::{analytics, blobs, body_limit, events, iceberg, kv, objects, ops, SharedState, SMALL_BODY_LIMIT};
+use super::{analytics, blobs, body_limit, events, iceberg, kv, objects, ops, restore, SharedState, SMALL_BODY_LIMIT};
 use crate::auth::Right;
 
 /// How large a body a route reads.
@@ -57,6 +57,7 @@ pub(super) fn route_list(limits: BodyLimits) -> RouteList {
         .add("/v1/objects/{ns}/{id}", Namespace(Read), Unread, routes!(objects::get_object))
         .add("/v1/objects/{ns}/{id}", Namespace(Write), Unread, routes!(objects::delete_object))
         .add("/v1/objects/{ns}/{id}/history", Namespace(Read), Unread, routes!(objects::get_history))
+        .add("/v1/objects/{ns}/{id}/restore", Namespace(Write), Small, routes!(restore::restore))
         .add("/v1/objects/{ns}/{id}/kv", Namespace(Read), Unread, routes!(kv::list_keys))
         .add(KEY, Namespace(Read), Unread, routes!(kv::get_key))
         .add(KEY, Namespace(Write), Value, routes!(kv::put_key, kv::delete_key))

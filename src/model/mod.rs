@@ -27,7 +27,7 @@ pub enum VersionMatch {
 }
 
 impl VersionMatch {
-    fn matches(&self, current: Option<i64>) -> bool {
+    pub fn matches(&self, current: Option<i64>) -> bool {
         match (self, current) {
             (_, None) => false,
             (VersionMatch::Any, Some(_)) => true,
@@ -86,6 +86,36 @@ pub enum Mutation {
         name: String,
         pre: Precondition,
     },
+    /// Replace every key and blob with a state from the object's history (or
+    /// another object's, for a fork), as one write.
+    Restore(std::sync::Arc<Restore>),
+}
+
+/// A restore or fork: the state to write, where it came from, and its conditions.
+#[derive(Debug, Clone)]
+pub struct Restore {
+    pub keys: Vec<RestoredKey>,
+    pub blobs: Vec<BlobMeta>,
+    pub source: RestoreSource,
+    /// `If-Match`: the object's version must be one of these.
+    pub if_version: Option<VersionMatch>,
+    /// A fork without `overwrite`: the object must have no keys and no blobs.
+    pub require_empty: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct RestoredKey {
+    pub key: String,
+    pub value: Bytes,
+    pub content_type: String,
+}
+
+/// The version a restore's state is that of.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RestoreSource {
+    pub ns: String,
+    pub id: String,
+    pub version: i64,
 }
 
 impl Mutation {
@@ -99,6 +129,10 @@ impl Mutation {
         match self {
             Mutation::DeleteAll | Mutation::DeleteBlob { .. } => 64,
             Mutation::PutBlob { blob, .. } => 512 + blob.name.len(),
+            Mutation::Restore(restore) => {
+                restore.keys.iter().map(|k| 2 * (k.key.len() + k.value.len()) + 128).sum::<usize>()
+                    + restore.blobs.len() * 1024
+            }
             Mutation::Ops { ops, events } => {
                 ops.iter()
                     .map(|op| match op {
@@ -114,31 +148,13 @@ impl Mutation {
 
 #[derive(Debug, Clone)]
 pub enum OpResult {
-    Put {
-        key: String,
-        version: i64,
-    },
-    Delete {
-        key: String,
-        deleted: bool,
-    },
-    Get {
-        key: String,
-        entry: Option<Entry>,
-    },
-    DeleteAll {
-        deleted_keys: i64,
-        deleted_blobs: i64,
-    },
-    PutBlob {
-        name: String,
-        version: i64,
-    },
-    /// `storage_key` of the deleted blob, for prompt removal from the store.
-    DeleteBlob {
-        name: String,
-        deleted: Option<String>,
-    },
+    Put { key: String, version: i64 },
+    Delete { key: String, deleted: bool },
+    Get { key: String, entry: Option<Entry> },
+    DeleteAll { deleted_keys: i64, deleted_blobs: i64 },
+    PutBlob { name: String, version: i64 },
+    DeleteBlob { name: String, deleted: bool },
+    Restore { keys: i64, blobs: i64 },
 }
 
 /// What a committed (or harmlessly empty) write did.
@@ -161,6 +177,8 @@ pub enum Rejection {
     PreconditionFailed { op_index: usize, key: String },
     /// The object was never written.
     NotFound,
+    /// A fork without `overwrite` into an object that has keys or blobs.
+    NotEmpty,
 }
 
 /// A key as stored.

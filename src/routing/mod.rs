@@ -117,6 +117,25 @@ impl Routing {
         }
     }
 
+    /// For a write that is costly to build (a restore reads the object's
+    /// history): the owner's answer when another replica holds the object,
+    /// or `None` when this replica holds it (taking the lease if it is free)
+    /// and should build the write and `commit` it.
+    pub async fn forward_unless_owned(
+        &self,
+        object: &ObjectRef,
+        replay: &Replay,
+    ) -> Result<Option<Forwarded>, CommitError> {
+        match self.guard.route(object).await? {
+            Route::Local(_) => Ok(None),
+            Route::Remote(owner) => {
+                let forwarded = self.forward(&owner, replay.clone()).await;
+                // The owner let go meanwhile: build here, and `commit` routes again.
+                Ok((!forwarded.route_again()).then_some(forwarded))
+            }
+        }
+    }
+
     /// Hands a request to `owner` as it arrived (or, on fly.io, asks the
     /// platform to replay it there).
     pub async fn forward(&self, owner: &Owner, replay: Replay) -> Forwarded {

@@ -4,6 +4,8 @@
 //! multi-row statements whatever the number of ops: the object's row, the
 //! final value of each key, and the outbox rows.
 
+mod restore;
+
 use std::collections::HashMap;
 
 use libsql::Value;
@@ -65,6 +67,17 @@ impl<'a> Change<'a> {
 
     fn delete(key: &'a str) -> Change<'a> {
         Change { op: "delete", key: Some(key), content_type: None, size: None, value: None }
+    }
+
+    /// A blob made visible: its metadata is the row's value (see `restore::blob_record`).
+    fn blob_put(blob: &'a crate::model::BlobMeta, record: &'a [u8]) -> Change<'a> {
+        Change {
+            op: "blob_put",
+            key: Some(&blob.name),
+            content_type: Some(&blob.content_type),
+            size: Some(blob.size as i64),
+            value: Some(record),
+        }
     }
 
     fn whole(op: &'static str, key: Option<&'a str>) -> Change<'a> {
@@ -195,6 +208,16 @@ impl Work for WriteJob {
                     let drafts = Drafts::of(planner);
                     let draft = drafts.objects.get_mut(&self.object).expect("ensured");
                     self.plan_ops(draft, drafts.group, ops, events, big)
+                }
+                Mutation::Restore(restore) => {
+                    let has_blobs = if restore.require_empty {
+                        planner.reads += 1;
+                        blobs::any(&planner.db, &self.object).await?
+                    } else {
+                        false
+                    };
+                    let draft = Drafts::of(planner).objects.get_mut(&self.object).expect("ensured");
+                    self.plan_restore(draft, restore, has_blobs)
                 }
                 _ => {
                     planner.reads += 1;
@@ -485,6 +508,7 @@ impl WriteJob {
         let mut head = Head { version, ..from };
         let mut cleared = false;
         let mut counted = None;
+        let record;
         let (result, change) = match &self.mutation {
             Mutation::DeleteAll => {
                 if from.version == 0 {
@@ -511,21 +535,15 @@ impl WriteJob {
                 statements.push(bump(from.key_count, from.bytes));
                 let replaced = current.as_ref().map(|b| b.storage_key.as_str());
                 statements.extend(blobs::put_statements(&self.object, blob, version, replaced, self.now_ms));
-                let change = Change {
-                    op: "blob_put",
-                    key: Some(&blob.name),
-                    content_type: Some(&blob.content_type),
-                    size: Some(blob.size as i64),
-                    value: None,
-                };
-                (OpResult::PutBlob { name: blob.name.clone(), version }, change)
+                record = restore::blob_record(blob, version);
+                (OpResult::PutBlob { name: blob.name.clone(), version }, Change::blob_put(blob, &record))
             }
             Mutation::DeleteBlob { name, pre } => {
                 if !pre.holds(current.as_ref().map(|b| b.version)) {
                     return only_check(Err(Rejection::PreconditionFailed { op_index: 0, key: name.clone() }));
                 }
                 let Some(current) = current else {
-                    let result = OpResult::DeleteBlob { name: name.clone(), deleted: None };
+                    let result = OpResult::DeleteBlob { name: name.clone(), deleted: false };
                     return only_check(Ok(Committed {
                         version: from.version,
                         fence: self.fence,
@@ -535,10 +553,10 @@ impl WriteJob {
                 };
                 statements.push(bump(from.key_count, from.bytes));
                 statements.extend(blobs::delete_statements(&self.object, name, &current.storage_key, self.now_ms));
-                let result = OpResult::DeleteBlob { name: name.clone(), deleted: Some(current.storage_key) };
+                let result = OpResult::DeleteBlob { name: name.clone(), deleted: true };
                 (result, Change::whole("blob_delete", Some(name)))
             }
-            Mutation::Ops { .. } => unreachable!("key operations take plan_ops"),
+            Mutation::Ops { .. } | Mutation::Restore(_) => unreachable!("planned on their own"),
         };
         let row = self.change_row(version, &change);
         statements.extend(outbox_statements(&self.object, self.fence, &self.owner, self.now_ms, &[row], &[]));
