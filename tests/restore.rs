@@ -365,7 +365,7 @@ async fn restores_match_the_model_at_50_points_of_a_random_history() {
     run.export_now().await;
     let object = run.object("o0");
     let (current, _) = models["o0"].current();
-    let target = models["o0"].versions.keys().copied().filter(|v| *v >= 1 && *v < current).next_back();
+    let target = models["o0"].versions.keys().copied().rfind(|v| *v >= 1 && *v < current);
     if let Some(target) = target {
         let answer =
             ok_json(c.post(format!("{object}/restore")).json(&json!({"version": target})).send().await.unwrap()).await;
