@@ -29,6 +29,8 @@ struct Args {
     compaction_cycles: usize,
     /// The Python venv with DuckDB (scripts/test builds it) the compaction bench queries with.
     venv: Option<String>,
+    /// Versions of history the restore bench writes before restoring (0: skip it).
+    restore_versions: usize,
 }
 
 /// The server binary of the same build: the bench runs as
@@ -52,12 +54,13 @@ fn args() -> Args {
         database_latency_ms: 0,
         compaction_cycles: 1000,
         venv: std::env::var("STATEHOUSE_TEST_VENV").ok(),
+        restore_versions: 10_000,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
         if flag == "--help" || flag == "-h" {
             println!(
-                "bench [--seconds N] [--connections 32,256] [--workloads {}] [--binary PATH] [--export-events N (0: skip the export benches)] [--database file|sqld (sqld: also on a libSQL server from SQLD_BIN, side by side)] [--baselines false] [--database-latency-ms N (sqld behind a proxy holding each direction N ms)] [--compaction-cycles N (0: skip the compaction bench)] [--venv PATH (DuckDB for it; default $STATEHOUSE_TEST_VENV)]",
+                "bench [--seconds N] [--connections 32,256] [--workloads {}] [--binary PATH] [--export-events N (0: skip the export benches)] [--database file|sqld (sqld: also on a libSQL server from SQLD_BIN, side by side)] [--baselines false] [--database-latency-ms N (sqld behind a proxy holding each direction N ms)] [--compaction-cycles N (0: skip the compaction bench)] [--venv PATH (DuckDB for it; default $STATEHOUSE_TEST_VENV)] [--restore-versions N (0: skip the restore bench)]",
                 WORKLOADS.join(",")
             );
             std::process::exit(0);
@@ -81,6 +84,9 @@ fn args() -> Args {
                 args.compaction_cycles = value.parse().expect("--compaction-cycles takes a number")
             }
             "--venv" => args.venv = Some(value),
+            "--restore-versions" => {
+                args.restore_versions = value.parse().expect("--restore-versions takes a number")
+            }
             other => panic!("unknown flag {other}"),
         }
     }
@@ -245,6 +251,81 @@ async fn main() {
     }
     if args.compaction_cycles > 0 && args.database == "file" {
         compaction(&args, dir.path(), &client).await;
+    }
+    if args.restore_versions > 0 {
+        for &database in databases {
+            restore(&args, dir.path(), &client, database).await;
+        }
+    }
+}
+
+/// Restoring an object of 1,000 keys from `--restore-versions` versions of
+/// history (one PUT each, 32 at a time): to a version in the middle while all
+/// of it is in the outbox, and again once it was exported (read from the
+/// Iceberg table alone). Each the median of 5 restores.
+async fn restore(args: &Args, dir: &std::path::Path, client: &reqwest::Client, database: &str) {
+    const KEYS: usize = 1000;
+    let mut env = vec![("STATEHOUSE_EXPORT_INTERVAL_MS", "3600000".to_string())];
+    let sqld = (database == "sqld").then(|| start_sqld(&dir.join("restore")));
+    if let Some((_, url)) = &sqld {
+        env.push(("TURSO_URL", url.clone()));
+    }
+    let (server, base) = start_server(&args.binary, dir, &format!("restore-{database}"), &env, client).await;
+    let object = format!("{base}/v1/objects/bench/restore");
+    let versions = args.restore_versions;
+    let written = Instant::now();
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let writers: Vec<_> = (0..32)
+        .map(|_| {
+            let (client, object, next) = (client.clone(), object.clone(), next.clone());
+            tokio::spawn(async move {
+                loop {
+                    let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if n >= versions {
+                        return;
+                    }
+                    let value = json!({"n": n, "sku": "ABC-123", "note": "x".repeat(64)});
+                    let r = client.put(format!("{object}/kv/key-{:04}", n % KEYS)).json(&value).send().await.unwrap();
+                    assert_eq!(r.status(), 200);
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let write_s = written.elapsed().as_secs_f64();
+    let target = versions as i64 / 2;
+    let time_restores = |label: &'static str| {
+        let (client, object) = (client.clone(), object.clone());
+        async move {
+            let mut took = Vec::new();
+            for _ in 0..5 {
+                let started = Instant::now();
+                let r = client.post(format!("{object}/restore")).json(&json!({"version": target})).send().await.unwrap();
+                let status = r.status();
+                let body: serde_json::Value = r.json().await.unwrap();
+                assert_eq!(status, 200, "{label}: {body}");
+                assert_eq!(body["keys"].as_u64(), Some(KEYS.min(target as usize) as u64), "{body}");
+                took.push(started.elapsed().as_secs_f64() * 1000.0);
+            }
+            took.sort_by(f64::total_cmp);
+            took[2]
+        }
+    };
+    let from_outbox = time_restores("from the outbox").await;
+    let exported = Instant::now();
+    let r = client.post(format!("{base}/v1/admin/export")).send().await.unwrap();
+    assert_eq!(r.status(), 200);
+    let export_s = exported.elapsed().as_secs_f64();
+    let from_tables = time_restores("from the tables").await;
+    println!(
+        "database={database} bench=restore keys={KEYS} versions={versions} restore_ms_from_outbox={from_outbox:.1} restore_ms_from_tables={from_tables:.1} (median of 5, to version {target}; writing the history took {write_s:.1} s, exporting it {export_s:.1} s)"
+    );
+    stop(server);
+    if let Some((mut sqld, _)) = sqld {
+        let _ = sqld.kill();
+        let _ = sqld.wait();
     }
 }
 

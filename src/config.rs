@@ -809,6 +809,23 @@ mod tests {
     use super::*;
 
     #[test]
+    fn history_retention_takes_durations_and_the_change_log_keeps_whole_values() {
+        assert_eq!(parse_retention("30d"), Ok(Duration::from_secs(30 * 86_400)));
+        assert_eq!(parse_retention("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_retention("0s"), Ok(Duration::ZERO));
+        for bad in ["", "30", "soon", "-1d", "1000y"] {
+            assert!(parse_retention(bad).is_err(), "{bad:?}");
+        }
+        let mut settings = Settings::for_database("file:./x.db").unwrap();
+        assert_eq!(settings.history_retention, Duration::from_secs(30 * 86_400));
+        assert_eq!(settings.change_value_cap(), settings.max_value_bytes);
+        settings.change_value_cap_bytes = Some(10);
+        assert_eq!(settings.change_value_cap(), 10);
+        let dumped = serde_json::to_value(&settings).unwrap();
+        assert_eq!(dumped["history_retention"], "30days");
+    }
+
+    #[test]
     fn secrets_never_print() {
         let mut settings = Settings::for_database("file:./x.db").unwrap();
         settings.database.turso_token = Some("turso-s3cret".into());

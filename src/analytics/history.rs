@@ -64,6 +64,11 @@ pub async fn history(
     Ok((versions.into_values().rev().take(limit).collect(), more))
 }
 
+/// The most a restore writes (keys and values, and blob rows at `BLOB_ROW_BYTES`):
+/// it is one write, held in memory and sent to the database as one request.
+pub const MAX_RESTORE_BYTES: i64 = 256 * 1024 * 1024;
+const BLOB_ROW_BYTES: i64 = 1024;
+
 /// A point of an object's history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Point {
@@ -95,6 +100,9 @@ pub enum PastError {
     /// The point is older than the history retention.
     #[error("{0}")]
     BeyondRetention(String),
+    /// The state is larger than one write may carry.
+    #[error("{0}")]
+    TooLarge(String),
     /// The change log does not hold all the state needs (a value over the
     /// change-value cap, or a blob written before blob metadata was logged).
     #[error("{0}")]
@@ -185,6 +193,13 @@ pub async fn past_state(
         }
     }
 
+    let size: i64 = keys.iter().map(|(key, seq)| key.len() as i64 + rows[seq].size.unwrap_or_default()).sum::<i64>()
+        + blobs.len() as i64 * BLOB_ROW_BYTES;
+    if size > MAX_RESTORE_BYTES {
+        return Err(PastError::TooLarge(format!(
+            "the state of {object} at version {version} is {size} bytes; a restore writes at most {MAX_RESTORE_BYTES} in one write"
+        )));
+    }
     let wanted: BTreeSet<i64> = keys.values().chain(blobs.values()).copied().collect();
     let mut values = read_values(db, catalog, object, &wanted).await?;
     let mut missing = |seq: &i64| -> Result<Vec<u8>, PastError> {

@@ -179,3 +179,16 @@ impl Work for ForgetGarbage {
 
     fn settle(&mut self, _: Settled<'_>, _: &ResidentState) {}
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn garbage_is_kept_for_the_retention_and_a_margin() {
+        let kept = |secs: u64| super::kept_for(Duration::from_secs(secs)).as_secs();
+        assert_eq!(kept(0), 0);
+        assert_eq!(kept(2), 4);
+        assert_eq!(kept(30 * 86_400), 30 * 86_400 + 3600);
+    }
+}

@@ -172,7 +172,7 @@ pub struct HistoryVersion {
 
 #[derive(Serialize, ToSchema)]
 pub struct HistoryChange {
-    /// put, delete, delete_all, blob_put or blob_delete.
+    /// put, delete, delete_all, blob_put, blob_delete or restore.
     op: String,
     /// The key or blob name; absent for delete_all.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -66,7 +66,8 @@ pub struct RestoredFrom {
     params(("ns" = String, Path), ("id" = String, Path), ("If-Match" = Option<String>, Header)),
     request_body = RestoreRequest,
     responses((status = 200, body = RestoreBody), (status = 400, body = Problem), (status = 404, body = Problem),
-              (status = 409, body = Problem), (status = 412, body = Problem), (status = 422, body = Problem),
+              (status = 409, body = Problem), (status = 412, body = Problem), (status = 413, body = Problem),
+              (status = 422, body = Problem),
               (status = 503, body = Problem)))]
 pub async fn restore(
     State(state): State<SharedState>,
@@ -122,6 +123,7 @@ pub async fn restore(
             PastError::NoSuchPoint(detail) => ApiError::NotFound(detail),
             PastError::BeyondRetention(detail) => ApiError::BeyondRetention(detail),
             PastError::Incomplete(detail) => ApiError::HistoryIncomplete(detail),
+            PastError::TooLarge(detail) => ApiError::PayloadTooLarge(detail),
             PastError::Read(err) => history_error(&source, err),
         })?;
     // Bytes of blobs replaced or deleted within the retention are kept; a

@@ -12,7 +12,7 @@ export type {
   TableInfo,
 } from "./client.js";
 export { StatehouseObject, MAX_BATCH_OPS, MAX_EVENTS, MAX_KEY_BYTES } from "./object.js";
-export type { ObjectInfo, DeleteAllResult, BatchOp, BatchResult, BatchResponse, EventsRecorded, RawEntry, Conditions, ListKeysPage, ListedKey } from "./object.js";
+export type { ObjectInfo, DeleteAllResult, BatchOp, BatchResult, BatchResponse, EventsRecorded, RawEntry, Conditions, ListKeysPage, ListedKey, HistoryPage, HistoryPoint, RestoreResult } from "./object.js";
 export { StatehouseStorage, StatehouseTransaction } from "./storage.js";
 export type { StorageOperations, StorageGetOptions, StoragePutOptions, StorageListOptions, TransactionOptions } from "./storage.js";
 export { Blobs } from "./blobs.js";

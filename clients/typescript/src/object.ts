@@ -11,6 +11,10 @@ export type BatchOp = Schemas["BatchOp"];
 export type EventIn = Schemas["EventIn"];
 export type ListedKey = Schemas["ListedKey"];
 export type ListKeysPage = Schemas["ListKeysBody"];
+export type HistoryPage = Schemas["HistoryBody"];
+export type RestoreResult = Schemas["RestoreBody"];
+/** A point of an object's history: just after a version, or the newest version committed at or before an instant. */
+export type HistoryPoint = { version: number } | { at: Date | string };
 
 /**
  * One op's answer in a batch: the document's `BatchResult`, narrowed so that a
@@ -81,6 +85,42 @@ export class StatehouseObject {
   async deleteAll(): Promise<DeleteAllResult> {
     const { response } = await this.client.request({ method: "DELETE", path: this.path });
     return (await response.json()) as DeleteAllResult;
+  }
+
+  /** The object's versions, newest first, with what each changed (unexported changes included). */
+  async history(options: { limit?: number; cursor?: string } = {}): Promise<HistoryPage> {
+    const { response } = await this.client.request({
+      method: "GET",
+      path: `${this.path}/history`,
+      query: { limit: options.limit, cursor: options.cursor },
+    });
+    return (await response.json()) as HistoryPage;
+  }
+
+  /**
+   * Restores the object to a point of its history, or with `into` forks that
+   * state into another object of the namespace (which must be empty unless
+   * `overwrite`). One write, a new version. Retried only with `ifMatch`, which
+   * keeps a repeat from applying twice.
+   */
+  async restore(
+    point: HistoryPoint,
+    options: { into?: string; overwrite?: boolean; ifMatch?: number } = {},
+  ): Promise<RestoreResult> {
+    const at = "at" in point ? (point.at instanceof Date ? point.at.toISOString() : point.at) : undefined;
+    const json = {
+      ...("version" in point ? { version: point.version } : { at }),
+      ...(options.into === undefined ? {} : { into: options.into }),
+      ...(options.overwrite ? { overwrite: true } : {}),
+    };
+    const { response } = await this.client.request({
+      method: "POST",
+      path: `${this.path}/restore`,
+      json,
+      headers: conditionHeaders({ ifMatch: options.ifMatch }),
+      retry: options.ifMatch === undefined ? "never" : "idempotent",
+    });
+    return (await response.json()) as RestoreResult;
   }
 
   /** Records one application event; it lands in the `statehouse.events` Iceberg table. */

@@ -342,6 +342,25 @@ describe("objects, operations and admin", () => {
     assert.equal(deleted.deleted_keys, 1);
   });
 
+  test("history, restore and fork", async () => {
+    const client = new Statehouse({ baseUrl: open.baseUrl });
+    const object = client.object(uniqueName("restore"), "o");
+    await object.storage.put("k", "first"); // version 1
+    await object.storage.put("k", "second"); // version 2
+    const history = await object.history({ limit: 1 });
+    assert.deepEqual(history.versions.map((v) => v.version), [2]);
+    assert.equal(history.cursor, "2");
+    const restored = await object.restore({ version: 1 }, { ifMatch: 2 });
+    assert.equal(restored.version, 3);
+    assert.equal(restored.restored_from.version, 1);
+    assert.equal(await object.storage.get("k"), "first");
+    const forked = await object.restore({ at: new Date() }, { into: "copy" });
+    assert.equal(forked.id, "copy");
+    assert.equal(await client.object(object.ns, "copy").storage.get("k"), "first");
+    await assert.rejects(object.restore({ version: 1 }, { ifMatch: 2 }), (e: StatehouseError) => e.status === 412);
+    await assert.rejects(object.restore({ version: 1 }, { into: "copy" }), (e: StatehouseError) => e.status === 409);
+  });
+
   test("health, readiness, the OpenAPI document, metrics, export and the analytics tables (snapshot ids exact)", async () => {
     const client = new Statehouse({ baseUrl: open.baseUrl });
     assert.equal(await client.health(), true);

@@ -395,6 +395,29 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/objects/{ns}/{id}/restore": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        get?: never;
+        put?: never;
+        /**
+         * Restore an object to a past version or instant, or fork that state into
+         *     another object. The restore is one write: a new version whose changes
+         *     (a `restore` row, then every key and blob) reach the change log, so it
+         *     can itself be undone by restoring again. `If-Match` is on the version of
+         *     the object written.
+         */
+        post: operations["restore"];
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
 }
 export type webhooks = Record<string, never>;
 export interface components {
@@ -608,7 +631,7 @@ export interface components {
         HistoryChange: {
             /** @description The key or blob name; absent for delete_all. */
             key?: string | null;
-            /** @description put, delete, delete_all, blob_put or blob_delete. */
+            /** @description put, delete, delete_all, blob_put, blob_delete or restore. */
             op: string;
         };
         HistoryVersion: {
@@ -748,6 +771,44 @@ export interface components {
             path: string;
             /** @description The warehouse name to attach. */
             warehouse: string;
+        };
+        RestoreBody: {
+            /** Format: int64 */
+            blobs: number;
+            id: string;
+            /**
+             * Format: int64
+             * @description Keys and blobs it now holds.
+             */
+            keys: number;
+            /** @description The object written: the restored one, or the fork. */
+            ns: string;
+            restored_from: components["schemas"]["RestoredFrom"];
+            /**
+             * Format: int64
+             * @description Its version after the restore.
+             */
+            version: number;
+        };
+        RestoreRequest: {
+            /** @description RFC 3339: the state of the newest version committed at or before this instant. */
+            at?: string | null;
+            /** @description Fork: write the state into this object of the same namespace instead. */
+            into?: string | null;
+            /** @description With `into`: replace what that object holds (otherwise it must have no keys and no blobs). */
+            overwrite?: boolean;
+            /**
+             * Format: int64
+             * @description The state just after this version was committed (one of `version` and `at`).
+             */
+            version?: number | null;
+        };
+        RestoredFrom: {
+            /** @description RFC 3339: when that version was committed. */
+            committed_at: string;
+            id: string;
+            /** Format: int64 */
+            version: number;
         };
         TableInfo: {
             /** Format: int64 */
@@ -3424,6 +3485,130 @@ export interface operations {
             };
             /** @description the body is larger than this route allows */
             413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description too many requests from this caller */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description database, object store or owner replica unreachable or busy, or the request timed out */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    restore: {
+        parameters: {
+            query?: never;
+            header?: {
+                "If-Match"?: string | null;
+            };
+            path: {
+                ns: string;
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["RestoreRequest"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["RestoreBody"];
+                };
+            };
+            /** @description invalid namespace, id, key, query, header or body */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description missing or invalid credential */
+            401: {
+                headers: {
+                    /** @description the scheme to authenticate with: Bearer */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description the credential does not allow this namespace or operation */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description no such object, key, blob or route */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description ownership of the object moved while the write was queued (retry it), or a conflict with the configuration */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description If-Match, If-None-Match, if_version or if_absent does not hold */
+            412: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description the body is larger than this route allows */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description see the problem's type and detail */
+            422: {
                 headers: {
                     [name: string]: unknown;
                 };
