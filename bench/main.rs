@@ -84,9 +84,7 @@ fn args() -> Args {
                 args.compaction_cycles = value.parse().expect("--compaction-cycles takes a number")
             }
             "--venv" => args.venv = Some(value),
-            "--restore-versions" => {
-                args.restore_versions = value.parse().expect("--restore-versions takes a number")
-            }
+            "--restore-versions" => args.restore_versions = value.parse().expect("--restore-versions takes a number"),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -302,7 +300,8 @@ async fn restore(args: &Args, dir: &std::path::Path, client: &reqwest::Client, d
             let mut took = Vec::new();
             for _ in 0..5 {
                 let started = Instant::now();
-                let r = client.post(format!("{object}/restore")).json(&json!({"version": target})).send().await.unwrap();
+                let r =
+                    client.post(format!("{object}/restore")).json(&json!({"version": target})).send().await.unwrap();
                 let status = r.status();
                 let body: serde_json::Value = r.json().await.unwrap();
                 assert_eq!(status, 200, "{label}: {body}");

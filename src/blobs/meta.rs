@@ -171,7 +171,8 @@ pub(crate) fn put_statements(
     replaced: Option<&str>,
     now_ms: i64,
 ) -> Vec<Stmt> {
-    let user_meta = serde_json::to_string(&meta.user_meta).expect("a string map serialises");
+    let mut params = vec![object.ns.as_str().into(), object.id.as_str().into()];
+    params.extend(row_values(meta, version, now_ms));
     let mut statements = vec![Stmt::exec(
         "INSERT INTO blobs (ns, id, name, storage_key, size, sha256, content_type, cache_control,
                             content_disposition, user_meta, version, created_at)
@@ -181,25 +182,31 @@ pub(crate) fn put_statements(
            content_type = excluded.content_type, cache_control = excluded.cache_control,
            content_disposition = excluded.content_disposition, user_meta = excluded.user_meta,
            version = excluded.version, created_at = excluded.created_at",
-        vec![
-            object.ns.as_str().into(),
-            object.id.as_str().into(),
-            meta.name.as_bytes().into(),
-            meta.storage_key.as_str().into(),
-            (meta.size as i64).into(),
-            meta.sha256.as_str().into(),
-            meta.content_type.as_str().into(),
-            meta.cache_control.clone().into(),
-            meta.content_disposition.clone().into(),
-            user_meta.into(),
-            version.into(),
-            now_ms.into(),
-        ],
+        params,
     )];
     if let Some(old) = replaced.filter(|old| *old != meta.storage_key) {
         statements.push(garbage_statement(old, now_ms));
     }
     statements
+}
+
+/// A blob row's columns after (ns, id): name, storage key, size, SHA-256,
+/// content type, cache control, content disposition, user metadata, version
+/// and creation time.
+pub(crate) fn row_values(meta: &BlobMeta, version: i64, now_ms: i64) -> [libsql::Value; 10] {
+    let user_meta = serde_json::to_string(&meta.user_meta).expect("a string map serialises");
+    [
+        meta.name.as_bytes().into(),
+        meta.storage_key.as_str().into(),
+        (meta.size as i64).into(),
+        meta.sha256.as_str().into(),
+        meta.content_type.as_str().into(),
+        meta.cache_control.clone().into(),
+        meta.content_disposition.clone().into(),
+        user_meta.into(),
+        version.into(),
+        now_ms.into(),
+    ]
 }
 
 /// In a fenced write: drop the row; its key becomes garbage.

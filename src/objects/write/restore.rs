@@ -76,19 +76,7 @@ impl WriteJob {
             let mut params = object();
             let mut kept = Vec::with_capacity(chunk.len());
             for blob in chunk {
-                let user_meta = serde_json::to_string(&blob.user_meta).expect("a string map serialises");
-                params.extend([
-                    blob.name.as_bytes().into(),
-                    blob.storage_key.as_str().into(),
-                    (blob.size as i64).into(),
-                    blob.sha256.as_str().into(),
-                    blob.content_type.as_str().into(),
-                    blob.cache_control.clone().into(),
-                    blob.content_disposition.clone().into(),
-                    user_meta.into(),
-                    version.into(),
-                    self.now_ms.into(),
-                ]);
+                params.extend(blobs::row_values(blob, version, self.now_ms));
                 kept.push(Value::from(blob.storage_key.as_str()));
             }
             statements.push(Stmt::exec_rows(&INSERT_BLOBS, chunk.len(), params));
