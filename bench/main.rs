@@ -317,9 +317,12 @@ async fn restore(args: &Args, dir: &std::path::Path, client: &reqwest::Client, d
     let r = client.post(format!("{base}/v1/admin/export")).send().await.unwrap();
     assert_eq!(r.status(), 200);
     let export_s = exported.elapsed().as_secs_f64();
+    let changes = changes_table(client, &base).await;
+    assert_eq!(changes["pending_rows"], 0, "the history is all in the table now: {changes}");
+    let exported_rows = changes["rows"].as_i64().unwrap_or_default();
     let from_tables = time_restores("from the tables").await;
     println!(
-        "database={database} bench=restore keys={KEYS} versions={versions} restore_ms_from_outbox={from_outbox:.1} restore_ms_from_tables={from_tables:.1} (median of 5, to version {target}; writing the history took {write_s:.1} s, exporting it {export_s:.1} s)"
+        "database={database} bench=restore keys={KEYS} versions={versions} restore_ms_from_outbox={from_outbox:.1} restore_ms_from_tables={from_tables:.1} (median of 5, to version {target}; writing the history took {write_s:.1} s, exporting its {exported_rows} rows {export_s:.2} s)"
     );
     stop(server);
     if let Some((mut sqld, _)) = sqld {
