@@ -612,6 +612,7 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "0005_write_assertions.sql",
         sql: include_str!("../migrations/0005_write_assertions.sql"),
     },
+    Migration { version: 6, name: "0006_alarms.sql", sql: include_str!("../migrations/0006_alarms.sql") },
 ];
 
 pub fn latest_migration() -> i64 {

@@ -37,6 +37,9 @@ pub enum ApiError {
     RangeNotSatisfiable { detail: String, size: u64 },
     #[error("{0}")]
     Conflict(String),
+    /// An alarm in a namespace with no configured delivery target.
+    #[error("{0}")]
+    NoAlarmTarget(String),
     #[error("{detail}")]
     TooManyRequests { detail: String, retry_after_secs: u64 },
     #[error("{detail}")]
@@ -84,6 +87,9 @@ impl ApiError {
                 (StatusCode::RANGE_NOT_SATISFIABLE, "range-not-satisfiable", "Range not satisfiable")
             }
             ApiError::Conflict(_) => (StatusCode::CONFLICT, "conflict", "Conflict"),
+            ApiError::NoAlarmTarget(_) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "no-alarm-target", "No alarm target for the namespace")
+            }
             ApiError::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate-limited", "Too many requests"),
             ApiError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable"),
             ApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal", "Internal error"),

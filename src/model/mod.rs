@@ -2,12 +2,17 @@
 //! changes a write makes and what became of them, blob metadata. It imports
 //! nothing of the crate, so any module may use it without a cycle.
 
+mod alarm;
 mod names;
 
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
+pub use alarm::{
+    validate_alarm_name, Alarm, AlarmSpec, DEFAULT_ALARM_NAME, MAX_ALARM_NAME_BYTES, MAX_ALARM_PAYLOAD_BYTES,
+    MIN_ALARM_EVERY_MS,
+};
 pub use names::{
     validate_id, validate_id_prefix, validate_key, validate_ns, InvalidName, ObjectRef, MAX_ID_BYTES, MAX_KEY_BYTES,
     MAX_NS_BYTES,
@@ -54,6 +59,15 @@ pub enum Op {
     Put { key: String, value: Bytes, content_type: String, pre: Precondition },
     Delete { key: String, pre: Precondition },
     Get { key: String },
+    /// Sets (or replaces) an alarm; its conditions are on the alarm's version.
+    SetAlarm { name: String, alarm: AlarmSpec, pre: Precondition },
+    DeleteAlarm { name: String, pre: Precondition },
+}
+
+impl Op {
+    pub fn is_alarm(&self) -> bool {
+        matches!(self, Op::SetAlarm { .. } | Op::DeleteAlarm { .. })
+    }
 }
 
 /// An application event, recorded with the change it travels with.
@@ -104,6 +118,10 @@ impl Mutation {
                     .map(|op| match op {
                         Op::Put { key, value, .. } => 2 * (key.len() + value.len()) + 128,
                         Op::Delete { key, .. } | Op::Get { key } => key.len() + 128,
+                        Op::SetAlarm { name, alarm, .. } => {
+                            name.len() + alarm.payload.as_ref().map_or(0, String::len) + 256
+                        }
+                        Op::DeleteAlarm { name, .. } => name.len() + 128,
                     })
                     .sum::<usize>()
                     + events.iter().map(|e| e.data.len() + e.event_type.len() + 128).sum::<usize>()
@@ -129,6 +147,14 @@ pub enum OpResult {
     DeleteAll {
         deleted_keys: i64,
         deleted_blobs: i64,
+    },
+    SetAlarm {
+        name: String,
+        version: i64,
+    },
+    DeleteAlarm {
+        name: String,
+        deleted: bool,
     },
     PutBlob {
         name: String,
