@@ -818,6 +818,13 @@ pub const ENV_VARS: &[&str] = &[
     "STATEHOUSE_LOG_FORMAT",
     "STATEHOUSE_LOG",
     "FLY_MACHINE_ID",
+    "STATEHOUSE_ALARM_TARGETS",
+    "STATEHOUSE_ALARM_SECRET",
+    "STATEHOUSE_ALARM_RETRY_BASE_MS",
+    "STATEHOUSE_ALARM_MAX_RETRIES",
+    "STATEHOUSE_ALARM_TIMEOUT_MS",
+    "STATEHOUSE_ALARM_CONCURRENCY",
+    "STATEHOUSE_ALARM_POLL_MS",
 ];
 
 #[cfg(test)]
@@ -830,6 +837,7 @@ mod tests {
         settings.database.turso_token = Some("turso-s3cret".into());
         settings.access.peer_secret = Some("peer-s3cret".into());
         settings.objects.r2_secret_access_key = Some("r2-s3cret".into());
+        settings.alarms.alarm_secret = Some("alarm-s3cret".into());
         let shown = format!("{settings:?} {}", serde_json::to_string(&settings).unwrap());
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("<redacted>"));
