@@ -49,7 +49,6 @@ pub struct AlarmRequest {
     /// Repeat every this many milliseconds (at least 1000), counted from the scheduled time, without drift.
     every_ms: Option<i64>,
     /// Any JSON (up to 4096 bytes serialised), delivered with the alarm.
-    #[schema(value_type = Option<Object>)]
     payload: Option<serde_json::Value>,
 }
 
@@ -119,7 +118,6 @@ pub struct AlarmBody {
     #[serde(skip_serializing_if = "Option::is_none")]
     every_ms: Option<i64>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(value_type = Option<Object>)]
     payload: Option<serde_json::Value>,
     /// Deliveries already attempted for this scheduled time.
     attempt: i64,
@@ -285,12 +283,23 @@ pub struct PendingAlarmsQuery {
     cursor: Option<String>,
 }
 
+/// An alarm with its object.
 #[derive(Serialize, ToSchema)]
 pub struct PendingAlarm {
     ns: String,
     id: String,
-    #[serde(flatten)]
-    alarm: AlarmBody,
+    name: String,
+    /// RFC 3339: the time it is set for.
+    scheduled_at: String,
+    /// RFC 3339: when it is delivered next.
+    due_at: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    every_ms: Option<i64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    payload: Option<serde_json::Value>,
+    attempt: i64,
+    alarm_version: i64,
+    version: i64,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -328,7 +337,21 @@ pub async fn pending_alarms(
     };
     let items = due
         .into_iter()
-        .map(|due| PendingAlarm { ns: due.object.ns, id: due.object.id, alarm: alarm_body(due.alarm) })
+        .map(|due| {
+            let alarm = alarm_body(due.alarm);
+            PendingAlarm {
+                ns: due.object.ns,
+                id: due.object.id,
+                name: alarm.name,
+                scheduled_at: alarm.scheduled_at,
+                due_at: alarm.due_at,
+                every_ms: alarm.every_ms,
+                payload: alarm.payload,
+                attempt: alarm.attempt,
+                alarm_version: alarm.alarm_version,
+                version: alarm.version,
+            }
+        })
         .collect();
     Ok(axum::Json(PendingAlarmsBody { items, cursor }).into_response())
 }

@@ -230,7 +230,6 @@ pub enum BatchOp {
         at: Option<String>,
         in_ms: Option<i64>,
         every_ms: Option<i64>,
-        #[schema(value_type = Option<Object>)]
         payload: Option<serde_json::Value>,
         /// Apply only if the alarm's current version is this.
         if_version: Option<i64>,
@@ -306,7 +305,7 @@ pub enum BatchResult {
     params(("ns" = String, Path), ("id" = String, Path)),
     request_body = BatchRequest,
     responses((status = 200, body = BatchBody), (status = 400, body = Problem), (status = 412, body = Problem),
-              (status = 413, body = Problem), (status = 503, body = Problem)))]
+              (status = 413, body = Problem), (status = 422, body = Problem), (status = 503, body = Problem)))]
 pub async fn batch(
     State(state): State<SharedState>,
     ObjectPath(object): ObjectPath,
