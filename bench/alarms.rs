@@ -37,7 +37,8 @@ async fn receiver() -> (String, Arrivals) {
             async move {
                 let at = now_ms();
                 let delivery: Delivery = serde_json::from_slice(&body).expect("a delivery is JSON");
-                let scheduled = chrono::DateTime::parse_from_rfc3339(&delivery.scheduled_at).unwrap().timestamp_millis();
+                let scheduled =
+                    chrono::DateTime::parse_from_rfc3339(&delivery.scheduled_at).unwrap().timestamp_millis();
                 recorded.lock().unwrap().push((delivery.id, delivery.name, at - scheduled, at));
                 axum::http::StatusCode::NO_CONTENT
             }
@@ -57,10 +58,8 @@ pub async fn alarms(
     seconds: u64,
 ) {
     let (target, arrivals) = receiver().await;
-    let mut env = vec![
-        ("STATEHOUSE_ALARM_TARGETS", format!("*={target}")),
-        ("STATEHOUSE_ALARM_SECRET", SECRET.to_string()),
-    ];
+    let mut env =
+        vec![("STATEHOUSE_ALARM_TARGETS", format!("*={target}")), ("STATEHOUSE_ALARM_SECRET", SECRET.to_string())];
     env.extend(extra_env.iter().cloned());
     let (server, base) = super::start_server(binary, dir, &format!("alarms-{database}"), &env, client).await;
     let objects = 10_000.min(total).max(1);
@@ -89,24 +88,34 @@ pub async fn alarms(
                         json!({"op": "set_alarm", "name": format!("a{i}"), "at": rfc3339(at)})
                     })
                     .collect();
-                let r = client.post(format!("{base}/v1/objects/bench-alarms/o{o}/batch")).json(&json!({"ops": ops})).send().await.unwrap();
+                let r = client
+                    .post(format!("{base}/v1/objects/bench-alarms/o{o}/batch"))
+                    .json(&json!({"ops": ops}))
+                    .send()
+                    .await
+                    .unwrap();
                 assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
             }
         });
     }
     while tasks.join_next().await.is_some() {}
     let arming = armed_at.elapsed().as_secs_f64();
-    assert!(now_ms() < first, "arming took {arming:.1} s, longer than the {lead_ms} ms lead: the lateness would be meaningless");
+    assert!(
+        now_ms() < first,
+        "arming took {arming:.1} s, longer than the {lead_ms} ms lead: the lateness would be meaningless"
+    );
     let deadline = Instant::now() + Duration::from_millis((first - now_ms()) as u64 + span_ms as u64 + 120_000);
     while arrivals.lock().unwrap().len() < total && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let arrived = arrivals.lock().unwrap().clone();
     let mut seen = HashSet::new();
-    let mut lateness: Vec<i64> = arrived.iter().filter(|(id, name, ..)| seen.insert((id.clone(), name.clone()))).map(|a| a.2).collect();
+    let mut lateness: Vec<i64> =
+        arrived.iter().filter(|(id, name, ..)| seen.insert((id.clone(), name.clone()))).map(|a| a.2).collect();
     lateness.sort();
     let last = arrived.iter().map(|a| a.3).max().unwrap_or(first);
-    let pct = |p: f64| lateness.get(((lateness.len() as f64 * p).ceil() as usize).saturating_sub(1)).copied().unwrap_or(-1);
+    let pct =
+        |p: f64| lateness.get(((lateness.len() as f64 * p).ceil() as usize).saturating_sub(1)).copied().unwrap_or(-1);
     let window = (last - first).max(1) as f64 / 1000.0;
     println!(
         "database={database} workload=alarms alarms={total} objects={objects} due_over_s={seconds} armed_in_s={arming:.1} armed_per_s={:.0} delivered={} duplicates={} delivered_per_s={:.0} (first due to last arrival: {window:.1} s) lateness_p50_ms={} lateness_p99_ms={} lateness_max_ms={}",

@@ -76,7 +76,8 @@ fn verify(secret: &str, header: &str, body: &[u8]) -> bool {
 impl Receiver {
     async fn start() -> Receiver {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let mut receiver = Receiver { base: format!("http://{}", listener.local_addr().unwrap()), ..Default::default() };
+        let mut receiver =
+            Receiver { base: format!("http://{}", listener.local_addr().unwrap()), ..Default::default() };
         let state = receiver.clone();
         let app = axum::Router::new().route(
             "/alarms",
@@ -160,7 +161,8 @@ async fn put_alarm(app: &TestApp, path: &str, body: Value, headers: &[(&str, &st
 }
 
 async fn object_version(app: &TestApp, ns: &str, id: &str) -> Option<i64> {
-    let (status, body) = json_of(app.client.get(app.url(&format!("/v1/objects/{ns}/{id}"))).send().await.unwrap()).await;
+    let (status, body) =
+        json_of(app.client.get(app.url(&format!("/v1/objects/{ns}/{id}"))).send().await.unwrap()).await;
     (status == 200).then(|| body["version"].as_i64().unwrap())
 }
 
@@ -177,7 +179,8 @@ async fn set_get_list_replace_delete_with_conditions() {
     let one = format!("/v1/objects/{ns}/o1/alarms/alarm");
 
     // Set with If-None-Match: * creates; a second one is refused.
-    let (status, set) = put_alarm(&app, &one, json!({"in_ms": 3_600_000, "payload": {"cart": 7}}), &[("if-none-match", "*")]).await;
+    let (status, set) =
+        put_alarm(&app, &one, json!({"in_ms": 3_600_000, "payload": {"cart": 7}}), &[("if-none-match", "*")]).await;
     assert_eq!(status, 200, "{set}");
     let v1 = set["version"].as_i64().unwrap();
     assert_eq!(object_version(&app, &ns, "o1").await, Some(v1), "setting an alarm is a write of the object");
@@ -201,8 +204,13 @@ async fn set_get_list_replace_delete_with_conditions() {
     let at = "2035-01-02T03:04:05.678Z";
     let (status, _) = put_alarm(&app, &one, json!({"at": at}), &[("if-match", "\"999\"")]).await;
     assert_eq!(status, 412);
-    let (status, replaced) =
-        put_alarm(&app, &one, json!({"at": "2035-01-02T04:04:05.678+01:00", "every_ms": 60_000}), &[("if-match", &format!("\"{v1}\""))]).await;
+    let (status, replaced) = put_alarm(
+        &app,
+        &one,
+        json!({"at": "2035-01-02T04:04:05.678+01:00", "every_ms": 60_000}),
+        &[("if-match", &format!("\"{v1}\""))],
+    )
+    .await;
     assert_eq!(status, 200, "{replaced}");
     let v2 = replaced["version"].as_i64().unwrap();
     assert!(v2 > v1);
@@ -215,7 +223,8 @@ async fn set_get_list_replace_delete_with_conditions() {
     let named = format!("/v1/objects/{ns}/o1/alarms/reminders%2Fweekly%20%C3%A9");
     let (status, body) = put_alarm(&app, &named, json!({"in_ms": 7_200_000}), &[]).await;
     assert_eq!(status, 200, "{body}");
-    let (_, list) = json_of(app.client.get(app.url(&format!("/v1/objects/{ns}/o1/alarms"))).send().await.unwrap()).await;
+    let (_, list) =
+        json_of(app.client.get(app.url(&format!("/v1/objects/{ns}/o1/alarms"))).send().await.unwrap()).await;
     let names: Vec<&str> = list["items"].as_array().unwrap().iter().map(|a| a["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["alarm", "reminders/weekly é"]);
     let (_, page) =
@@ -230,10 +239,9 @@ async fn set_get_list_replace_delete_with_conditions() {
     assert!(next["cursor"].is_null());
 
     // The operators' listing, by due time, paged.
-    let (status, pending) = json_of(
-        app.client.get(app.url("/v1/alarms?limit=1&due_before=2036-01-01T00:00:00Z")).send().await.unwrap(),
-    )
-    .await;
+    let (status, pending) =
+        json_of(app.client.get(app.url("/v1/alarms?limit=1&due_before=2036-01-01T00:00:00Z")).send().await.unwrap())
+            .await;
     assert_eq!(status, 200, "{pending}");
     assert_eq!(pending["items"][0]["ns"], ns.as_str());
     assert_eq!(pending["items"][0]["id"], "o1");
@@ -299,8 +307,13 @@ async fn set_get_list_replace_delete_with_conditions() {
 
     // A namespace with no target: refused, nothing written.
     let elsewhere = unique_ns("other");
-    let response =
-        app.client.put(app.url(&format!("/v1/objects/{elsewhere}/o1/alarms/alarm"))).json(&json!({"in_ms": 10})).send().await.unwrap();
+    let response = app
+        .client
+        .put(app.url(&format!("/v1/objects/{elsewhere}/o1/alarms/alarm")))
+        .json(&json!({"in_ms": 10}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(response.status(), 422);
     assert_eq!(response.headers()["content-type"], "application/problem+json");
     let (_, problem) = json_of(response).await;
@@ -343,7 +356,8 @@ async fn batches_with_alarm_ops_are_atomic_and_delete_all_clears_alarms() {
     let (status, problem) = json_of(app.client.post(&batch_url).json(&refused).send().await.unwrap()).await;
     assert_eq!(status, 412, "{problem}");
     assert_eq!(problem["op_index"], 2);
-    let (_, cart) = json_of(app.client.get(app.url(&format!("/v1/objects/{ns}/b/kv/cart"))).send().await.unwrap()).await;
+    let (_, cart) =
+        json_of(app.client.get(app.url(&format!("/v1/objects/{ns}/b/kv/cart"))).send().await.unwrap()).await;
     assert_eq!(cart, json!({"items": 1}));
     let (_, list) = json_of(app.client.get(app.url(&format!("/v1/objects/{ns}/b/alarms"))).send().await.unwrap()).await;
     assert_eq!(list["items"].as_array().unwrap().len(), 2, "{list}");
@@ -370,8 +384,7 @@ async fn batches_with_alarm_ops_are_atomic_and_delete_all_clears_alarms() {
     assert_eq!(items[0]["version"], body["version"]);
 
     // Delete-all removes the alarms with the keys.
-    let (status, _) =
-        json_of(app.client.delete(app.url(&format!("/v1/objects/{ns}/b"))).send().await.unwrap()).await;
+    let (status, _) = json_of(app.client.delete(app.url(&format!("/v1/objects/{ns}/b"))).send().await.unwrap()).await;
     assert_eq!(status, 200);
     let (_, list) = json_of(app.client.get(app.url(&format!("/v1/objects/{ns}/b/alarms"))).send().await.unwrap()).await;
     assert_eq!(list["items"], json!([]));
@@ -395,7 +408,9 @@ async fn a_thousand_alarms_due_within_a_second_are_all_delivered_signed() {
         for a in 0..per_object {
             let at = start + ((o * per_object + a) * 1000 / (objects * per_object)) as i64;
             scheduled.insert((format!("o{o}"), format!("a{a}")), at);
-            ops.push(json!({"op": "set_alarm", "name": format!("a{a}"), "at": rfc3339_ms(at), "payload": {"o": o, "a": a}}));
+            ops.push(
+                json!({"op": "set_alarm", "name": format!("a{a}"), "at": rfc3339_ms(at), "payload": {"o": o, "a": a}}),
+            );
         }
         let request = app.client.post(app.url(&format!("/v1/objects/{ns}/o{o}/batch"))).json(&json!({"ops": ops}));
         writes.push(async move { request.send().await.unwrap().status() });
@@ -423,7 +438,10 @@ async fn a_thousand_alarms_due_within_a_second_are_all_delivered_signed() {
             assert_eq!(call.scheduled_ms(), scheduled[key], "scheduled_at as set");
             assert_eq!(call.delivery["attempt"], 1);
             let (o, a) = (&key.0[1..], &key.1[1..]);
-            assert_eq!(call.delivery["payload"], json!({"o": o.parse::<i64>().unwrap(), "a": a.parse::<i64>().unwrap()}));
+            assert_eq!(
+                call.delivery["payload"],
+                json!({"o": o.parse::<i64>().unwrap(), "a": a.parse::<i64>().unwrap()})
+            );
             call.at_ms - scheduled[key]
         })
         .collect();
@@ -448,7 +466,10 @@ async fn a_thousand_alarms_due_within_a_second_are_all_delivered_signed() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let metrics = app.client.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains(&format!("statehouse_alarm_deliveries_total{{outcome=\"delivered\"}} {}", calls.len())), "{metrics}");
+    assert!(
+        metrics.contains(&format!("statehouse_alarm_deliveries_total{{outcome=\"delivered\"}} {}", calls.len())),
+        "{metrics}"
+    );
     assert!(metrics.contains("statehouse_alarm_lateness_seconds_bucket"));
     assert!(metrics.contains("statehouse_alarms_pending"));
     assert!(metrics.contains("statehouse_alarms_due"));
@@ -475,13 +496,19 @@ async fn failed_deliveries_are_retried_with_backoff_then_dropped_and_the_events_
         assert_eq!(status, 200, "{body}");
     }
 
-    let of = |calls: &[Call], id: &str| -> Vec<Call> { calls.iter().filter(|c| c.delivery["id"] == id).cloned().collect() };
-    let calls = receiver.wait_for(Duration::from_secs(30), "3 attempts at the flaky receiver", |c| of(c, "flaky").len() >= 3).await;
+    let of =
+        |calls: &[Call], id: &str| -> Vec<Call> { calls.iter().filter(|c| c.delivery["id"] == id).cloned().collect() };
+    let calls = receiver
+        .wait_for(Duration::from_secs(30), "3 attempts at the flaky receiver", |c| of(c, "flaky").len() >= 3)
+        .await;
     let flaky = of(&calls, "flaky");
     let attempts: Vec<i64> = flaky.iter().map(|c| c.delivery["attempt"].as_i64().unwrap()).collect();
     assert_eq!(attempts, [1, 2, 3]);
     assert_eq!(flaky.iter().map(|c| c.status).collect::<Vec<_>>(), [500, 500, 200]);
-    assert!(flaky.iter().all(|c| c.delivery["alarm_version"] == flaky[0].delivery["alarm_version"]), "retries keep the arming");
+    assert!(
+        flaky.iter().all(|c| c.delivery["alarm_version"] == flaky[0].delivery["alarm_version"]),
+        "retries keep the arming"
+    );
     assert!(flaky.iter().all(|c| c.scheduled_ms() == flaky[0].scheduled_ms()), "retries keep the scheduled time");
     let gaps: Vec<i64> = flaky.windows(2).map(|w| w[1].at_ms - w[0].at_ms).collect();
     println!("{}: flaky receiver: attempts {attempts:?}, gaps {gaps:?} ms (base {base_ms} ms)", db.mode());
@@ -489,13 +516,16 @@ async fn failed_deliveries_are_retried_with_backoff_then_dropped_and_the_events_
     assert!(gaps[1] >= 2 * base_ms as i64 && gaps[1] > gaps[0], "the gaps grow: {gaps:?}");
 
     // Always failing: 1 + 6 retries, then dropped (100+200+...+3200 ms of backoff).
-    let calls = receiver.wait_for(Duration::from_secs(40), "7 attempts at the failing receiver", |c| of(c, "down").len() >= 7).await;
+    let calls = receiver
+        .wait_for(Duration::from_secs(40), "7 attempts at the failing receiver", |c| of(c, "down").len() >= 7)
+        .await;
     let down = of(&calls, "down");
     assert_eq!(down.iter().map(|c| c.delivery["attempt"].as_i64().unwrap()).collect::<Vec<_>>(), [1, 2, 3, 4, 5, 6, 7]);
     let deadline = Instant::now() + Duration::from_secs(10);
     for id in ["flaky", "down"] {
         loop {
-            let status = app.client.get(app.url(&format!("/v1/objects/{ns}/{id}/alarms/alarm"))).send().await.unwrap().status();
+            let status =
+                app.client.get(app.url(&format!("/v1/objects/{ns}/{id}/alarms/alarm"))).send().await.unwrap().status();
             if status == 404 {
                 break;
             }
@@ -526,11 +556,14 @@ async fn failed_deliveries_are_retried_with_backoff_then_dropped_and_the_events_
     }))
     .await;
     for reader in ["duckdb", "pyiceberg"] {
-        let rows: Vec<&Value> = read[reader]["rows"].as_array().unwrap().iter().filter(|r| r["ns"] == ns.as_str()).collect();
+        let rows: Vec<&Value> =
+            read[reader]["rows"].as_array().unwrap().iter().filter(|r| r["ns"] == ns.as_str()).collect();
         let mut seen: BTreeMap<(String, String), Vec<Value>> = BTreeMap::new();
         for row in &rows {
             let data: Value = serde_json::from_str(row["data"].as_str().unwrap()).unwrap();
-            seen.entry((row["id"].as_str().unwrap().into(), row["type"].as_str().unwrap().into())).or_default().push(data);
+            seen.entry((row["id"].as_str().unwrap().into(), row["type"].as_str().unwrap().into()))
+                .or_default()
+                .push(data);
         }
         let fired = |id: &str| seen.get(&(id.to_string(), "alarm.fired".to_string())).cloned().unwrap_or_default();
         assert_eq!(fired("flaky").len(), 3, "{reader}: {seen:?}");
@@ -558,9 +591,7 @@ async fn repeating_alarms_keep_their_schedule_without_drift() {
     let (status, body) = put_alarm(&app, &path, json!({"in_ms": 300, "every_ms": 1000, "payload": "tick"}), &[]).await;
     assert_eq!(status, 200, "{body}");
     let periods = 20;
-    let calls = receiver
-        .wait_for(Duration::from_secs(periods as u64 + 15), "21 periods", |c| c.len() > periods)
-        .await;
+    let calls = receiver.wait_for(Duration::from_secs(periods as u64 + 15), "21 periods", |c| c.len() > periods).await;
     let (_, deleted) = json_of(app.client.delete(app.url(&path)).send().await.unwrap()).await;
     assert_eq!(deleted["deleted"], true);
     let first = calls[0].scheduled_ms();
@@ -611,7 +642,12 @@ async fn killing_the_owner_at_random_points_loses_no_alarm() {
                     json!({"op": "set_alarm", "name": format!("a{a}"), "in_ms": lead + 50 * a})
                 })
                 .collect();
-            let response = client.post(format!("{base}/v1/objects/{ns}/{id}/batch")).json(&json!({"ops": ops})).send().await.unwrap();
+            let response = client
+                .post(format!("{base}/v1/objects/{ns}/{id}/batch"))
+                .json(&json!({"ops": ops}))
+                .send()
+                .await
+                .unwrap();
             assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
         }
         // Before the alarms are due, while they are delivered, or after.
@@ -664,7 +700,8 @@ async fn killing_the_owner_at_random_points_loses_no_alarm() {
     for round in 0..rounds {
         for o in 0..objects {
             let (status, history) =
-                json_of(client.get(format!("{base}/v1/objects/{ns}/r{round}-o{o}/history")).send().await.unwrap()).await;
+                json_of(client.get(format!("{base}/v1/objects/{ns}/r{round}-o{o}/history")).send().await.unwrap())
+                    .await;
             assert_eq!(status, 200, "{history}");
             let mut versions: Vec<&Value> = history["versions"].as_array().unwrap().iter().collect();
             versions.reverse();
@@ -675,7 +712,11 @@ async fn killing_the_owner_at_random_points_loses_no_alarm() {
                 assert!(fence >= last_fence, "a version recorded under an older fence: {history}");
                 last_fence = fence;
                 let instance = v["instance"].as_str().unwrap().to_string();
-                assert_eq!(instance_of.entry(fence).or_insert(instance.clone()), &instance, "two replicas under one fence");
+                assert_eq!(
+                    instance_of.entry(fence).or_insert(instance.clone()),
+                    &instance,
+                    "two replicas under one fence"
+                );
                 outcomes += v["changes"].as_array().unwrap().iter().filter(|c| c["op"] == "alarm_delete").count();
             }
         }

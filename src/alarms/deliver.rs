@@ -149,9 +149,9 @@ impl Pass {
             let elsewhere = self.elsewhere.lock().unwrap();
             for due in page {
                 let key = (due.object.clone(), due.alarm.name.clone());
-                let stale = done
-                    .get(&key)
-                    .is_some_and(|(armed, attempt, _)| (*armed, *attempt) == (due.alarm.armed_version, due.alarm.spec.attempt));
+                let stale = done.get(&key).is_some_and(|(armed, attempt, _)| {
+                    (*armed, *attempt) == (due.alarm.armed_version, due.alarm.spec.attempt)
+                });
                 if !busy.contains(&key) && !stale && !elsewhere.contains_key(&due.object) {
                     picked.push(due);
                 }
@@ -189,7 +189,9 @@ impl Pass {
                 let remaining = Duration::from_millis((owner.lease_expires_at_ms - now_ms()).max(0) as u64);
                 self.elsewhere.lock().unwrap().insert(object.clone(), Instant::now() + remaining);
             }
-            Err(err) => tracing::warn!(object = %object, error = %err, "could not take an object's lease to fire its alarms"),
+            Err(err) => {
+                tracing::warn!(object = %object, error = %err, "could not take an object's lease to fire its alarms")
+            }
         }
         let mut busy = self.busy.lock().unwrap();
         for alarm in &alarms {

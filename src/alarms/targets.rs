@@ -40,7 +40,11 @@ impl Targets {
             NamespacePattern::Prefix(prefix) => 1 + prefix.len(),
             NamespacePattern::Any => 0,
         };
-        self.routes.iter().filter(|(pattern, _)| pattern.matches(ns)).max_by_key(|(pattern, _)| rank(pattern)).map(|(_, url)| url)
+        self.routes
+            .iter()
+            .filter(|(pattern, _)| pattern.matches(ns))
+            .max_by_key(|(pattern, _)| rank(pattern))
+            .map(|(_, url)| url)
     }
 }
 

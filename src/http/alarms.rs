@@ -170,10 +170,11 @@ pub async fn put_alarm(
     let spec = alarm_spec(request.at, request.in_ms, request.every_ms, request.payload)?;
     check_target(&state, &object.ns)?;
     let set = Op::SetAlarm { name: name.clone(), alarm: spec.clone(), pre };
-    let committed = match state.routing.commit(&object, Mutation::ops(vec![set]), replay).await.map_err(alarm_condition)? {
-        Routed::Forwarded(forwarded) => return Ok(forwarded.into_response()),
-        Routed::Local(committed) => committed,
-    };
+    let committed =
+        match state.routing.commit(&object, Mutation::ops(vec![set]), replay).await.map_err(alarm_condition)? {
+            Routed::Forwarded(forwarded) => return Ok(forwarded.into_response()),
+            Routed::Local(committed) => committed,
+        };
     let version = committed.version;
     let body = alarm_body(Alarm { name, spec, armed_version: version, version });
     let mut response = written(&committed, StatusCode::OK, body);

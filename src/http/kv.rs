@@ -15,8 +15,8 @@ use super::extract::{
 };
 use super::{written, SharedState};
 use crate::objects::{
-    self, decode_cursor, validate_alarm_name, embed_value, encode_cursor, is_json_content_type, validate_key, Entry, KeyRange, Mutation, Op,
-    OpResult, Precondition, VersionMatch, MAX_BATCH_OPS,
+    self, decode_cursor, embed_value, encode_cursor, is_json_content_type, validate_alarm_name, validate_key, Entry,
+    KeyRange, Mutation, Op, OpResult, Precondition, VersionMatch, MAX_BATCH_OPS,
 };
 use crate::routing::{Replay, Routed};
 

@@ -56,12 +56,29 @@ impl Precondition {
 
 #[derive(Debug, Clone)]
 pub enum Op {
-    Put { key: String, value: Bytes, content_type: String, pre: Precondition },
-    Delete { key: String, pre: Precondition },
-    Get { key: String },
+    Put {
+        key: String,
+        value: Bytes,
+        content_type: String,
+        pre: Precondition,
+    },
+    Delete {
+        key: String,
+        pre: Precondition,
+    },
+    Get {
+        key: String,
+    },
     /// Sets (or replaces) an alarm; its conditions are on the alarm's version.
-    SetAlarm { name: String, alarm: AlarmSpec, pre: Precondition },
-    DeleteAlarm { name: String, pre: Precondition },
+    SetAlarm {
+        name: String,
+        alarm: AlarmSpec,
+        pre: Precondition,
+    },
+    DeleteAlarm {
+        name: String,
+        pre: Precondition,
+    },
 }
 
 impl Op {

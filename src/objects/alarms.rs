@@ -55,9 +55,7 @@ pub async fn list_alarms(
 ) -> Result<(Vec<Alarm>, bool), StoreError> {
     let rows = db
         .query(Stmt::query_once(
-            format!(
-                "SELECT {COLUMNS} FROM alarms WHERE ns = ?1 AND id = ?2 AND name > ?3 ORDER BY name LIMIT ?4"
-            ),
+            format!("SELECT {COLUMNS} FROM alarms WHERE ns = ?1 AND id = ?2 AND name > ?3 ORDER BY name LIMIT ?4"),
             vec![
                 object.ns.as_str().into(),
                 object.id.as_str().into(),

@@ -15,6 +15,7 @@ pub use write::WriteJob;
 
 pub use crate::model::prefix_successor;
 pub use crate::model::{
-    validate_alarm_name, validate_id, validate_id_prefix, validate_key, validate_ns, Alarm, AlarmSpec, Committed, Entry, Event, InvalidName, Mutation,
-    ObjectRef, Op, OpResult, Precondition, Rejection, VersionMatch, MAX_BATCH_OPS, MAX_KEY_BYTES,
+    validate_alarm_name, validate_id, validate_id_prefix, validate_key, validate_ns, Alarm, AlarmSpec, Committed,
+    Entry, Event, InvalidName, Mutation, ObjectRef, Op, OpResult, Precondition, Rejection, VersionMatch, MAX_BATCH_OPS,
+    MAX_KEY_BYTES,
 };
