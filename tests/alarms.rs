@@ -49,6 +49,9 @@ fn parse_ms(rfc3339: &str) -> i64 {
     chrono::DateTime::parse_from_rfc3339(rfc3339).unwrap().timestamp_millis()
 }
 
+/// Statuses to answer per (object id, alarm name), in order.
+type Script = HashMap<(String, String), VecDeque<u16>>;
+
 /// A webhook receiver that verifies signatures as the README tells
 /// receivers to, answers by script (per object id and alarm name; 200 by
 /// default), and records every call.
@@ -57,7 +60,7 @@ struct Receiver {
     base: String,
     calls: Arc<Mutex<Vec<Call>>>,
     /// Statuses to answer, in order, per (id, name); then `fallback`.
-    script: Arc<Mutex<HashMap<(String, String), VecDeque<u16>>>>,
+    script: Arc<Mutex<Script>>,
     /// Ids whose every call fails.
     failing: Arc<Mutex<HashSet<String>>>,
 }
