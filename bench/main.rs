@@ -21,8 +21,9 @@ struct Args {
     workloads: Vec<String>,
     binary: String,
     export_events: usize,
-    /// Alarms the `alarms` workload arms (due over 10 s).
+    /// Alarms the `alarms` workload arms, due evenly over `alarms_over` seconds.
     alarms: usize,
+    alarms_over: u64,
     /// `file`, or `sqld`: the file and a libSQL server side by side.
     database: String,
     /// The raw-libSQL limits and the fence cost (file only).
@@ -52,6 +53,7 @@ fn args() -> Args {
         binary: server_beside_the_bench(),
         export_events: 200_000,
         alarms: 100_000,
+        alarms_over: 10,
         database: "file".into(),
         baselines: true,
         database_latency_ms: 0,
@@ -62,7 +64,7 @@ fn args() -> Args {
     while let Some(flag) = it.next() {
         if flag == "--help" || flag == "-h" {
             println!(
-                "bench [--seconds N] [--connections 32,256] [--workloads {}] [--binary PATH] [--export-events N (0: skip the export benches)] [--alarms N (alarms armed by the alarms workload, default 100000)] [--database file|sqld (sqld: also on a libSQL server from SQLD_BIN, side by side)] [--baselines false] [--database-latency-ms N (sqld behind a proxy holding each direction N ms)] [--compaction-cycles N (0: skip the compaction bench)] [--venv PATH (DuckDB for it; default $STATEHOUSE_TEST_VENV)]",
+                "bench [--seconds N] [--connections 32,256] [--workloads {}] [--binary PATH] [--export-events N (0: skip the export benches)] [--alarms N (alarms armed by the alarms workload, default 100000)] [--alarms-over S (due evenly over S seconds, default 10)] [--database file|sqld (sqld: also on a libSQL server from SQLD_BIN, side by side)] [--baselines false] [--database-latency-ms N (sqld behind a proxy holding each direction N ms)] [--compaction-cycles N (0: skip the compaction bench)] [--venv PATH (DuckDB for it; default $STATEHOUSE_TEST_VENV)]",
                 WORKLOADS.join(",")
             );
             std::process::exit(0);
@@ -75,6 +77,7 @@ fn args() -> Args {
             "--binary" => args.binary = value,
             "--export-events" => args.export_events = value.parse().expect("--export-events takes a number"),
             "--alarms" => args.alarms = value.parse().expect("--alarms takes a number"),
+            "--alarms-over" => args.alarms_over = value.parse().expect("--alarms-over takes seconds"),
             "--database" => {
                 assert!(["file", "sqld"].contains(&value.as_str()), "--database takes file or sqld");
                 args.database = value
@@ -257,7 +260,7 @@ async fn main() {
                 sqld = Some(child);
                 env.push(("TURSO_URL", url));
             }
-            alarms::alarms(&args.binary, dir.path(), &client, database, &env, args.alarms, 10).await;
+            alarms::alarms(&args.binary, dir.path(), &client, database, &env, args.alarms, args.alarms_over).await;
             if let Some(mut sqld) = sqld {
                 let _ = sqld.kill();
                 let _ = sqld.wait();

@@ -34,6 +34,9 @@ pub struct Delivery {
     pub alarm_version: i64,
 }
 
+/// Alarms handed out (called, or waiting for a call or for their outcome to
+/// be recorded) per call allowed at once.
+const IN_FLIGHT_PER_CALL: usize = 4;
 /// Rows read per query of a pass.
 const PAGE: usize = 1000;
 /// Pages one pass reads at most, looking past alarms already in flight.
@@ -60,6 +63,12 @@ struct Pass {
     done: Mutex<HashMap<AlarmKey, (i64, i64, Instant)>>,
     /// Objects a live peer owns, until its lease ends: its pass fires them.
     elsewhere: Mutex<HashMap<ObjectRef, Instant>>,
+    /// Where a sweep through a backlog continues: the last alarm handed out.
+    /// Everything due before it was handed out already (or left to a peer),
+    /// so a backlog is read once, not again from its start on every pass.
+    /// Each sweep that reaches the end of what is due starts over, so an
+    /// alarm whose outcome was not recorded is found again.
+    resume: Mutex<Option<DueCursor>>,
 }
 
 impl Alarms {
@@ -88,6 +97,7 @@ impl Alarms {
             busy: Mutex::new(HashSet::new()),
             done: Mutex::new(HashMap::new()),
             elsewhere: Mutex::new(HashMap::new()),
+            resume: Mutex::new(None),
         });
         Ok(tokio::spawn(async move {
             if pass.alarms.targets.is_empty() {
@@ -126,7 +136,7 @@ impl Pass {
     /// Hands the due alarms not in flight to tasks, by object. True when it
     /// found as many as it had room for (more may be due at once).
     async fn run_once(self: Arc<Self>) -> Result<bool, StoreError> {
-        let room = (2 * self.alarms.concurrency).saturating_sub(self.busy.lock().unwrap().len());
+        let room = (IN_FLIGHT_PER_CALL * self.alarms.concurrency).saturating_sub(self.busy.lock().unwrap().len());
         if room == 0 {
             return Ok(true);
         }
@@ -137,9 +147,11 @@ impl Pass {
             self.elsewhere.lock().unwrap().retain(|_, until| *until > instant);
         }
         let mut picked: Vec<DueAlarm> = Vec::new();
-        let mut cursor: Option<DueCursor> = None;
+        let mut cursor: Option<DueCursor> = self.resume.lock().unwrap().take();
+        let mut reached_end = false;
         for _ in 0..PAGES_PER_PASS {
             let (page, more) = objects::due_alarms(&self.db, now + 1, cursor.as_ref(), PAGE).await?;
+            reached_end = !more;
             if let Some(last) = page.last() {
                 let (object, alarm) = (&last.object, &last.alarm);
                 cursor = Some((alarm.spec.due_at_ms, object.ns.clone(), object.id.clone(), alarm.name.clone()));
@@ -163,6 +175,15 @@ impl Pass {
         }
         picked.truncate(room);
         let full = picked.len() >= room;
+        if full {
+            let last = picked.last().map(|due| {
+                let (object, alarm) = (&due.object, &due.alarm);
+                (alarm.spec.due_at_ms, object.ns.clone(), object.id.clone(), alarm.name.clone())
+            });
+            *self.resume.lock().unwrap() = last;
+        } else if !reached_end {
+            *self.resume.lock().unwrap() = cursor;
+        }
         let mut by_object: indexmap::IndexMap<ObjectRef, Vec<Alarm>> = indexmap::IndexMap::new();
         {
             let mut busy = self.busy.lock().unwrap();
@@ -201,7 +222,8 @@ impl Pass {
 
     /// One delivery attempt of `alarm`, and its outcome recorded under `lease`.
     async fn fire(&self, lease: &HeldLease, alarm: &Alarm) {
-        let Ok(_permit) = self.permits.acquire().await else { return };
+        // The permit bounds the calls in flight; recording is bounded by the writer's groups.
+        let Ok(permit) = self.permits.acquire().await else { return };
         let object = &lease.object;
         let alarms = &self.alarms;
         let attempt = alarm.spec.attempt + 1;
@@ -222,6 +244,7 @@ impl Pass {
         };
         let started = Instant::now();
         let status = self.post(object, &delivery).await;
+        drop(permit);
         let latency_ms = started.elapsed().as_millis() as i64;
         let delivered = status.is_some_and(|s| (200..300).contains(&s));
 
