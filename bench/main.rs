@@ -13,12 +13,17 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
+mod alarms;
+
 struct Args {
     seconds: u64,
     connections: Vec<usize>,
     workloads: Vec<String>,
     binary: String,
     export_events: usize,
+    /// Alarms the `alarms` workload arms, due evenly over `alarms_over` seconds.
+    alarms: usize,
+    alarms_over: u64,
     /// `file`, or `sqld`: the file and a libSQL server side by side.
     database: String,
     /// The raw-libSQL limits and the fence cost (file only).
@@ -49,6 +54,8 @@ fn args() -> Args {
         workloads: WORKLOADS.iter().map(|w| w.to_string()).collect(),
         binary: server_beside_the_bench(),
         export_events: 200_000,
+        alarms: 100_000,
+        alarms_over: 10,
         database: "file".into(),
         baselines: true,
         database_latency_ms: 0,
@@ -60,7 +67,7 @@ fn args() -> Args {
     while let Some(flag) = it.next() {
         if flag == "--help" || flag == "-h" {
             println!(
-                "bench [--seconds N] [--connections 32,256] [--workloads {}] [--binary PATH] [--export-events N (0: skip the export benches)] [--database file|sqld (sqld: also on a libSQL server from SQLD_BIN, side by side)] [--baselines false] [--database-latency-ms N (sqld behind a proxy holding each direction N ms)] [--compaction-cycles N (0: skip the compaction bench)] [--venv PATH (DuckDB for it; default $STATEHOUSE_TEST_VENV)] [--restore-versions N (0: skip the restore bench)]",
+                "bench [--seconds N] [--connections 32,256] [--workloads {}] [--binary PATH] [--export-events N (0: skip the export benches)] [--alarms N (alarms armed by the alarms workload, default 100000)] [--alarms-over S (due evenly over S seconds, default 10)] [--database file|sqld (sqld: also on a libSQL server from SQLD_BIN, side by side)] [--baselines false] [--database-latency-ms N (sqld behind a proxy holding each direction N ms)] [--compaction-cycles N (0: skip the compaction bench)] [--venv PATH (DuckDB for it; default $STATEHOUSE_TEST_VENV)] [--restore-versions N (0: skip the restore bench)]",
                 WORKLOADS.join(",")
             );
             std::process::exit(0);
@@ -72,6 +79,8 @@ fn args() -> Args {
             "--workloads" => args.workloads = value.split(',').filter(|w| !w.is_empty()).map(str::to_string).collect(),
             "--binary" => args.binary = value,
             "--export-events" => args.export_events = value.parse().expect("--export-events takes a number"),
+            "--alarms" => args.alarms = value.parse().expect("--alarms takes a number"),
+            "--alarms-over" => args.alarms_over = value.parse().expect("--alarms-over takes seconds"),
             "--database" => {
                 assert!(["file", "sqld"].contains(&value.as_str()), "--database takes file or sqld");
                 args.database = value
@@ -92,7 +101,10 @@ fn args() -> Args {
 }
 
 const WORKLOADS: &[&str] =
-    &["get_hot", "put_one_object", "put_many_objects", "batch_10", "list_100", "mixed", "catalog_load"];
+    &["get_hot", "put_one_object", "put_many_objects", "batch_10", "list_100", "mixed", "catalog_load", "alarms"];
+
+/// Workloads that are not requests at a number of connections, run once each.
+const SEPARATE: &[&str] = &["alarms"];
 
 #[tokio::main]
 async fn main() {
@@ -162,7 +174,7 @@ async fn main() {
             wait_for_export_tables(&client, &base).await;
         }
 
-        for workload in &args.workloads {
+        for workload in args.workloads.iter().filter(|w| !SEPARATE.contains(&w.as_str())) {
             for &connections in &args.connections {
                 let before = writer_counters(&client, &base).await;
                 let result = run(&base, workload, connections, Duration::from_secs(args.seconds)).await;
@@ -243,6 +255,22 @@ async fn main() {
         }
     }
 
+    if args.workloads.iter().any(|w| w == "alarms") {
+        for &database in databases {
+            let mut sqld = None;
+            let mut env = Vec::new();
+            if database == "sqld" {
+                let (child, url) = start_sqld(&dir.path().join("alarms-sqld"));
+                sqld = Some(child);
+                env.push(("TURSO_URL", url));
+            }
+            alarms::alarms(&args.binary, dir.path(), &client, database, &env, args.alarms, args.alarms_over).await;
+            if let Some(mut sqld) = sqld {
+                let _ = sqld.kill();
+                let _ = sqld.wait();
+            }
+        }
+    }
     if args.export_events > 0 && args.database == "file" {
         export_throughput(&args, dir.path(), &client).await;
         export_lag(&args, dir.path(), &client).await;

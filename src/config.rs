@@ -309,6 +309,10 @@ pub struct Settings {
           value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
     pub compaction_max_manifests: u64,
 
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub alarms: AlarmSettings,
+
     /// Address to bind the HTTP server to (`0.0.0.0:8080` in container images).
     #[arg(long = "listen", env = "STATEHOUSE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -379,6 +383,46 @@ pub struct Settings {
     #[arg(long = "dump-config")]
     #[serde(skip)]
     pub dump_config: bool,
+}
+
+/// Where alarms are delivered, how they are signed, and how deliveries are retried.
+#[derive(Debug, Clone, Args, Serialize)]
+pub struct AlarmSettings {
+    /// Webhook targets by namespace pattern: `carts=https://app/alarms;*=https://other/alarms` (unset = alarms off).
+    #[arg(long = "alarm-targets", env = "STATEHOUSE_ALARM_TARGETS")]
+    pub alarm_targets: Option<String>,
+
+    /// Secret (at least 32 bytes) that signs every alarm delivery (HMAC-SHA256); required with targets.
+    #[arg(long = "alarm-secret", env = "STATEHOUSE_ALARM_SECRET", hide_env_values = true)]
+    pub alarm_secret: Option<Secret>,
+
+    /// Wait before the first retry of a failed delivery, in ms; each further retry waits twice as long.
+    #[arg(long = "alarm-retry-base-ms", env = "STATEHOUSE_ALARM_RETRY_BASE_MS", value_name = "MS", default_value = "2000",
+          value_parser = clap::value_parser!(u64).range(1..=3_600_000).map(Duration::from_millis))]
+    #[serde(rename = "alarm_retry_base_ms", serialize_with = "as_millis")]
+    pub alarm_retry_base: Duration,
+
+    /// Retries of a failed delivery before the alarm is dropped and recorded as failed.
+    #[arg(long = "alarm-max-retries", env = "STATEHOUSE_ALARM_MAX_RETRIES", default_value_t = 6,
+          value_parser = clap::value_parser!(u64).range(0..=100))]
+    pub alarm_max_retries: u64,
+
+    /// How long a delivery may take before it counts as failed, in ms.
+    #[arg(long = "alarm-timeout-ms", env = "STATEHOUSE_ALARM_TIMEOUT_MS", value_name = "MS", default_value = "10000",
+          value_parser = clap::value_parser!(u64).range(10..=600_000).map(Duration::from_millis))]
+    #[serde(rename = "alarm_timeout_ms", serialize_with = "as_millis")]
+    pub alarm_timeout: Duration,
+
+    /// Deliveries this replica makes at once.
+    #[arg(long = "alarm-concurrency", env = "STATEHOUSE_ALARM_CONCURRENCY", default_value_t = 512,
+          value_parser = clap::value_parser!(u64).range(1..=65_536))]
+    pub alarm_concurrency: u64,
+
+    /// How often the delivery pass looks for due alarms, in ms.
+    #[arg(long = "alarm-poll-ms", env = "STATEHOUSE_ALARM_POLL_MS", value_name = "MS", default_value = "100",
+          value_parser = clap::value_parser!(u64).range(5..=60_000).map(Duration::from_millis))]
+    #[serde(rename = "alarm_poll_ms", serialize_with = "as_millis")]
+    pub alarm_poll: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, Serialize)]
@@ -802,6 +846,13 @@ pub const ENV_VARS: &[&str] = &[
     "STATEHOUSE_LOG_FORMAT",
     "STATEHOUSE_LOG",
     "FLY_MACHINE_ID",
+    "STATEHOUSE_ALARM_TARGETS",
+    "STATEHOUSE_ALARM_SECRET",
+    "STATEHOUSE_ALARM_RETRY_BASE_MS",
+    "STATEHOUSE_ALARM_MAX_RETRIES",
+    "STATEHOUSE_ALARM_TIMEOUT_MS",
+    "STATEHOUSE_ALARM_CONCURRENCY",
+    "STATEHOUSE_ALARM_POLL_MS",
 ];
 
 #[cfg(test)]
@@ -831,6 +882,7 @@ mod tests {
         settings.database.turso_token = Some("turso-s3cret".into());
         settings.access.peer_secret = Some("peer-s3cret".into());
         settings.objects.r2_secret_access_key = Some("r2-s3cret".into());
+        settings.alarms.alarm_secret = Some("alarm-s3cret".into());
         let shown = format!("{settings:?} {}", serde_json::to_string(&settings).unwrap());
         assert!(!shown.contains("s3cret"), "{shown}");
         assert!(shown.contains("<redacted>"));

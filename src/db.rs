@@ -613,6 +613,7 @@ pub const MIGRATIONS: &[Migration] = &[
         sql: include_str!("../migrations/0005_write_assertions.sql"),
     },
     Migration { version: 6, name: "0006_history.sql", sql: include_str!("../migrations/0006_history.sql") },
+    Migration { version: 7, name: "0007_alarms.sql", sql: include_str!("../migrations/0007_alarms.sql") },
 ];
 
 pub fn latest_migration() -> i64 {

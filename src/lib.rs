@@ -6,6 +6,7 @@
 //! → `writer` (the one write path: batched transactions, one commit for many writes)
 //! → `objects` (the SQL of a fenced change) → `db` (libSQL, local or remote).
 
+pub mod alarms;
 pub mod analytics;
 pub mod auth;
 pub mod blobs;

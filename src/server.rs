@@ -10,6 +10,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::alarms::Alarms;
 use crate::analytics::readers::ReaderAccess;
 use crate::analytics::{CompactionPolicy, ExportPolicy, Exporter};
 use crate::blobs::{Storage, Sweeper};
@@ -69,6 +70,7 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new(&instance, sync));
     let access = Access::from_settings(&settings, &metrics).map_err(anyhow::Error::msg)?;
     check_exposure(&access, &settings, addr)?;
+    let alarms = Arc::new(Alarms::from_settings(&settings.alarms, &metrics).map_err(anyhow::Error::msg)?);
     let db = Arc::new(open_database(&settings.database).await?);
     let storage = Storage::open(&settings.objects).await.context("cannot open the object store")?;
     let resident = Arc::new(ResidentState::new(settings.cache_bytes as usize, &metrics));
@@ -125,6 +127,10 @@ pub async fn run(
         settings.change_value_cap() as usize,
     )
     .context("cannot build the HTTP client for peer replicas")?;
+    let alarming = alarms
+        .clone()
+        .spawn(db.clone(), writer.clone(), guard.clone(), settings.change_value_cap() as usize, stop.child_token())
+        .context("cannot build the HTTP client for alarm deliveries")?;
     let readers = ReaderAccess::from_settings(&settings, exporter.catalog().warehouse());
     let state = Arc::new(AppState {
         settings: settings.clone(),
@@ -137,6 +143,7 @@ pub async fn run(
         exporter,
         readers,
         access,
+        alarms,
     });
 
     tracing::info!(
@@ -164,6 +171,7 @@ pub async fn run(
     let _ = renewal.await;
     let _ = sweeper.await;
     let _ = exporting.await;
+    let _ = alarming.await;
     match guard.release_all().await {
         Ok(n) => tracing::info!(released = n, "released leases; stopped"),
         Err(err) => tracing::warn!(error = %err, "could not release leases; peers take over when they expire"),

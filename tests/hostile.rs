@@ -30,6 +30,10 @@ fn credentials() -> (String, Vec<(&'static str, String)>) {
     let env = vec![
         ("STATEHOUSE_AUTH_TOKENS", format!("fuzz sha256:{digest} * read,write,admin")),
         ("STATEHOUSE_PEER_SECRET", hex::encode(rand::random::<[u8; 20]>())),
+        // Alarms may be set in every namespace, so fuzzed alarms are stored, listed and fired;
+        // nothing listens on the discard port, so each delivery fails and is retried.
+        ("STATEHOUSE_ALARM_TARGETS", "*=http://127.0.0.1:9/alarms".to_string()),
+        ("STATEHOUSE_ALARM_SECRET", hex::encode(rand::random::<[u8; 32]>())),
     ];
     (token, env)
 }

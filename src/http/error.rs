@@ -43,6 +43,9 @@ pub enum ApiError {
     /// A restore the change log cannot make exactly.
     #[error("{0}")]
     HistoryIncomplete(String),
+    /// An alarm in a namespace with no configured delivery target.
+    #[error("{0}")]
+    NoAlarmTarget(String),
     #[error("{detail}")]
     TooManyRequests { detail: String, retry_after_secs: u64 },
     #[error("{detail}")]
@@ -95,6 +98,9 @@ impl ApiError {
             }
             ApiError::HistoryIncomplete(_) => {
                 (StatusCode::UNPROCESSABLE_ENTITY, "history-incomplete", "The history cannot restore this exactly")
+            }
+            ApiError::NoAlarmTarget(_) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "no-alarm-target", "No alarm target for the namespace")
             }
             ApiError::TooManyRequests { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate-limited", "Too many requests"),
             ApiError::Unavailable { .. } => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", "Service unavailable"),

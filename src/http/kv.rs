@@ -15,8 +15,8 @@ use super::extract::{
 };
 use super::{written, SharedState};
 use crate::objects::{
-    self, decode_cursor, embed_value, encode_cursor, is_json_content_type, validate_key, Entry, KeyRange, Mutation, Op,
-    OpResult, Precondition, VersionMatch, MAX_BATCH_OPS,
+    self, decode_cursor, embed_value, encode_cursor, is_json_content_type, validate_alarm_name, validate_key, Entry,
+    KeyRange, Mutation, Op, OpResult, Precondition, VersionMatch, MAX_BATCH_OPS,
 };
 use crate::routing::{Replay, Routed};
 
@@ -222,6 +222,26 @@ pub enum BatchOp {
     Get {
         key: String,
     },
+    /// Set (or replace) an alarm, as `PUT .../alarms/{name}` does.
+    #[serde(rename = "set_alarm")]
+    SetAlarm {
+        name: String,
+        /// RFC 3339 time to fire at (exactly one of `at` and `in_ms`).
+        at: Option<String>,
+        in_ms: Option<i64>,
+        every_ms: Option<i64>,
+        payload: Option<serde_json::Value>,
+        /// Apply only if the alarm's current version is this.
+        if_version: Option<i64>,
+        /// Apply only if there is no such alarm.
+        #[serde(default)]
+        if_absent: bool,
+    },
+    #[serde(rename = "delete_alarm")]
+    DeleteAlarm {
+        name: String,
+        if_version: Option<i64>,
+    },
 }
 
 /// Keeps an explicit `null` as `Some(Null)`, apart from a missing field.
@@ -253,6 +273,16 @@ pub enum BatchResult {
         /// Whether the key existed.
         deleted: bool,
     },
+    SetAlarm {
+        name: String,
+        /// The alarm's version now: the object's version after the batch.
+        version: i64,
+    },
+    DeleteAlarm {
+        name: String,
+        /// Whether the alarm existed.
+        deleted: bool,
+    },
     Get {
         key: String,
         found: bool,
@@ -275,7 +305,7 @@ pub enum BatchResult {
     params(("ns" = String, Path), ("id" = String, Path)),
     request_body = BatchRequest,
     responses((status = 200, body = BatchBody), (status = 400, body = Problem), (status = 412, body = Problem),
-              (status = 413, body = Problem), (status = 503, body = Problem)))]
+              (status = 413, body = Problem), (status = 422, body = Problem), (status = 503, body = Problem)))]
 pub async fn batch(
     State(state): State<SharedState>,
     ObjectPath(object): ObjectPath,
@@ -296,6 +326,9 @@ pub async fn batch(
         .enumerate()
         .map(|(index, op)| batch_op(op, max_value).map_err(|e| at_op(index, e)))
         .collect::<Result<Vec<_>, _>>()?;
+    if ops.iter().any(Op::is_alarm) {
+        super::alarms::check_target(&state, &object.ns)?;
+    }
     let events = super::events::accept(request.events)?;
     let event_ids: Vec<String> = events.iter().map(|e| e.event_id.to_string()).collect();
     let committed = match state.routing.commit(&object, Mutation::Ops { ops, events }, replay).await? {
@@ -353,6 +386,25 @@ fn batch_op(op: BatchOp, max_value: usize) -> Result<Op, ApiError> {
             validate_key(&key)?;
             Ok(Op::Get { key })
         }
+        BatchOp::SetAlarm { name, at, in_ms, every_ms, payload, if_version, if_absent } => {
+            validate_alarm_name(&name)?;
+            let alarm = super::alarms::alarm_spec(at, in_ms, every_ms, payload)?;
+            if if_absent && if_version.is_some() {
+                return Err(ApiError::BadRequest("`if_version` and `if_absent` cannot both hold".into()));
+            }
+            let pre = Precondition {
+                if_match: expected_version(if_version)?,
+                if_none_match: if_absent.then_some(VersionMatch::Any),
+            };
+            Ok(Op::SetAlarm { name, alarm, pre })
+        }
+        BatchOp::DeleteAlarm { name, if_version } => {
+            validate_alarm_name(&name)?;
+            Ok(Op::DeleteAlarm {
+                name,
+                pre: Precondition { if_match: expected_version(if_version)?, if_none_match: None },
+            })
+        }
     }
 }
 
@@ -397,6 +449,8 @@ fn batch_result(result: &OpResult) -> BatchResult {
                 encoding: embedded.encoding,
             }
         }
+        OpResult::SetAlarm { name, version } => BatchResult::SetAlarm { name: name.clone(), version: *version },
+        OpResult::DeleteAlarm { name, deleted } => BatchResult::DeleteAlarm { name: name.clone(), deleted: *deleted },
         OpResult::DeleteAll { .. }
         | OpResult::PutBlob { .. }
         | OpResult::DeleteBlob { .. }

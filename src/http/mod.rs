@@ -2,6 +2,7 @@
 //! Handlers parse a request, hand writes to `routing`, and format the answer.
 
 mod access;
+mod alarms;
 mod analytics;
 mod blobs;
 mod error;
@@ -64,6 +65,8 @@ pub struct AppState {
     /// What the Iceberg REST catalog tells readers about the warehouse's storage.
     pub readers: ReaderAccess,
     pub access: Access,
+    /// Where alarms may be delivered (setting one elsewhere is refused).
+    pub alarms: Arc<crate::alarms::Alarms>,
 }
 
 pub type SharedState = Arc<AppState>;

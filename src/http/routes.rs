@@ -17,7 +17,9 @@ use utoipa_axum::router::UtoipaMethodRouter;
 use utoipa_axum::routes;
 
 use super::access::Need;
-use super::{analytics, blobs, body_limit, events, iceberg, kv, objects, ops, restore, SharedState, SMALL_BODY_LIMIT};
+use super::{
+    alarms, analytics, blobs, body_limit, events, iceberg, kv, objects, ops, restore, SharedState, SMALL_BODY_LIMIT,
+};
 use crate::auth::Right;
 
 /// How large a body a route reads.
@@ -49,6 +51,7 @@ pub(super) fn route_list(limits: BodyLimits) -> RouteList {
     use Right::{Read, Write};
     const KEY: &str = "/v1/objects/{ns}/{id}/kv/{*key}";
     const BLOB: &str = "/v1/objects/{ns}/{id}/blobs/{*name}";
+    const ALARM: &str = "/v1/objects/{ns}/{id}/alarms/{*name}";
     const ICEBERG_NAMESPACE: &str = "/iceberg/v1/{prefix}/namespaces/{namespace}";
     const ICEBERG_TABLES: &str = "/iceberg/v1/{prefix}/namespaces/{namespace}/tables";
     const ICEBERG_TABLE: &str = "/iceberg/v1/{prefix}/namespaces/{namespace}/tables/{table}";
@@ -63,6 +66,9 @@ pub(super) fn route_list(limits: BodyLimits) -> RouteList {
         .add(KEY, Namespace(Write), Value, routes!(kv::put_key, kv::delete_key))
         .add("/v1/objects/{ns}/{id}/batch", Namespace(Write), Batch, routes!(kv::batch))
         .add("/v1/objects/{ns}/{id}/events", Namespace(Write), Batch, routes!(events::post_events))
+        .add("/v1/objects/{ns}/{id}/alarms", Namespace(Read), Unread, routes!(alarms::list_alarms))
+        .add(ALARM, Namespace(Read), Unread, routes!(alarms::get_alarm))
+        .add(ALARM, Namespace(Write), Small, routes!(alarms::put_alarm, alarms::delete_alarm))
         .add("/v1/objects/{ns}/{id}/blobs", Namespace(Read), Unread, routes!(blobs::list_blobs))
         .add(BLOB, Namespace(Read), Unread, routes!(blobs::get_blob))
         .add(BLOB, Namespace(Write), Streamed, routes!(blobs::put_blob, blobs::delete_blob))
@@ -82,6 +88,7 @@ pub(super) fn route_list(limits: BodyLimits) -> RouteList {
             blobs::commit_forwarded_blob,
         )
         .add("/v1/admin/export", Admin, Small, routes!(analytics::export_now))
+        .add("/v1/alarms", Admin, Unread, routes!(alarms::pending_alarms))
         .add("/v1/analytics/tables", Analytics, Unread, routes!(analytics::list_tables))
         .add("/iceberg/v1/config", Analytics, Unread, routes!(iceberg::config))
         .add("/iceberg/v1/{prefix}/namespaces", Analytics, Unread, routes!(iceberg::list_namespaces))

@@ -2,12 +2,17 @@
 //! changes a write makes and what became of them, blob metadata. It imports
 //! nothing of the crate, so any module may use it without a cycle.
 
+mod alarm;
 mod names;
 
 use std::collections::BTreeMap;
 
 use bytes::Bytes;
 
+pub use alarm::{
+    validate_alarm_name, Alarm, AlarmSpec, DEFAULT_ALARM_NAME, MAX_ALARM_NAME_BYTES, MAX_ALARM_PAYLOAD_BYTES,
+    MIN_ALARM_EVERY_MS,
+};
 pub use names::{
     validate_id, validate_id_prefix, validate_key, validate_ns, InvalidName, ObjectRef, MAX_ID_BYTES, MAX_KEY_BYTES,
     MAX_NS_BYTES,
@@ -51,9 +56,35 @@ impl Precondition {
 
 #[derive(Debug, Clone)]
 pub enum Op {
-    Put { key: String, value: Bytes, content_type: String, pre: Precondition },
-    Delete { key: String, pre: Precondition },
-    Get { key: String },
+    Put {
+        key: String,
+        value: Bytes,
+        content_type: String,
+        pre: Precondition,
+    },
+    Delete {
+        key: String,
+        pre: Precondition,
+    },
+    Get {
+        key: String,
+    },
+    /// Sets (or replaces) an alarm; its conditions are on the alarm's version.
+    SetAlarm {
+        name: String,
+        alarm: AlarmSpec,
+        pre: Precondition,
+    },
+    DeleteAlarm {
+        name: String,
+        pre: Precondition,
+    },
+}
+
+impl Op {
+    pub fn is_alarm(&self) -> bool {
+        matches!(self, Op::SetAlarm { .. } | Op::DeleteAlarm { .. })
+    }
 }
 
 /// An application event, recorded with the change it travels with.
@@ -138,6 +169,10 @@ impl Mutation {
                     .map(|op| match op {
                         Op::Put { key, value, .. } => 2 * (key.len() + value.len()) + 128,
                         Op::Delete { key, .. } | Op::Get { key } => key.len() + 128,
+                        Op::SetAlarm { name, alarm, .. } => {
+                            name.len() + alarm.payload.as_ref().map_or(0, String::len) + 256
+                        }
+                        Op::DeleteAlarm { name, .. } => name.len() + 128,
                     })
                     .sum::<usize>()
                     + events.iter().map(|e| e.data.len() + e.event_type.len() + 128).sum::<usize>()
@@ -154,6 +189,8 @@ pub enum OpResult {
     DeleteAll { deleted_keys: i64, deleted_blobs: i64 },
     PutBlob { name: String, version: i64 },
     DeleteBlob { name: String, deleted: bool },
+    SetAlarm { name: String, version: i64 },
+    DeleteAlarm { name: String, deleted: bool },
     Restore { keys: i64, blobs: i64 },
 }
 

@@ -66,6 +66,7 @@ SECRET_VARS = {
     "TURSO_TOKEN", "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY",
     "STATEHOUSE_AUTH_TOKENS", "STATEHOUSE_PEER_SECRET", "STATEHOUSE_JWT_HS256_SECRET",
     "STATEHOUSE_ICEBERG_READER_ACCESS_KEY_ID", "STATEHOUSE_ICEBERG_READER_SECRET_ACCESS_KEY",
+    "STATEHOUSE_ALARM_SECRET",
 }
 # What `fly storage create` (Tigris, fly.io's S3-compatible store) sets on an app as
 # secrets, per fly.io's documentation; the server reads them when no R2_* store

@@ -303,7 +303,8 @@ export class StatehouseTransaction implements StorageOperations {
     } catch (err) {
       if (err instanceof StatehouseError && err.status === 412) {
         if (outcome.ambiguous) throw new CommitOutcomeUnknownError(err);
-        throw new Conflict(err, err.opIndex === undefined ? undefined : ops[err.opIndex]?.key);
+        const failed = err.opIndex === undefined ? undefined : ops[err.opIndex];
+        throw new Conflict(err, failed && "key" in failed ? failed.key : undefined);
       }
       throw err;
     }

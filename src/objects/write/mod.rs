@@ -185,12 +185,12 @@ impl Work for WriteJob {
     }
 
     fn chains(&self) -> bool {
-        matches!(self.mutation, Mutation::Ops { .. })
+        matches!(self.mutation, Mutation::Ops { .. }) && !self.sets_alarms()
     }
 
     fn reads_rows_of(&self) -> Option<&ObjectRef> {
-        // Blob rows are not resident: planning reads them.
-        (!matches!(self.mutation, Mutation::Ops { .. })).then_some(&self.object)
+        // Blob and alarm rows are not resident: planning reads them.
+        (!matches!(self.mutation, Mutation::Ops { .. }) || self.sets_alarms()).then_some(&self.object)
     }
 
     fn plan<'a>(
@@ -205,9 +205,10 @@ impl Work for WriteJob {
             let (writes, planned) = match &self.mutation {
                 Mutation::Ops { ops, events } => {
                     let big = big_values_read(planner, &self.object, ops).await?;
+                    let alarms = alarms_read(planner, &self.object, ops).await?;
                     let drafts = Drafts::of(planner);
                     let draft = drafts.objects.get_mut(&self.object).expect("ensured");
-                    self.plan_ops(draft, drafts.group, ops, events, big)
+                    self.plan_ops(draft, drafts.group, ops, events, big, alarms)
                 }
                 Mutation::Restore(restore) => {
                     let has_blobs = if restore.require_empty {
@@ -352,13 +353,45 @@ async fn big_values_read(
     Ok(read)
 }
 
+/// The versions of the alarms a write names, as stored: alarm rows are not
+/// resident, and writes naming alarms of one object never share a group
+/// (`reads_rows_of`), so the database has what earlier writes left.
+async fn alarms_read(
+    planner: &mut Planner,
+    object: &ObjectRef,
+    ops: &[Op],
+) -> Result<HashMap<String, Option<i64>>, StoreError> {
+    let mut names: Vec<&str> = Vec::new();
+    for op in ops {
+        if let Op::SetAlarm { name, .. } | Op::DeleteAlarm { name, .. } = op {
+            if !names.contains(&name.as_str()) {
+                names.push(name);
+            }
+        }
+    }
+    if names.is_empty() {
+        return Ok(HashMap::new());
+    }
+    planner.reads += 1;
+    let stored = super::alarms::read_alarms(&planner.db, object, &names).await?;
+    let mut versions: HashMap<String, Option<i64>> = names.iter().map(|name| (name.to_string(), None)).collect();
+    for alarm in stored {
+        versions.insert(alarm.name, Some(alarm.version));
+    }
+    Ok(versions)
+}
+
 impl WriteJob {
+    fn sets_alarms(&self) -> bool {
+        matches!(&self.mutation, Mutation::Ops { ops, .. } if ops.iter().any(Op::is_alarm))
+    }
+
     /// Every key the mutation reads or writes.
     fn named_keys(&self) -> Vec<&str> {
         let mut named: Vec<&str> = Vec::new();
         if let Mutation::Ops { ops, .. } = &self.mutation {
             for op in ops {
-                let (Op::Put { key, .. } | Op::Delete { key, .. } | Op::Get { key }) = op;
+                let (Op::Put { key, .. } | Op::Delete { key, .. } | Op::Get { key }) = op else { continue };
                 if !named.contains(&key.as_str()) {
                     named.push(key);
                 }
@@ -376,6 +409,7 @@ impl WriteJob {
         ops: &[Op],
         events: &[Event],
         big: HashMap<String, Option<Entry>>,
+        mut alarms: HashMap<String, Option<i64>>,
     ) -> (Writes, Planned) {
         let from = draft.head;
         let version = from.version + 1;
@@ -393,6 +427,7 @@ impl WriteJob {
         let (mut keys_delta, mut bytes_delta) = (0i64, 0i64);
         let mut results = Vec::with_capacity(ops.len());
         let mut changes = Vec::new();
+        let mut alarm_statements = Vec::new();
         for (op_index, op) in ops.iter().enumerate() {
             match op {
                 Op::Put { key, value, content_type, pre } => {
@@ -436,6 +471,28 @@ impl WriteJob {
                     };
                     results.push(OpResult::Get { key: key.clone(), entry });
                 }
+                Op::SetAlarm { name, alarm, pre } => {
+                    let current = alarms.get(name.as_str()).copied().flatten();
+                    if !pre.holds(current) {
+                        return refuse(Rejection::PreconditionFailed { op_index, key: name.clone() });
+                    }
+                    alarms.insert(name.clone(), Some(version));
+                    alarm_statements.push(super::alarms::upsert_statement(&self.object, name, alarm, version));
+                    results.push(OpResult::SetAlarm { name: name.clone(), version });
+                    changes.push(Change::whole("alarm_set", Some(name)));
+                }
+                Op::DeleteAlarm { name, pre } => {
+                    let current = alarms.get(name.as_str()).copied().flatten();
+                    if !pre.holds(current) {
+                        return refuse(Rejection::PreconditionFailed { op_index, key: name.clone() });
+                    }
+                    if current.is_some() {
+                        alarms.insert(name.clone(), None);
+                        alarm_statements.push(super::alarms::delete_statement(&self.object, name));
+                        changes.push(Change::whole("alarm_delete", Some(name)));
+                    }
+                    results.push(OpResult::DeleteAlarm { name: name.clone(), deleted: current.is_some() });
+                }
             }
         }
         if changes.is_empty() && events.is_empty() {
@@ -460,6 +517,7 @@ impl WriteJob {
                 }
             }
         }
+        segment.alarms.extend(alarm_statements);
         // The outbox rows, in the same transaction: a write that is refused leaves none.
         segment.changes.extend(changes.iter().map(|change| self.change_row(version, change)));
         segment.events.extend(events.iter().map(|event| EventRow {
@@ -521,6 +579,7 @@ impl WriteJob {
                     vec![ns.as_str().into(), id.as_str().into()],
                 ));
                 statements.push(bump(0, 0));
+                statements.push(super::alarms::delete_all_statement(&self.object));
                 counted = Some(DeleteAllCounts { blobs_statement: 1, keys_statement: 2 });
                 head.key_count = 0;
                 head.bytes = 0;
@@ -596,6 +655,8 @@ struct Segment {
     now_ms: i64,
     /// Each key's final state: its value at its version, or deleted.
     keys: indexmap::IndexMap<String, Option<(i64, bytes::Bytes, std::sync::Arc<str>)>>,
+    /// Alarm rows set or deleted, in op order.
+    alarms: Vec<Stmt>,
     changes: Vec<ChangeRow>,
     events: Vec<EventRow>,
 }
@@ -628,6 +689,7 @@ impl Draft {
                 owner: job.owner.clone(),
                 now_ms: job.now_ms,
                 keys: Default::default(),
+                alarms: Vec::new(),
                 changes: Vec::new(),
                 events: Vec::new(),
             });
@@ -682,6 +744,7 @@ impl Drafts {
             params.extend(chunk.iter().map(|(key, _)| Value::from(key.as_bytes())));
             statements.push(Stmt::exec_rows(&DELETE_KV, chunk.len(), params));
         }
+        statements.extend(segment.alarms);
         statements.extend(outbox_statements(
             object,
             end.fence,

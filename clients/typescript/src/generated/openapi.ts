@@ -177,6 +177,23 @@ export interface paths {
         patch?: never;
         trace?: never;
     };
+    "/v1/alarms": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Pending alarms of every object, by due time (for operators). */
+        get: operations["pending_alarms"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
     "/v1/analytics/tables": {
         parameters: {
             query?: never;
@@ -224,6 +241,42 @@ export interface paths {
         post?: never;
         /** Delete every key of an object (like `deleteAll`); the version bumps. */
         delete: operations["delete_object"];
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/objects/{ns}/{id}/alarms": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** List an object's alarms, by name. */
+        get: operations["list_alarms"];
+        put?: never;
+        post?: never;
+        delete?: never;
+        options?: never;
+        head?: never;
+        patch?: never;
+        trace?: never;
+    };
+    "/v1/objects/{ns}/{id}/alarms/{name}": {
+        parameters: {
+            query?: never;
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        /** Read an alarm. */
+        get: operations["get_alarm"];
+        /** Set (or replace) an alarm of an object. */
+        put: operations["put_alarm"];
+        post?: never;
+        /** Delete an alarm. */
+        delete: operations["delete_alarm"];
         options?: never;
         head?: never;
         patch?: never;
@@ -422,6 +475,56 @@ export interface paths {
 export type webhooks = Record<string, never>;
 export interface components {
     schemas: {
+        AlarmBody: {
+            /**
+             * Format: int64
+             * @description The object version at which this arming was set (sent to receivers as `alarm_version`).
+             */
+            alarm_version: number;
+            /**
+             * Format: int64
+             * @description Deliveries already attempted for this scheduled time.
+             */
+            attempt: number;
+            /** @description RFC 3339: when it is delivered next (later than `scheduled_at` while retrying). */
+            due_at: string;
+            /** Format: int64 */
+            every_ms?: number | null;
+            name: string;
+            payload?: unknown;
+            /** @description RFC 3339: the time it is set for. */
+            scheduled_at: string;
+            /**
+             * Format: int64
+             * @description The object version at which the alarm was last written (its ETag).
+             */
+            version: number;
+        };
+        AlarmDeletedBody: {
+            deleted: boolean;
+            /**
+             * Format: int64
+             * @description The object's version after the delete (unchanged when there was no such alarm).
+             */
+            version: number;
+        };
+        /** @description When an alarm fires: exactly one of `at` and `in_ms`. */
+        AlarmRequest: {
+            /** @description RFC 3339 time to fire at (a time already past fires at once). */
+            at?: string | null;
+            /**
+             * Format: int64
+             * @description Repeat every this many milliseconds (at least 1000), counted from the scheduled time, without drift.
+             */
+            every_ms?: number | null;
+            /**
+             * Format: int64
+             * @description Milliseconds from now to fire in.
+             */
+            in_ms?: number | null;
+            /** @description Any JSON (up to 4096 bytes serialised), delivered with the alarm. */
+            payload?: unknown;
+        };
         BatchBody: {
             /** @description The ids given to the batch's events, in order. */
             event_ids: string[];
@@ -459,6 +562,30 @@ export interface components {
             key: string;
             /** @enum {string} */
             op: "get";
+        } | {
+            /** @description RFC 3339 time to fire at (exactly one of `at` and `in_ms`). */
+            at?: string | null;
+            /** Format: int64 */
+            every_ms?: number | null;
+            /** @description Apply only if there is no such alarm. */
+            if_absent?: boolean;
+            /**
+             * Format: int64
+             * @description Apply only if the alarm's current version is this.
+             */
+            if_version?: number | null;
+            /** Format: int64 */
+            in_ms?: number | null;
+            name: string;
+            /** @enum {string} */
+            op: "set_alarm";
+            payload?: unknown;
+        } | {
+            /** Format: int64 */
+            if_version?: number | null;
+            name: string;
+            /** @enum {string} */
+            op: "delete_alarm";
         };
         BatchRequest: {
             /** @description Up to 1000 application events, recorded atomically with the ops. */
@@ -482,6 +609,21 @@ export interface components {
             key: string;
             /** @enum {string} */
             op: "delete";
+        } | {
+            name: string;
+            /** @enum {string} */
+            op: "set_alarm";
+            /**
+             * Format: int64
+             * @description The alarm's version now: the object's version after the batch.
+             */
+            version: number;
+        } | {
+            /** @description Whether the alarm existed. */
+            deleted: boolean;
+            name: string;
+            /** @enum {string} */
+            op: "delete_alarm";
         } | {
             content_type?: string | null;
             /** @description `base64` when `value` is the bytes in base64. */
@@ -663,6 +805,12 @@ export interface components {
         IcebergErrorResponse: {
             error: components["schemas"]["IcebergErrorModel"];
         };
+        ListAlarmsBody: {
+            /** @description Pass as `cursor` for the next page; null on the last page. */
+            cursor?: string | null;
+            /** @description By name. */
+            items: components["schemas"]["AlarmBody"][];
+        };
         ListBlobsBody: {
             cursor?: string | null;
             items: components["schemas"]["ListedBlob"][];
@@ -729,6 +877,31 @@ export interface components {
             keys: number;
             /** Format: int64 */
             version: number;
+        };
+        /** @description An alarm with its object. */
+        PendingAlarm: {
+            /** Format: int64 */
+            alarm_version: number;
+            /** Format: int64 */
+            attempt: number;
+            /** @description RFC 3339: when it is delivered next. */
+            due_at: string;
+            /** Format: int64 */
+            every_ms?: number | null;
+            id: string;
+            name: string;
+            ns: string;
+            payload?: unknown;
+            /** @description RFC 3339: the time it is set for. */
+            scheduled_at: string;
+            /** Format: int64 */
+            version: number;
+        };
+        PendingAlarmsBody: {
+            /** @description Pass as `cursor` for the next page; null on the last page. */
+            cursor?: string | null;
+            /** @description By due time. */
+            items: components["schemas"]["PendingAlarm"][];
         };
         PresignBody: {
             commit_url?: string | null;
@@ -1775,6 +1948,83 @@ export interface operations {
             };
         };
     };
+    pending_alarms: {
+        parameters: {
+            query?: {
+                /** @description RFC 3339: only alarms due before this (default: every alarm). */
+                due_before?: string;
+                /** @description 1-10000, default 1000. */
+                limit?: number;
+                /** @description From a previous page's `cursor`. */
+                cursor?: string;
+            };
+            header?: never;
+            path?: never;
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["PendingAlarmsBody"];
+                };
+            };
+            /** @description invalid namespace, id, key, query, header or body */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description missing or invalid credential */
+            401: {
+                headers: {
+                    /** @description the scheme to authenticate with: Bearer */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description the credential does not allow this namespace or operation */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description too many requests from this caller */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description database, object store or owner replica unreachable or busy, or the request timed out */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
     list_tables: {
         parameters: {
             query?: never;
@@ -2115,6 +2365,434 @@ export interface operations {
             };
         };
     };
+    list_alarms: {
+        parameters: {
+            query?: {
+                /** @description 1-10000, default 1000. */
+                limit?: number;
+                /** @description From a previous page's `cursor`. */
+                cursor?: string;
+            };
+            header?: never;
+            path: {
+                ns: string;
+                id: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["ListAlarmsBody"];
+                };
+            };
+            /** @description invalid namespace, id, key, query, header or body */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description missing or invalid credential */
+            401: {
+                headers: {
+                    /** @description the scheme to authenticate with: Bearer */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description the credential does not allow this namespace or operation */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description no such object, key, blob or route */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description too many requests from this caller */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description database, object store or owner replica unreachable or busy, or the request timed out */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    get_alarm: {
+        parameters: {
+            query?: never;
+            header?: {
+                "If-None-Match"?: string | null;
+                "If-Match"?: string | null;
+            };
+            path: {
+                ns: string;
+                id: string;
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["AlarmBody"];
+                };
+            };
+            /** @description not modified */
+            304: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content?: never;
+            };
+            /** @description invalid namespace, id, key, query, header or body */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description missing or invalid credential */
+            401: {
+                headers: {
+                    /** @description the scheme to authenticate with: Bearer */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description the credential does not allow this namespace or operation */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description no such object, key, blob or route */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description If-Match, If-None-Match, if_version or if_absent does not hold */
+            412: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description too many requests from this caller */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description database, object store or owner replica unreachable or busy, or the request timed out */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    put_alarm: {
+        parameters: {
+            query?: never;
+            header?: {
+                "If-Match"?: string | null;
+                "If-None-Match"?: string | null;
+            };
+            path: {
+                ns: string;
+                id: string;
+                /** @description percent-encoded UTF-8, up to 128 bytes; `alarm` is the Durable-Object-style single alarm */
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody: {
+            content: {
+                "application/json": components["schemas"]["AlarmRequest"];
+            };
+        };
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["AlarmBody"];
+                };
+            };
+            /** @description invalid namespace, id, key, query, header or body */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description missing or invalid credential */
+            401: {
+                headers: {
+                    /** @description the scheme to authenticate with: Bearer */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description the credential does not allow this namespace or operation */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description no such object, key, blob or route */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description ownership of the object moved while the write was queued (retry it), or a conflict with the configuration */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description If-Match, If-None-Match, if_version or if_absent does not hold */
+            412: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description the body is larger than this route allows */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description see the problem's type and detail */
+            422: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description too many requests from this caller */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description database, object store or owner replica unreachable or busy, or the request timed out */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
+    delete_alarm: {
+        parameters: {
+            query?: never;
+            header?: {
+                "If-Match"?: string | null;
+            };
+            path: {
+                ns: string;
+                id: string;
+                name: string;
+            };
+            cookie?: never;
+        };
+        requestBody?: never;
+        responses: {
+            200: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/json": components["schemas"]["AlarmDeletedBody"];
+                };
+            };
+            /** @description invalid namespace, id, key, query, header or body */
+            400: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description missing or invalid credential */
+            401: {
+                headers: {
+                    /** @description the scheme to authenticate with: Bearer */
+                    "WWW-Authenticate"?: string;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description the credential does not allow this namespace or operation */
+            403: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description no such object, key, blob or route */
+            404: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description ownership of the object moved while the write was queued (retry it), or a conflict with the configuration */
+            409: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description If-Match, If-None-Match, if_version or if_absent does not hold */
+            412: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description the body is larger than this route allows */
+            413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description too many requests from this caller */
+            429: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description database, object store or owner replica unreachable or busy, or the request timed out */
+            503: {
+                headers: {
+                    /** @description seconds to wait before retrying */
+                    "Retry-After"?: number;
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+        };
+    };
     batch: {
         parameters: {
             query?: never;
@@ -2197,6 +2875,15 @@ export interface operations {
             };
             /** @description the body is larger than this route allows */
             413: {
+                headers: {
+                    [name: string]: unknown;
+                };
+                content: {
+                    "application/problem+json": components["schemas"]["Problem"];
+                };
+            };
+            /** @description see the problem's type and detail */
+            422: {
                 headers: {
                     [name: string]: unknown;
                 };
