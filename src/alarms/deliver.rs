@@ -69,6 +69,8 @@ struct Pass {
     /// Each sweep that reaches the end of what is due starts over, so an
     /// alarm whose outcome was not recorded is found again.
     resume: Mutex<Option<DueCursor>>,
+    /// Once the server stops, no more leases are taken: shutdown releases them.
+    stop: CancellationToken,
 }
 
 impl Alarms {
@@ -98,6 +100,7 @@ impl Alarms {
             done: Mutex::new(HashMap::new()),
             elsewhere: Mutex::new(HashMap::new()),
             resume: Mutex::new(None),
+            stop: stop.clone(),
         });
         Ok(tokio::spawn(async move {
             if pass.alarms.targets.is_empty() {
@@ -201,16 +204,18 @@ impl Pass {
 
     /// Fires `alarms` of `object` if this replica owns it (taking a free lease).
     async fn fire_object(self: Arc<Self>, object: ObjectRef, alarms: Vec<Alarm>) {
-        match self.guard.route(&object).await {
-            Ok(Route::Local(lease)) => {
+        let route = if self.stop.is_cancelled() { None } else { Some(self.guard.route(&object).await) };
+        match route {
+            None => {}
+            Some(Ok(Route::Local(lease))) => {
                 let fired = alarms.iter().map(|alarm| self.fire(&lease, alarm));
                 futures::future::join_all(fired).await;
             }
-            Ok(Route::Remote(owner)) => {
+            Some(Ok(Route::Remote(owner))) => {
                 let remaining = Duration::from_millis((owner.lease_expires_at_ms - now_ms()).max(0) as u64);
                 self.elsewhere.lock().unwrap().insert(object.clone(), Instant::now() + remaining);
             }
-            Err(err) => {
+            Some(Err(err)) => {
                 tracing::warn!(object = %object, error = %err, "could not take an object's lease to fire its alarms")
             }
         }

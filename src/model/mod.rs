@@ -56,32 +56,15 @@ impl Precondition {
 
 #[derive(Debug, Clone)]
 pub enum Op {
-    Put {
-        key: String,
-        value: Bytes,
-        content_type: String,
-        pre: Precondition,
-    },
-    Delete {
-        key: String,
-        pre: Precondition,
-    },
-    Get {
-        key: String,
-    },
-    /// Sets (or replaces) an alarm; its conditions are on the alarm's version.
-    SetAlarm {
-        name: String,
-        alarm: AlarmSpec,
-        pre: Precondition,
-    },
-    DeleteAlarm {
-        name: String,
-        pre: Precondition,
-    },
+    Put { key: String, value: Bytes, content_type: String, pre: Precondition },
+    Delete { key: String, pre: Precondition },
+    Get { key: String },
+    SetAlarm { name: String, alarm: AlarmSpec, pre: Precondition },
+    DeleteAlarm { name: String, pre: Precondition },
 }
 
 impl Op {
+    /// Alarm ops (`SetAlarm` sets or replaces one) carry conditions on the alarm's version.
     pub fn is_alarm(&self) -> bool {
         matches!(self, Op::SetAlarm { .. } | Op::DeleteAlarm { .. })
     }

@@ -113,7 +113,7 @@ true
 
 {{/* "true" when the chart creates its own Secret (some secret value given or generated, no existingSecret). */}}
 {{- define "statehouse.createSecret" -}}
-{{- if and (not .Values.secrets.existingSecret) (or .Values.secrets.tursoToken (include "statehouse.chartR2Keys" .) .Values.secrets.icebergReaderAccessKeyId .Values.auth.tokens .Values.auth.jwt.hs256Secret (include "statehouse.chartPeerSecret" .) (include "statehouse.generatedAdmin" .)) -}}
+{{- if and (not .Values.secrets.existingSecret) (or .Values.secrets.tursoToken .Values.secrets.alarmSecret (include "statehouse.chartR2Keys" .) .Values.secrets.icebergReaderAccessKeyId .Values.auth.tokens .Values.auth.jwt.hs256Secret (include "statehouse.chartPeerSecret" .) (include "statehouse.generatedAdmin" .)) -}}
 true
 {{- end }}
 {{- end }}
