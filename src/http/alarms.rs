@@ -1,7 +1,7 @@
 //! Alarms of one object (set, get, delete, list) and, for operators, the
 //! pending alarms of every object by due time.
 
-use axum::extract::{FromRequestParts, Path, State};
+use axum::extract::{FromRequestParts, State};
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -29,11 +29,7 @@ impl<S: Send + Sync> FromRequestParts<S> for AlarmPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let Path((ns, id, name)) = Path::<(String, String, String)>::from_request_parts(parts, state)
-            .await
-            .map_err(|e| ApiError::BadRequest(format!("invalid path: {}", e.body_text())))?;
-        let object = ObjectRef::new(&ns, &id)?;
-        validate_alarm_name(&name)?;
+        let (object, name) = super::extract::object_and_name(parts, state, validate_alarm_name).await?;
         Ok(AlarmPath(object, name))
     }
 }

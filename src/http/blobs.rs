@@ -38,11 +38,7 @@ impl<S: Send + Sync> FromRequestParts<S> for BlobPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let Path((ns, id, name)) = Path::<(String, String, String)>::from_request_parts(parts, state)
-            .await
-            .map_err(|e| ApiError::BadRequest(format!("invalid path: {}", e.body_text())))?;
-        let object = ObjectRef::new(&ns, &id)?;
-        validate_name(&name)?;
+        let (object, name) = super::extract::object_and_name(parts, state, validate_name).await?;
         Ok(BlobPath(object, name))
     }
 }

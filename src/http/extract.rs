@@ -9,7 +9,7 @@ use serde::de::DeserializeOwned;
 
 use super::error::ApiError;
 use super::FORWARDED_BY;
-use crate::model::{validate_key, validate_ns, ObjectRef, Precondition, VersionMatch};
+use crate::model::{validate_key, validate_ns, InvalidName, ObjectRef, Precondition, VersionMatch};
 use crate::routing::Replay;
 
 fn path_error(err: axum::extract::rejection::PathRejection) -> ApiError {
@@ -48,12 +48,23 @@ impl<S: Send + Sync> FromRequestParts<S> for KeyPath {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
-        let Path((ns, id, key)) =
-            Path::<(String, String, String)>::from_request_parts(parts, state).await.map_err(path_error)?;
-        let object = ObjectRef::new(&ns, &id)?;
-        validate_key(&key)?;
+        let (object, key) = object_and_name(parts, state, validate_key).await?;
         Ok(KeyPath(object, key))
     }
+}
+
+/// `/v1/objects/{ns}/{id}/<kind>/{name}` (a key, a blob, an alarm): the object,
+/// and the name, percent-decoded and checked by its kind's `rule`.
+pub(super) async fn object_and_name<S: Send + Sync>(
+    parts: &mut Parts,
+    state: &S,
+    rule: fn(&str) -> Result<(), InvalidName>,
+) -> Result<(ObjectRef, String), ApiError> {
+    let Path((ns, id, name)) =
+        Path::<(String, String, String)>::from_request_parts(parts, state).await.map_err(path_error)?;
+    let object = ObjectRef::new(&ns, &id)?;
+    rule(&name)?;
+    Ok((object, name))
 }
 
 /// Path parameters with no grammar of their own (the Iceberg catalog's);
