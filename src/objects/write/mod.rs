@@ -551,18 +551,9 @@ impl WriteJob {
         let from = draft.head;
         let version = from.version + 1;
         let assertion = fence_assertion(&self.object, &self.owner, self.fence, Some(from.version));
-        let only_check = |answer: Result<Committed, Rejection>| {
-            let writes = Writes { assertions: vec![assertion.clone()], statements: vec![] };
-            (writes, Planned { answer, change: None, counted: None })
-        };
-        let ObjectRef { ns, id } = &self.object;
+        let only_check = |answer: Result<Committed, Rejection>| answer_under_fence(&assertion, answer);
         let mut statements = Vec::new();
-        let bump = |key_count: i64, bytes: i64| {
-            Stmt::exec(
-                "UPDATE objects SET version = ?3, updated_at = ?4, key_count = ?5, bytes = ?6 WHERE ns = ?1 AND id = ?2",
-                vec![ns.as_str().into(), id.as_str().into(), version.into(), self.now_ms.into(), key_count.into(), bytes.into()],
-            )
-        };
+        let bump = |key_count: i64, bytes: i64| self.object_row(version, key_count, bytes);
         let mut head = Head { version, ..from };
         let mut cleared = false;
         let mut counted = None;
@@ -572,12 +563,7 @@ impl WriteJob {
                 if from.version == 0 {
                     return only_check(Err(Rejection::NotFound));
                 }
-                statements.push(blobs::garbage_all_statement(&self.object, self.now_ms));
-                statements.push(blobs::delete_all_statement(&self.object));
-                statements.push(Stmt::exec(
-                    "DELETE FROM kv WHERE ns = ?1 AND id = ?2",
-                    vec![ns.as_str().into(), id.as_str().into()],
-                ));
+                statements.extend(self.clearing_statements());
                 statements.push(bump(0, 0));
                 statements.push(super::alarms::delete_all_statement(&self.object));
                 counted = Some(DeleteAllCounts { blobs_statement: 1, keys_statement: 2 });
@@ -629,6 +615,34 @@ impl WriteJob {
         (Writes { assertions: vec![assertion], statements }, Planned { answer, change: Some(resident), counted })
     }
 
+    /// The statements that empty the object, in this order (a delete-all's
+    /// counts are the changes of the second and third): its blobs' storage
+    /// keys become garbage, its blob rows go, its keys go.
+    fn clearing_statements(&self) -> [Stmt; 3] {
+        let ObjectRef { ns, id } = &self.object;
+        [
+            blobs::garbage_all_statement(&self.object, self.now_ms),
+            blobs::delete_all_statement(&self.object),
+            Stmt::exec("DELETE FROM kv WHERE ns = ?1 AND id = ?2", vec![ns.as_str().into(), id.as_str().into()]),
+        ]
+    }
+
+    /// The object's row at `version` with these counts.
+    fn object_row(&self, version: i64, key_count: i64, bytes: i64) -> Stmt {
+        let ObjectRef { ns, id } = &self.object;
+        Stmt::exec(
+            "UPDATE objects SET version = ?3, updated_at = ?4, key_count = ?5, bytes = ?6 WHERE ns = ?1 AND id = ?2",
+            vec![
+                ns.as_str().into(),
+                id.as_str().into(),
+                version.into(),
+                self.now_ms.into(),
+                key_count.into(),
+                bytes.into(),
+            ],
+        )
+    }
+
     /// The outbox row of one change at `version`.
     fn change_row(&self, version: i64, change: &Change<'_>) -> ChangeRow {
         ChangeRow {
@@ -642,6 +656,13 @@ impl WriteJob {
             truncated: change.value.map(|v| i64::from(v.len() > self.value_cap)),
         }
     }
+}
+
+/// An answer that writes nothing yet holds only if the fence does: the
+/// assertion alone.
+fn answer_under_fence(assertion: &Stmt, answer: Result<Committed, Rejection>) -> (Writes, Planned) {
+    let writes = Writes { assertions: vec![assertion.clone()], statements: vec![] };
+    (writes, Planned { answer, change: None, counted: None })
 }
 
 /// The key writes of one object in one group, merged into one run of

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 
 use libsql::Value;
 
-use super::{numbered, outbox_statements, Change, Draft, Planned, WriteJob, UPSERT_KV};
+use super::{answer_under_fence, numbered, outbox_statements, Change, Draft, Planned, WriteJob, UPSERT_KV};
 use crate::blobs::meta as blobs;
 use crate::db::batch::Stmt;
 use crate::db::Shape;
@@ -27,10 +27,7 @@ impl WriteJob {
         let from = draft.head;
         let version = from.version + 1;
         let assertion = fence_assertion(&self.object, &self.owner, self.fence, Some(from.version));
-        let refuse = |rejection: Rejection| {
-            let writes = Writes { assertions: vec![assertion.clone()], statements: vec![] };
-            (writes, Planned { answer: Err(rejection), change: None, counted: None })
-        };
+        let refuse = |rejection: Rejection| answer_under_fence(&assertion, Err(rejection));
         if restore.if_version.as_ref().is_some_and(|wanted| !wanted.matches(Some(from.version))) {
             return refuse(Rejection::PreconditionFailed { op_index: 0, key: String::new() });
         }
@@ -44,22 +41,8 @@ impl WriteJob {
         let bytes: i64 = restore.keys.iter().map(|k| (k.key.len() + k.value.len()) as i64).sum();
         // What the object has goes first; its blobs' bytes become garbage
         // unless the restored state refers to them again (un-listed below).
-        let mut statements = vec![
-            blobs::garbage_all_statement(&self.object, self.now_ms),
-            blobs::delete_all_statement(&self.object),
-            Stmt::exec("DELETE FROM kv WHERE ns = ?1 AND id = ?2", object()),
-            Stmt::exec(
-                "UPDATE objects SET version = ?3, updated_at = ?4, key_count = ?5, bytes = ?6 WHERE ns = ?1 AND id = ?2",
-                vec![
-                    ns.as_str().into(),
-                    id.as_str().into(),
-                    version.into(),
-                    self.now_ms.into(),
-                    key_count.into(),
-                    bytes.into(),
-                ],
-            ),
-        ];
+        let mut statements = Vec::from(self.clearing_statements());
+        statements.push(self.object_row(version, key_count, bytes));
         for chunk in restore.keys.chunks(super::ROWS_PER_STATEMENT) {
             let mut params = object();
             for key in chunk {
